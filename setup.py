@@ -1,0 +1,40 @@
+"""maskjax: masked pretraining (MAE, SimMIM, MLM, FLIP, VideoMAE, masked diffusion) in JAX/Flax."""
+from setuptools import find_packages, setup
+
+# Versions checked to work together (jax 0.10 / flax 0.12 / orbax 0.12 / tfds 4.9 on Python 3.11).
+INSTALL_REQUIRES = [
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "ml-collections==1.1.0",
+    "tensorflow-datasets==4.9.10",
+    "importlib_resources",  # tensorflow-datasets needs it on 3.11 but does not declare it
+    "array-record==0.8.6",
+    "grain==0.2.18",
+    "einops",
+    "numpy",
+    "pillow",
+    "scikit-learn",
+    "tensorboardX",  # TensorBoard event files without TensorFlow
+    "matplotlib",
+]
+
+setup(
+    name="maskjax",
+    version="0.1.0",
+    description=__doc__,
+    long_description=open("README.md").read() if __import__("os").path.exists("README.md") else __doc__,
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["maskjax", "maskjax.*"]),
+    install_requires=INSTALL_REQUIRES,
+    extras_require={
+        "test": ["pytest", "hypothesis"],
+        "tf": ["tensorflow-cpu"],
+        "cuda": ["jax[cuda12]==0.10.2"],
+        "tpu": ["jax[tpu]==0.10.2"],
+    },
+    entry_points={"console_scripts": ["maskjax=maskjax.cli:main"]},
+)
