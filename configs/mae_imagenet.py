@@ -1,0 +1,45 @@
+"""MAE on ImageNet-1k at 224 (He et al. 2021), the paper's recipe.
+
+maskjax train --config configs/mae_imagenet.py:vit_b16 --workdir gs://BUCKET/mae_b16
+Variants: vit_b16 (default), vit_l16, vit_h14. Needs `imagenet2012` prepared in ``data.data_dir``
+as array_record (``tfds build imagenet2012 --file_format=array_record``; the archives must be
+downloaded by hand).
+
+Paper values: batch 4096, base lr 1.5e-4 (lr = base_lr * batch / 256), AdamW (0.9, 0.95),
+weight decay 0.05, 40 warm-up epochs of 800 (1600 for the best numbers), cosine, mask 0.75,
+norm-pix loss, decoder 8 blocks x 512, random resized crop (0.2, 1) + flip.
+"""
+from maskjax.config import base_config, steps_for_epochs
+
+IMAGENET_TRAIN = 1_281_167
+VARIANTS = {
+    "vit_b16": dict(patch_size=16, width=768, depth=12, heads=12),
+    "vit_l16": dict(patch_size=16, width=1024, depth=24, heads=16),
+    "vit_h14": dict(patch_size=14, width=1280, depth=32, heads=16),
+}
+
+
+def get_config(arg: str = "vit_b16"):
+    arg = arg or "vit_b16"
+    if arg not in VARIANTS:
+        raise ValueError(f"unknown variant {arg!r}; known: {sorted(VARIANTS)}")
+    c = base_config()
+    c.objective = "mae"
+    c.batch_size = 4096
+    epochs, warmup_epochs = 800, 40
+    c.total_steps = steps_for_epochs(epochs, IMAGENET_TRAIN, c.batch_size)
+    c.log_every = 100
+    c.data.update(name="imagenet2012", image_size=224, channels=3, train_split="train",
+                  eval_split="validation", crop_scale=(0.2, 1.0), flip=True,
+                  mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), num_threads=16, prefetch=8)
+    c.model.update(mlp_ratio=4.0, cls_token=True, dtype="bfloat16", remat="none", **VARIANTS[arg])
+    c.decoder.update(width=512, depth=8, heads=16)
+    c.mask.update(kind="random", ratio=0.75)
+    c.loss.norm_pix = True
+    c.optim.update(base_lr=1.5e-4, base_batch=256, b1=0.9, b2=0.95, weight_decay=0.05,
+                   warmup_steps=steps_for_epochs(warmup_epochs, IMAGENET_TRAIN, c.batch_size),
+                   schedule="cosine")
+    c.mesh.update(data=-1, fsdp=1, tensor=1)
+    c.checkpoint.update(every=1000, keep=3)
+    c.eval.update(probe=False, batch_size=1024)
+    return c

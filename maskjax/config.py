@@ -1,0 +1,195 @@
+"""Config files (big_vision style ``path.py:arg``), command-line overrides and validation.
+
+Everything here runs before JAX compiles anything; every error is a :class:`ConfigError` whose
+message starts with the offending key, so the CLI can print one line and exit 2.
+"""
+from __future__ import annotations
+
+import ast
+import importlib.util
+import json
+import math
+import os
+from typing import Iterable
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+    """A bad config value; ``str(err)`` names the key."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"config.{key}: {message}")
+        self.key = key
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every key the trainer reads, with defaults; config files start from this and change fields."""
+    c = ml_collections.ConfigDict()
+    c.objective = "mae"
+    c.seed = 0
+    c.batch_size = 128
+    c.total_steps = 1000
+    c.log_every = 50
+    c.eval_every = 0  # 0: evaluate at the end only
+    c.data = dict(
+        name="maskjax_digits", data_dir="", image_size=16, channels=1, frames=0,
+        train_split="train", eval_split="test", image_key="image", label_key="label",
+        crop_scale=(0.2, 1.0), flip=True, mean=(0.5,), std=(0.5,), num_threads=2, prefetch=4,
+        source="array_record",  # or "tf" (tfds.load + tf.data, needs the `tf` extra)
+    )
+    c.model = dict(
+        patch_size=4, tubelet=2, width=128, depth=4, heads=4, mlp_ratio=4.0, cls_token=True,
+        dtype="float32", remat="none", one_hot_gather=False,
+    )
+    c.decoder = dict(width=64, depth=2, heads=4)
+    c.mask = dict(kind="random", ratio=0.75, cell=2, min_patches=16, min_aspect=0.3,
+                  filter="band", low=0.15, high=0.35)
+    c.loss = dict(norm_pix=True)
+    c.optim = dict(
+        base_lr=1.5e-4, base_batch=256, b1=0.9, b2=0.95, weight_decay=0.05, warmup_steps=100,
+        schedule="cosine", min_lr_ratio=0.0, clip_norm=0.0, grad_accum=1,
+    )
+    c.mesh = dict(data=-1, fsdp=1, tensor=1)
+    c.checkpoint = dict(every=500, keep=3, async_save=True)
+    c.eval = dict(probe=True, knn_k=20, num_images=8, batch_size=256)
+    return c
+
+
+def load(spec: str) -> ml_collections.ConfigDict:
+    """Loads ``path/to/file.py[:arg]`` by calling its ``get_config(arg)``; returns a locked config."""
+    path, _, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        raise ConfigError("file", f"config file {path!r} does not exist")
+    module_spec = importlib.util.spec_from_file_location(f"maskjax_config_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as err:  # a broken config file is still one line of error
+        raise ConfigError("file", f"{path!r} failed to load: {type(err).__name__}: {err}") from err
+    if not hasattr(module, "get_config"):
+        raise ConfigError("file", f"{path!r} has no get_config()")
+    config = module.get_config(arg) if arg else module.get_config()
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ConfigError("file", f"{path!r}: get_config() must return an ml_collections.ConfigDict")
+    config.lock()
+    return config
+
+
+def _parse(key: str, text: str, current):
+    """Parses an override value to the type of the value it replaces."""
+    if isinstance(current, bool):
+        low = text.lower()
+        if low in ("true", "1", "yes"):
+            return True
+        if low in ("false", "0", "no"):
+            return False
+        raise ConfigError(key, f"expected a bool, got {text!r}")
+    if isinstance(current, str):
+        return text
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        if current is None:
+            return text
+        raise ConfigError(key, f"cannot parse {text!r} as {type(current).__name__}") from None
+    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if isinstance(current, (tuple, list)) and isinstance(value, (tuple, list)):
+        value = type(current)(value)
+    if current is not None and not isinstance(value, type(current)):
+        raise ConfigError(key, f"expected {type(current).__name__}, got {text!r}")
+    return value
+
+
+def override(config: ml_collections.ConfigDict, items: Iterable[str]) -> ml_collections.ConfigDict:
+    """Applies ``key.path=value`` overrides (a leading ``--config.`` or ``config.`` is dropped)."""
+    for item in items:
+        item = item.removeprefix("--").removeprefix("config.")
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise ConfigError(key, "override needs the form --config.KEY=VALUE")
+        *parents, leaf = key.split(".")
+        node = config
+        for i, part in enumerate(parents):
+            if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+                raise ConfigError(".".join(parents[: i + 1]), "unknown key")
+            node = node[part]
+        if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+            raise ConfigError(key, "unknown key")
+        if isinstance(node[leaf], ml_collections.ConfigDict):
+            raise ConfigError(key, "is a group; override one of its fields")
+        value = _parse(key, text, node[leaf])
+        with node.unlocked():
+            try:
+                node[leaf] = value
+            except TypeError as err:
+                raise ConfigError(key, str(err).splitlines()[0]) from None
+    return config
+
+
+def _positive_int(config, key: str) -> None:
+    value = lookup(config, key)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(key, f"must be a positive int, got {value!r}")
+
+
+def lookup(config, key: str):
+    node = config
+    for part in key.split("."):
+        if part not in node:
+            raise ConfigError(key, "is missing")
+        node = node[part]
+    return node
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
+    """Checks the trainer's keys, the mesh against the device count, then the objective's own keys."""
+    from maskjax import objectives, sharding  # late: objectives import models (and JAX)
+
+    for key in ("objective", "seed", "batch_size", "total_steps", "log_every", "data", "model",
+                "optim", "mesh", "checkpoint", "eval"):
+        lookup(config, key)
+    if config.objective not in objectives.REGISTRY:
+        raise ConfigError("objective", f"unknown objective {config.objective!r}; known: {sorted(objectives.REGISTRY)}")
+    for key in ("batch_size", "total_steps", "log_every", "checkpoint.every", "checkpoint.keep", "optim.grad_accum"):
+        _positive_int(config, key)
+    optim = config.optim
+    if not (isinstance(optim.base_lr, float) and optim.base_lr > 0):
+        raise ConfigError("optim.base_lr", f"must be a positive float, got {optim.base_lr!r}")
+    if not 0 <= optim.warmup_steps <= config.total_steps:
+        raise ConfigError("optim.warmup_steps", f"must be in [0, total_steps={config.total_steps}]")
+    for key in ("optim.b1", "optim.b2"):
+        if not 0.0 <= lookup(config, key) < 1.0:
+            raise ConfigError(key, f"must be in [0, 1), got {lookup(config, key)}")
+    if optim.schedule not in ("cosine", "constant", "linear"):
+        raise ConfigError("optim.schedule", f"must be cosine, linear or constant, got {optim.schedule!r}")
+    if config.batch_size % optim.grad_accum:
+        raise ConfigError("optim.grad_accum", f"must divide batch_size={config.batch_size}")
+    if num_devices is not None:
+        try:
+            shape = sharding.mesh_shape(dict(config.mesh), num_devices)
+        except sharding.MeshError as err:
+            raise ConfigError("mesh", str(err)) from None
+        shards = shape[0] * shape[1]
+        micro = config.batch_size // optim.grad_accum
+        if micro % shards:
+            raise ConfigError(
+                "batch_size",
+                f"{config.batch_size} (per micro-batch {micro}) is not divisible by the "
+                f"{shards} data shards (mesh data x fsdp = {shape[0]} x {shape[1]})",
+            )
+    objectives.get(config).validate()
+
+
+def to_json(config: ml_collections.ConfigDict) -> str:
+    return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
+
+
+def lr(config) -> float:
+    """Peak learning rate: ``base_lr * batch_size / base_batch`` (MAE's linear scaling rule)."""
+    return config.optim.base_lr * config.batch_size / config.optim.base_batch
+
+
+def steps_for_epochs(epochs: float, num_examples: int, batch_size: int) -> int:
+    return int(math.ceil(epochs * num_examples / batch_size))

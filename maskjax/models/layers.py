@@ -1,0 +1,183 @@
+"""Transformer building blocks (Flax NNX) with logical axis names on every parameter.
+
+Parameters are float32; each layer casts them and its input to the compute ``dtype`` at call time.
+Attention goes through ``jax.nn.dot_product_attention`` so that cuDNN flash attention is used on GPU.
+Blocks are stacked with ``nnx.vmap`` at construction and run with ``nnx.scan``, so compile time does
+not grow with depth.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from maskjax import sharding
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def compute_dtype(name: str):
+    if name not in DTYPES:
+        raise ValueError(f"dtype={name!r} must be one of {tuple(DTYPES)}")
+    return DTYPES[name]
+
+
+def param(rngs: nnx.Rngs, init: Callable, shape: Sequence[int], axes: Sequence[str | None]) -> nnx.Param:
+    """A float32 parameter tagged with logical axis names (sharded later by the trainer)."""
+    return nnx.Param(init(rngs.params(), tuple(shape), jnp.float32), sharding=tuple(axes), eager_sharding=False)
+
+
+xavier = nnx.initializers.xavier_uniform()
+zeros = nnx.initializers.zeros
+ones = nnx.initializers.ones
+
+
+class Dense(nnx.Module):
+    """``y = x @ kernel + bias`` over the last axis. axes: logical names of (in, out)."""
+
+    def __init__(self, din: int, dout: int, axes: tuple, *, rngs: nnx.Rngs, dtype=jnp.float32,
+                 use_bias: bool = True, init: Callable = xavier):
+        self.kernel = param(rngs, init, (din, dout), axes)
+        self.bias = param(rngs, zeros, (dout,), axes[1:]) if use_bias else None
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jnp.einsum("...i,io->...o", x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm over the last axis, statistics in float32."""
+
+    def __init__(self, dim: int, *, rngs: nnx.Rngs, dtype=jnp.float32, eps: float = 1e-6):
+        self.scale = param(rngs, ones, (dim,), ("embed",))
+        self.bias = param(rngs, zeros, (dim,), ("embed",))
+        self.dtype, self.eps = dtype, eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
+        return y.astype(self.dtype)
+
+
+class Attention(nnx.Module):
+    """Multi-head self-attention. x: [batch, length, embed] -> [batch, length, embed].
+
+    ``mask``: optional boolean [batch, 1 or heads, q_len, kv_len], True = may attend (used for
+    packed text segments).
+    """
+
+    def __init__(self, dim: int, heads: int, *, rngs: nnx.Rngs, dtype=jnp.float32):
+        if dim % heads:
+            raise ValueError(f"heads={heads} must divide width={dim}")
+        head_dim = dim // heads
+        init = nnx.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=0, out_axis=(1, 2))
+        self.query = param(rngs, init, (dim, heads, head_dim), ("embed", "heads", "kv"))
+        self.key = param(rngs, init, (dim, heads, head_dim), ("embed", "heads", "kv"))
+        self.value = param(rngs, init, (dim, heads, head_dim), ("embed", "heads", "kv"))
+        out_init = nnx.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=(0, 1), out_axis=2)
+        self.out = param(rngs, out_init, (heads, head_dim, dim), ("heads", "kv", "embed"))
+        self.out_bias = param(rngs, zeros, (dim,), ("embed",))
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        x = x.astype(self.dtype)
+        cast = lambda p: p[...].astype(self.dtype)
+        names = ("batch", "act_length", "act_heads", "act_kv")
+        q = sharding.constrain(jnp.einsum("bld,dnh->blnh", x, cast(self.query)), names)
+        k = sharding.constrain(jnp.einsum("bld,dnh->blnh", x, cast(self.key)), names)
+        v = sharding.constrain(jnp.einsum("bld,dnh->blnh", x, cast(self.value)), names)
+        y = jax.nn.dot_product_attention(q, k, v, mask=mask)
+        return jnp.einsum("blnh,nhd->bld", y, cast(self.out)) + cast(self.out_bias)
+
+
+class Mlp(nnx.Module):
+    def __init__(self, dim: int, hidden: int, *, rngs: nnx.Rngs, dtype=jnp.float32):
+        self.fc1 = Dense(dim, hidden, ("embed", "mlp"), rngs=rngs, dtype=dtype)
+        self.fc2 = Dense(hidden, dim, ("mlp", "embed"), rngs=rngs, dtype=dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = sharding.constrain(jax.nn.gelu(self.fc1(x), approximate=False), ("batch", "act_length", "act_mlp"))
+        return self.fc2(h)
+
+
+class Block(nnx.Module):
+    """Transformer block; pre-norm (ViT, MAE) or post-norm (original BERT)."""
+
+    def __init__(self, dim: int, heads: int, mlp_dim: int, *, rngs: nnx.Rngs, dtype=jnp.float32,
+                 pre_norm: bool = True):
+        self.norm1 = LayerNorm(dim, rngs=rngs, dtype=dtype)
+        self.attn = Attention(dim, heads, rngs=rngs, dtype=dtype)
+        self.norm2 = LayerNorm(dim, rngs=rngs, dtype=dtype)
+        self.mlp = Mlp(dim, mlp_dim, rngs=rngs, dtype=dtype)
+        self.pre_norm = pre_norm
+
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        if self.pre_norm:
+            x = x + self.attn(self.norm1(x), mask)
+            x = x + self.mlp(self.norm2(x))
+        else:
+            x = self.norm1(x + self.attn(x, mask))
+            x = self.norm2(x + self.mlp(x))
+        return sharding.constrain(x, ("batch", "act_length", "act_embed"))
+
+
+class Stack(nnx.Module):
+    """``depth`` identical blocks with stacked parameters (leading ``layers`` axis), run by a scan.
+
+    remat: a key of ``REMAT_POLICIES``; 'none' keeps every activation.
+    """
+
+    def __init__(self, depth: int, dim: int, heads: int, mlp_dim: int, *, rngs: nnx.Rngs,
+                 dtype=jnp.float32, pre_norm: bool = True, remat: str = "none"):
+        if depth < 1:
+            raise ValueError(f"depth={depth} must be >= 1")
+        if remat not in REMAT_POLICIES:
+            raise ValueError(f"remat={remat!r} must be one of {tuple(REMAT_POLICIES)}")
+
+        @nnx.split_rngs(splits=depth)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def make(rngs):
+            return Block(dim, heads, mlp_dim, rngs=rngs, dtype=dtype, pre_norm=pre_norm)
+
+        self.blocks = make(rngs)
+        self.remat = remat
+
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        def body(x, block):
+            return block(x, mask)
+
+        if self.remat != "none":
+            body = nnx.remat(body, policy=REMAT_POLICIES[self.remat])
+        return nnx.scan(body, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)(x, self.blocks)
+
+
+def gather_tokens(x: jax.Array, idx: jax.Array, one_hot: bool = False) -> jax.Array:
+    """Selects tokens: x [batch, length, dim], idx [batch, k] -> [batch, k, dim].
+
+    ``one_hot`` uses an einsum with a one-hot matrix, which partitions better than a gather when
+    the length axis is sharded (the FLIP trick) at the cost of k*length*dim extra FLOPs.
+    """
+    if one_hot:
+        selector = jax.nn.one_hot(idx, x.shape[1], dtype=x.dtype)
+        return jnp.einsum("bkl,bld->bkd", selector, x)
+    return jnp.take_along_axis(x, idx[..., None], axis=1)
+
+
+def transformer_flops(batch: int, length: int, width: int, depth: int, mlp_dim: int) -> int:
+    """Forward matmul FLOPs of ``depth`` blocks on [batch, length, width] (2 per multiply-add):
+    q/k/v/out projections 8*L*D^2, MLP 4*L*D*M, attention scores and values 4*L^2*D."""
+    per_layer = 8 * length * width * width + 4 * length * width * mlp_dim + 4 * length * length * width
+    return batch * depth * per_layer

@@ -1,0 +1,51 @@
+"""Objectives: each masked-pretraining method is one small class behind one protocol.
+
+An objective is constructed from the run's config and provides
+
+* ``build(rngs) -> nnx.Module``                         the model (parameters only, no mutable state);
+* ``loss(model, batch, key, step) -> (scalar, dict)``   pure; masks are drawn here from ``key``;
+* ``batch_spec() -> {name: (shape, dtype)}``            what the input pipeline must deliver (global batch);
+* ``flops() -> int``                                    analytic model FLOPs of one training step;
+* ``validate()``                                        raises ``ConfigError`` naming the bad key.
+
+and optionally ``features(model, batch)`` (frozen features for probes) and
+``reconstruct(model, batch, key)`` (images for the eval PNG). Look-up is by ``config.objective``.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, ClassVar, Protocol
+
+import jax
+from flax import nnx
+
+from maskjax.config import ConfigError
+
+
+class Objective(Protocol):
+    name: ClassVar[str]
+    config: Any
+
+    def validate(self) -> None: ...
+    def build(self, rngs: nnx.Rngs) -> nnx.Module: ...
+    def loss(self, model: nnx.Module, batch: dict, key: jax.Array, step: jax.Array) -> tuple[jax.Array, dict]: ...
+    def batch_spec(self) -> dict[str, tuple[tuple[int, ...], Any]]: ...
+    def flops(self) -> int: ...
+
+
+REGISTRY: dict[str, Callable[[Any], Objective]] = {}
+
+
+def register(cls):
+    """Class decorator: makes ``cls`` available as ``config.objective = cls.name``."""
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def get(config) -> Objective:
+    if config.objective not in REGISTRY:
+        raise ConfigError("objective", f"unknown objective {config.objective!r}; known: {sorted(REGISTRY)}")
+    return REGISTRY[config.objective](config)
+
+
+# Registration happens on import; keep this list in sync with the files in this package.
+from maskjax.objectives import mae, simmim  # noqa: E402,F401

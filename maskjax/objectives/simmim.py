@@ -1,0 +1,64 @@
+"""SimMIM (Xie et al. 2022): the full token sequence goes through the encoder with a learned mask
+token in place of the hidden patches; a linear head predicts raw pixels; L1 on the hidden pixels.
+
+It is also the full-sequence baseline against which MAE's encoder saving is measured.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from maskjax import objectives
+from maskjax.models import layers, vit
+from maskjax.objectives.vision import VisionObjective
+
+
+class SimMIMModel(nnx.Module):
+    def __init__(self, encoder: vit.ViTEncoder, patch_dim: int, rngs: nnx.Rngs):
+        self.encoder = encoder
+        self.mask_token = layers.param(rngs, nnx.initializers.normal(0.02), (1, 1, encoder.width), (None, None, "embed"))
+        self.head = layers.Dense(encoder.width, patch_dim, ("embed", "patch"), rngs=rngs, dtype=encoder.dtype)
+
+    def __call__(self, patches: jax.Array, hidden: jax.Array) -> jax.Array:
+        """patches [B, L, P], hidden [B, L] bool -> predictions [B, L, P] float32."""
+        enc = self.encoder
+        tokens = enc.patch_embed(patches)
+        tokens = jnp.where(hidden[..., None], self.mask_token[...].astype(tokens.dtype), tokens)
+        tokens = tokens + jnp.asarray(vit.sincos_pos_embed(enc.width, enc.grid), tokens.dtype)[None]
+        out = enc.run(tokens)[:, enc.num_prefix:]
+        return self.head(out).astype(jnp.float32)
+
+
+@objectives.register
+class SimMIM(VisionObjective):
+    name = "simmim"
+
+    def build(self, rngs: nnx.Rngs) -> SimMIMModel:
+        return SimMIMModel(vit.encoder_from_config(self.config, rngs), self.patch_dim, rngs)
+
+    def predict(self, model: SimMIMModel, batch: dict, key: jax.Array):
+        patches = self.patches(batch)
+        hidden = self.masker()(key, patches.shape[0]).mask
+        return patches, hidden, model(patches, hidden)
+
+    def loss(self, model: SimMIMModel, batch: dict, key: jax.Array, step: jax.Array):
+        patches, hidden, pred = self.predict(model, batch, key)
+        weight = hidden[..., None].astype(jnp.float32)
+        loss = jnp.sum(jnp.abs(pred - patches) * weight) / (jnp.sum(weight) * patches.shape[-1])
+        return loss, {"loss": loss, "mask_ratio": jnp.mean(hidden.astype(jnp.float32))}
+
+    def reconstruct(self, model: SimMIMModel, batch: dict, key: jax.Array) -> dict:
+        patches, hidden, pred = self.predict(model, batch, key)
+        hidden = hidden[..., None]
+        to_image = lambda x: vit.unpatchify(x, self.image_shape(), self.config.model.patch_size, self.tubelet)
+        return {
+            "input": batch["image"],
+            "masked": to_image(jnp.where(hidden, 0.0, patches)),
+            "reconstruction": to_image(jnp.where(hidden, pred, patches)),
+        }
+
+    def flops(self) -> int:
+        m, b = self.config.model, self.config.batch_size
+        head = 2 * b * self.num_tokens * m.width * self.patch_dim
+        return 3 * (self.encoder_flops(self.num_tokens) + head)

@@ -1,0 +1,160 @@
+"""Meshes, logical-axis rules and shardings: the one place where logical names meet mesh axes.
+
+Parameters and activations carry logical axis names (``embed``, ``mlp``, ``heads``, ...). The rules
+table below maps each name to mesh axes (``data``, ``fsdp``, ``tensor``). Changing the parallelism
+of a run is changing mesh sizes in the config; no model code changes.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical name -> mesh axis (or tuple of axes, or None = replicated). Parameter names first, then
+# activation names (prefixed ``act_``) which must not reuse ``fsdp`` for features: the batch already
+# runs over it.
+RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("vocab", "tensor"),
+    ("kv", None),
+    ("layers", None),
+    ("patch", None),
+    ("length", None),
+    ("act_length", None),
+    ("act_embed", None),
+    ("act_mlp", "tensor"),
+    ("act_heads", "tensor"),
+    ("act_kv", None),
+)
+
+
+class MeshError(ValueError):
+    pass
+
+
+def mesh_shape(sizes: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
+    """Resolves mesh sizes (one may be -1, "the rest") against the device count."""
+    unknown = [k for k in sizes if k not in MESH_AXES]
+    if unknown:
+        raise MeshError(f"mesh.{unknown[0]} is not a mesh axis; axes are {MESH_AXES}")
+    shape = [int(sizes.get(axis, 1)) for axis in MESH_AXES]
+    free = [i for i, s in enumerate(shape) if s == -1]
+    if len(free) > 1:
+        raise MeshError(f"mesh: only one axis may be -1, got {dict(zip(MESH_AXES, shape))}")
+    if any(s == 0 or s < -1 for s in shape):
+        raise MeshError(f"mesh sizes must be positive or -1, got {dict(zip(MESH_AXES, shape))}")
+    fixed = math.prod(s for s in shape if s != -1)
+    if free:
+        if num_devices % fixed:
+            raise MeshError(f"mesh: {num_devices} devices are not divisible by the fixed axes ({fixed})")
+        shape[free[0]] = num_devices // fixed
+    if math.prod(shape) != num_devices:
+        raise MeshError(
+            f"mesh {dict(zip(MESH_AXES, shape))} needs {math.prod(shape)} devices, have {num_devices}"
+        )
+    return tuple(shape)
+
+
+def make_mesh(sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A Mesh over (data, fsdp, tensor) with Auto axis types (plain Flax layers reject Explicit)."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = mesh_shape(sizes, len(devices))
+    if devices == list(jax.devices()):
+        return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def logical_to_spec(
+    names: Sequence[str | None] | None,
+    shape: Sequence[int] | None = None,
+    mesh: Mesh | None = None,
+    rules: Sequence[tuple[str, Any]] = RULES,
+) -> PartitionSpec:
+    """Maps logical axis names to a PartitionSpec.
+
+    A mesh axis is used at most once per array, and a dimension that the mesh axes do not divide
+    stays replicated (e.g. a 10-way head on a 4-way tensor axis), so any model fits any mesh.
+    """
+    if not names:
+        return PartitionSpec()
+    table = dict(rules)
+    used: set[str] = set()
+    out = []
+    for dim, name in enumerate(names):
+        axes = table.get(name) if name is not None else None
+        if axes is None:
+            out.append(None)
+            continue
+        axes = (axes,) if isinstance(axes, str) else tuple(axes)
+        axes = tuple(a for a in axes if a not in used and (mesh is None or mesh.shape[a] > 1))
+        if mesh is not None and shape is not None:
+            # Keep the longest prefix of axes whose product divides the dimension.
+            while axes and shape[dim] % math.prod(mesh.shape[a] for a in axes):
+                axes = axes[:-1]
+        used.update(axes)
+        out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    return PartitionSpec(*out)
+
+
+def logical_axes(state: nnx.State) -> Any:
+    """Pure-dict tree of logical names (tuples) parallel to ``nnx.to_pure_dict(state)``."""
+
+    def names(var):
+        meta = var.get_metadata()
+        return tuple(meta.get("out_sharding") or meta.get("sharding") or (None,) * var.ndim)
+
+    return nnx.to_pure_dict(jax.tree.map(names, state, is_leaf=lambda x: isinstance(x, nnx.Variable)))
+
+
+def tree_shardings(abstract: Any, axes: Any, mesh: Mesh) -> Any:
+    """NamedShardings for a tree of abstract arrays given a parallel tree of logical names."""
+    return jax.tree.map(
+        lambda x, names: NamedSharding(mesh, logical_to_spec(names, x.shape, mesh)),
+        abstract,
+        axes,
+        is_leaf=lambda x: isinstance(x, tuple),
+    )
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+    """Leading (batch) axis over data x fsdp, the rest replicated."""
+    return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), mesh=mesh))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+# --------------------------------------------------------------------------- activation constraints
+
+_CONTEXT = threading.local()
+
+
+@contextlib.contextmanager
+def activation_mesh(mesh: Mesh | None):
+    """Within this context, :func:`constrain` pins activations to ``mesh`` by logical names."""
+    previous = getattr(_CONTEXT, "mesh", None)
+    _CONTEXT.mesh = mesh
+    try:
+        yield
+    finally:
+        _CONTEXT.mesh = previous
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """``with_sharding_constraint`` by logical names; a no-op outside :func:`activation_mesh`."""
+    mesh = getattr(_CONTEXT, "mesh", None)
+    if mesh is None:
+        return x
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(names, x.shape, mesh)))
