@@ -1,0 +1,229 @@
+"""Input pipeline: TFDS random-access sources read by Grain, one shard per process, resumable.
+
+Order is defined on the *global* stream: the dataset is shuffled once per epoch with the run's seed,
+and global batch ``s`` is elements ``[s*B, (s+1)*B)`` of that stream. A Grain element is a whole
+local batch (read with one ``__getitems__``), which keeps Grain's per-element overhead off the host. Process ``p`` of ``P`` reads
+rows ``[p*B/P, (p+1)*B/P)`` of every global batch, and the augmentation of an element is seeded by
+its global position. So the data (and hence the losses) do not depend on how many processes share
+the work, and the loader position is one integer that the checkpoint stores.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Iterator
+
+import grain
+import numpy as np
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from maskjax.data.digits import MaskjaxDigits
+
+EMBEDDED = {"maskjax_digits": MaskjaxDigits}
+
+
+class DataError(ValueError):
+    """A dataset, split or record that cannot be used; the message names it."""
+
+
+def data_dir(data_config) -> str:
+    return os.path.expanduser(
+        data_config.data_dir or os.environ.get("MASKJAX_DATA_DIR") or os.environ.get("TFDS_DATA_DIR")
+        or "~/tensorflow_datasets"
+    )
+
+
+def builder(data_config) -> tfds.core.DatasetBuilder:
+    """The prepared TFDS builder for ``data.name``; embedded datasets are prepared on first use."""
+    name, directory = data_config.name, data_dir(data_config)
+    if name in EMBEDDED:
+        b = EMBEDDED[name](data_dir=directory, file_format="array_record")
+        if not b.is_prepared():
+            b.download_and_prepare()
+        return b
+    try:
+        b = tfds.builder(name, data_dir=directory)
+    except tfds.core.DatasetNotFoundError:
+        raise DataError(f"data.name={name!r} is not a TFDS dataset (embedded: {sorted(EMBEDDED)})") from None
+    if not b.is_prepared():
+        raise DataError(
+            f"dataset {name!r} is not prepared in data_dir {directory!r}; prepare it with "
+            f"`tfds build {name} --data_dir {directory} --file_format array_record`"
+        )
+    return b
+
+
+def source(data_config, split: str):
+    """A random-access TFDS data source for ``split``."""
+    b = builder(data_config)
+    if split not in b.info.splits:
+        raise DataError(f"dataset {data_config.name!r} has no split {split!r}; it has {sorted(b.info.splits)}")
+    try:
+        src = b.as_data_source(split)
+    except NotImplementedError as err:
+        raise DataError(
+            f"dataset {data_config.name!r} in {data_dir(data_config)!r} is not in a random-access format "
+            f"(array_record): {str(err).splitlines()[0]}"
+        ) from None
+    if len(src) == 0:
+        raise DataError(f"dataset {data_config.name!r} split {split!r} is empty")
+    return src
+
+
+# --------------------------------------------------------------------------- preprocessing
+
+
+def _to_pil(image: np.ndarray) -> Image.Image:
+    return Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+
+
+def _from_pil(img: Image.Image, channels: int) -> np.ndarray:
+    out = np.asarray(img, np.float32)
+    return out[..., None] if channels == 1 else out
+
+
+class Preprocess:
+    """record -> {'image': float32 [S, S, C] normalised, 'label': int32}.
+
+    train: random resized crop (area in ``crop_scale``, aspect ratio in [3/4, 4/3]) and optional
+    horizontal flip, with a NumPy generator seeded by (seed, global position); eval: plain resize.
+    """
+
+    def __init__(self, data_config, train: bool, seed: int):
+        self.cfg, self.train, self.seed = data_config, train, seed
+        self.mean = np.asarray(data_config.mean, np.float32) * 255.0
+        self.std = np.asarray(data_config.std, np.float32) * 255.0
+
+    def __call__(self, item) -> dict:
+        position, record = item
+        cfg = self.cfg
+        image = np.asarray(record[cfg.image_key])
+        if image.ndim == 2:
+            image = image[..., None]
+        if image.ndim != 3 or image.shape[-1] != cfg.channels:
+            raise DataError(
+                f"record {position} of {cfg.name!r}: image of shape {image.shape} does not have "
+                f"data.channels={cfg.channels} channels"
+            )
+        size = cfg.image_size
+        img = _to_pil(image.astype(np.uint8))
+        if self.train:
+            rng = np.random.default_rng([self.seed, position])
+            box = _random_crop_box(rng, img.width, img.height, cfg.crop_scale)
+            img = img.resize((size, size), Image.BILINEAR, box=box)
+            if cfg.flip and rng.random() < 0.5:
+                img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        elif img.size != (size, size):
+            img = img.resize((size, size), Image.BILINEAR)
+        out = (_from_pil(img, cfg.channels) - self.mean) / self.std
+        return {"image": out.astype(np.float32), "label": np.int32(record.get(cfg.label_key, -1))}
+
+
+def _random_crop_box(rng: np.random.Generator, width: int, height: int, scale) -> tuple[float, ...]:
+    """Inception-style crop box: area fraction ~ U(scale), log-uniform aspect in [3/4, 4/3]."""
+    area = width * height
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+        w, h = np.sqrt(target * aspect), np.sqrt(target / aspect)
+        if w <= width and h <= height:
+            x0, y0 = rng.uniform(0, width - w), rng.uniform(0, height - h)
+            return (x0, y0, x0 + w, y0 + h)
+    return (0.0, 0.0, float(width), float(height))
+
+
+# --------------------------------------------------------------------------- process sharding
+
+
+class GlobalOrder:
+    """The global element stream: position ``g`` -> record index. With ``shuffle``, epoch
+    ``g // n`` is a permutation seeded by (seed, epoch); without, positions past the end repeat the
+    last record (padding for eval)."""
+
+    def __init__(self, n: int, seed: int, shuffle: bool):
+        self.n, self.seed, self.shuffle = n, seed, shuffle
+        self._perms: dict[int, np.ndarray] = {}
+
+    def __call__(self, positions: np.ndarray) -> np.ndarray:
+        if not self.shuffle:
+            return np.minimum(positions, self.n - 1)
+        epochs, offsets = np.divmod(positions, self.n)
+        out = np.empty_like(positions)
+        for epoch in np.unique(epochs):
+            perm = self._perms.get(int(epoch))
+            if perm is None:
+                perm = np.random.default_rng([self.seed, int(epoch)]).permutation(self.n)
+                self._perms = {int(epoch): perm}  # keep one epoch: batches move forward
+            out[epochs == epoch] = perm[offsets[epochs == epoch]]
+        return out
+
+
+class ProcessBatches:
+    """Random-access source whose element ``s`` is this process's rows of global batch ``s``:
+    global positions ``s*B + p*B/P + [0, B/P)``, read together and preprocessed into one batch."""
+
+    def __init__(self, src, order: GlobalOrder, preprocess: Preprocess, global_batch: int,
+                 process_index: int, process_count: int, num_batches: int):
+        if global_batch % process_count:
+            raise DataError(f"batch_size={global_batch} is not divisible by the {process_count} processes")
+        self.src, self.order, self.preprocess = src, order, preprocess
+        self.global_batch, self.local = global_batch, global_batch // process_count
+        self.offset = process_index * self.local
+        self.num_batches = num_batches
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __getitem__(self, step: int) -> dict:
+        positions = step * self.global_batch + self.offset + np.arange(self.local)
+        indices = self.order(positions)
+        records = self.src.__getitems__([int(i) for i in indices])
+        examples = [self.preprocess((int(g), r)) for g, r in zip(positions, records)]
+        return {key: np.stack([e[key] for e in examples]) for key in examples[0]}
+
+
+def train_loader(config, process_index: int = 0, process_count: int = 1) -> "Loader":
+    """Endless, shuffled, augmented local batches: {'image': [b, ...], 'label': [b]}."""
+    data = config.data
+    src = source(data, data.train_split)
+    batches = ProcessBatches(
+        src, GlobalOrder(len(src), config.seed, shuffle=True), Preprocess(data, train=True, seed=config.seed),
+        config.batch_size, process_index, process_count, num_batches=sys.maxsize // (2 * config.batch_size),
+    )
+    return Loader(grain.MapDataset.source(batches), data)
+
+
+def eval_batches(config, split: str, batch_size: int, process_index: int = 0, process_count: int = 1
+                 ) -> Iterator[tuple[dict, int]]:
+    """One ordered pass over ``split``: yields (this process's rows of a padded global batch,
+    number of real examples in that global batch). Padding rows repeat the last example."""
+    data = config.data
+    src = source(data, split)
+    total = len(src)
+    batches = ProcessBatches(
+        src, GlobalOrder(total, 0, shuffle=False), Preprocess(data, train=False, seed=0),
+        batch_size, process_index, process_count, num_batches=-(-total // batch_size),
+    )
+    for i in range(len(batches)):
+        yield batches[i], min(batch_size, total - i * batch_size)
+
+
+class Loader:
+    """An iterator of local batches whose position can be saved and restored (``get_state``)."""
+
+    def __init__(self, dataset: grain.MapDataset, data_config):
+        options = grain.ReadOptions(num_threads=data_config.num_threads, prefetch_buffer_size=data_config.prefetch)
+        self.iterator = iter(dataset.to_iter_dataset(options))
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        return next(self.iterator)
+
+    def get_state(self) -> dict:
+        return self.iterator.get_state()
+
+    def set_state(self, state: dict) -> None:
+        self.iterator.set_state(state)
