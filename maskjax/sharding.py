@@ -43,6 +43,11 @@ class MeshError(ValueError):
     pass
 
 
+class Names(tuple):
+    """Logical axis names of one array. A tuple subclass is a pytree *leaf* for JAX, so trees of
+    Names line up with trees of arrays (plain tuples and optax's NamedTuple states are nodes)."""
+
+
 def mesh_shape(sizes: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
     """Resolves mesh sizes (one may be -1, "the rest") against the device count."""
     unknown = [k for k in sizes if k not in MESH_AXES]
@@ -112,7 +117,7 @@ def logical_axes(state: nnx.State) -> Any:
 
     def names(var):
         meta = var.get_metadata()
-        return tuple(meta.get("out_sharding") or meta.get("sharding") or (None,) * var.ndim)
+        return Names(meta.get("out_sharding") or meta.get("sharding") or (None,) * var.ndim)
 
     return nnx.to_pure_dict(jax.tree.map(names, state, is_leaf=lambda x: isinstance(x, nnx.Variable)))
 
@@ -120,10 +125,9 @@ def logical_axes(state: nnx.State) -> Any:
 def tree_shardings(abstract: Any, axes: Any, mesh: Mesh) -> Any:
     """NamedShardings for a tree of abstract arrays given a parallel tree of logical names."""
     return jax.tree.map(
-        lambda x, names: NamedSharding(mesh, logical_to_spec(names, x.shape, mesh)),
-        abstract,
+        lambda names, x: NamedSharding(mesh, logical_to_spec(names, x.shape, mesh)),
         axes,
-        is_leaf=lambda x: isinstance(x, tuple),
+        abstract,
     )
 
 

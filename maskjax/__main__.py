@@ -1,0 +1,5 @@
+import sys
+
+from maskjax.cli import main
+
+sys.exit(main())

@@ -1,0 +1,143 @@
+"""``maskjax`` command line: train, eval.
+
+    maskjax train --config configs/mae_digits.py[:variant] --workdir DIR [--config.KEY=VALUE ...]
+    maskjax eval  --workdir DIR [--config FILE] [--config.KEY=VALUE ...]
+
+Bad input (config, dataset, file, flag) is one line on stderr naming the offending thing and exit
+status 2; ``--debug`` shows the traceback instead.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+class UsageError(ValueError):
+    pass
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="maskjax", description="Masked pretraining in JAX/Flax.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p, config_required: bool):
+        p.add_argument("--config", required=config_required,
+                       help="config file and optional variant: path/to/file.py[:variant]")
+        p.add_argument("--workdir", required=True, help="run directory: checkpoints, metrics, plots")
+        p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+    train = sub.add_parser("train", help="pretrain (resumes from the newest checkpoint in --workdir)",
+                           epilog="Override any config field with --config.KEY=VALUE, e.g. --config.model.depth=12")
+    common(train, True)
+    train.add_argument("--no_eval", action="store_true", help="skip the final evaluation")
+    ev = sub.add_parser("eval", help="linear probe and k-NN of a run's newest checkpoint -> eval.json")
+    common(ev, False)
+    ev.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
+    return parser
+
+
+def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Separates ``--config.KEY=VALUE`` (and ``--config.KEY VALUE``) from the other flags."""
+    rest, overrides = [], []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--config."):
+            if "=" not in arg:
+                if i + 1 >= len(argv):
+                    raise UsageError(f"{arg} needs a value")
+                arg = f"{arg}={argv[i + 1]}"
+                i += 1
+            overrides.append(arg)
+        else:
+            rest.append(arg)
+        i += 1
+    return rest, overrides
+
+
+def load_config(spec: str | None, workdir: str, overrides: list[str]):
+    from maskjax import config as config_lib
+
+    if spec is None:
+        saved = os.path.join(workdir, "config.json")
+        if not os.path.exists(saved):
+            raise UsageError(f"--workdir {workdir!r} has no config.json; pass --config")
+        import json
+
+        import ml_collections
+
+        with open(saved) as f:
+            config = ml_collections.ConfigDict(json.load(f))
+        config.lock()
+    else:
+        config = config_lib.load(spec)
+    return config_lib.override(config, overrides)
+
+
+def _train(args, overrides) -> int:
+    from maskjax import train
+
+    config = load_config(args.config, args.workdir, overrides)
+    _check_workdir(args.workdir)
+    summary = train.train(config, args.workdir, evaluate=not args.no_eval)
+    losses = summary["losses"]
+    if losses:
+        print(f"done: step {summary['end_step']}, loss {losses[0][1]:.4f} -> {losses[-1][1]:.4f}; workdir {args.workdir}")
+    return 0
+
+
+def _eval(args, overrides) -> int:
+    import jax
+
+    from maskjax import checkpoint, evaluate, metrics, train
+
+    config = load_config(args.config, args.workdir, overrides)
+    setup = train.build(config)
+    ckpt = checkpoint.Checkpointer(args.workdir, keep=config.checkpoint.keep)
+    step = args.step if args.step is not None else ckpt.latest_step()
+    if step is None or step not in ckpt.manager.all_steps():
+        raise UsageError(f"--workdir {args.workdir!r} has no checkpoint{'' if args.step is None else f' at step {args.step}'}")
+    state = ckpt.restore_state(step, setup.abstract_state)
+    writer = metrics.Writer(args.workdir, enabled=jax.process_index() == 0)
+    results = evaluate.run(setup, state["params"], args.workdir, step, writer)
+    writer.close()
+    ckpt.close()
+    print(evaluate.summary_line(results))
+    return 0
+
+
+def _check_workdir(workdir: str) -> None:
+    parent = os.path.abspath(workdir)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise UsageError(f"--workdir {workdir!r} is not writable")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        rest, overrides = _split_overrides(argv)
+        args = _parser().parse_args(rest)
+        return {"train": _train, "eval": _eval}[args.command](args, overrides)
+    except KeyboardInterrupt:
+        print("maskjax: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # one line for bad input; the traceback only with --debug
+        if debug:
+            raise
+        from maskjax.config import ConfigError
+        from maskjax.data.pipeline import DataError
+
+        known = (ConfigError, DataError, UsageError, FileNotFoundError, PermissionError, FloatingPointError)
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        if not isinstance(err, known):
+            message = f"{type(err).__name__}: {message} (rerun with --debug for the traceback)"
+        print(f"maskjax: error: {message}", file=sys.stderr)
+        return 2 if isinstance(err, known) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

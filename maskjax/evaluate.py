@@ -1,0 +1,133 @@
+"""Evaluation of a pretrained encoder: linear probe and k-NN on frozen features, next to the same
+encoder at random initialisation and raw pixels, plus a PNG of reconstructions.
+
+Results go to ``workdir/eval.json`` with the checkpoint step they used.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from maskjax import metrics as metrics_lib
+from maskjax import sharding
+from maskjax.data import pipeline
+
+
+def _features_fn(setup):
+    objective, graphdef = setup.objective, setup.graphdef
+    from flax import nnx
+
+    def features(params, batch):
+        with sharding.activation_mesh(setup.mesh):
+            return objective.features(nnx.merge(graphdef, params), batch)
+
+    return jax.jit(features, out_shardings=sharding.replicated(setup.mesh))
+
+
+def _eval_batch_size(setup) -> int:
+    """The eval batch, rounded up to a multiple of the data shards."""
+    shards = setup.mesh.shape["data"] * setup.mesh.shape["fsdp"]
+    size = setup.config.eval.batch_size
+    return -(-size // shards) * shards
+
+
+def extract(setup, params, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(features [N, D], labels [N], raw pixels [N, P]) over ``split``, in dataset order."""
+    fn = _features_fn(setup)
+    batch_size = _eval_batch_size(setup)
+    feats, labels, pixels = [], [], []
+    for local, real in pipeline.eval_batches(setup.config, split, batch_size, jax.process_index(), jax.process_count()):
+        feats.append(np.asarray(fn(params, setup.global_batch(local)))[:real])
+        # Every process fits the probes, so it needs the whole batch's labels and pixels.
+        rows = multihost_utils.process_allgather({"label": local["label"], "image": local["image"]}, tiled=True)
+        labels.append(np.asarray(rows["label"])[:real])
+        pixels.append(np.asarray(rows["image"]).reshape(len(rows["image"]), -1)[:real])
+    return np.concatenate(feats), np.concatenate(labels), np.concatenate(pixels)
+
+
+def probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, k: int) -> dict:
+    """Linear probe (standardised features, logistic regression) and cosine k-NN accuracy."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.neighbors import KNeighborsClassifier
+    from sklearn.preprocessing import StandardScaler
+
+    scaler = StandardScaler().fit(train_x)
+    linear = LogisticRegression(max_iter=3000).fit(scaler.transform(train_x), train_y)
+    knn = KNeighborsClassifier(n_neighbors=k, metric="cosine").fit(train_x, train_y)
+    return {
+        "linear_probe": float(linear.score(scaler.transform(test_x), test_y)),
+        "knn": float(knn.score(test_x, test_y)),
+    }
+
+
+def run(setup, params, workdir: str, step: int, writer=None) -> dict:
+    """Probes (pretrained vs random init vs raw pixels) and the reconstruction PNG; writes eval.json."""
+    config = setup.config
+    results: dict[str, Any] = {"step": int(step), "objective": config.objective,
+                               "train_split": config.data.train_split, "eval_split": config.data.eval_split}
+    if config.eval.probe and hasattr(setup.objective, "features"):
+        from maskjax.train import init_params_fn
+
+        k = config.eval.knn_k
+        train_f, train_y, train_px = extract(setup, params, config.data.train_split)
+        test_f, test_y, test_px = extract(setup, params, config.data.eval_split)
+        results.update(num_train=len(train_y), num_test=len(test_y), knn_k=k)
+        results["pretrained"] = probe(train_f, train_y, test_f, test_y, k)
+        random_params = init_params_fn(setup, jax.random.key(config.seed + 1))
+        train_r, _, _ = extract(setup, random_params, config.data.train_split)
+        test_r, _, _ = extract(setup, random_params, config.data.eval_split)
+        results["random_init"] = probe(train_r, train_y, test_r, test_y, k)
+        results["raw_pixels"] = probe(train_px, train_y, test_px, test_y, k)
+    if hasattr(setup.objective, "reconstruct") and config.eval.num_images:
+        results["reconstruction_png"] = save_reconstructions(setup, params, workdir, step, writer)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "eval.json"), "w") as f:
+            json.dump(results, f, indent=2)
+        if writer is not None:
+            flat = {f"eval/{group}/{name}": value for group in ("pretrained", "random_init", "raw_pixels")
+                    for name, value in results.get(group, {}).items()}
+            writer.scalars(step, flat, jsonl=False)
+    return results
+
+
+def save_reconstructions(setup, params, workdir: str, step: int, writer=None) -> str:
+    """Rows: input, masked input, reconstruction, for the first ``eval.num_images`` eval images."""
+    from flax import nnx
+
+    config = setup.config
+    batch_size = _eval_batch_size(setup)
+    local, _ = next(pipeline.eval_batches(config, config.data.eval_split, batch_size,
+                                          jax.process_index(), jax.process_count()))
+    batch = setup.global_batch(local)
+    key = jax.random.key(config.seed + 2)
+
+    def images(params, batch):
+        with sharding.activation_mesh(setup.mesh):
+            return setup.objective.reconstruct(nnx.merge(setup.graphdef, params), batch, key)
+
+    out = jax.jit(images, out_shardings=sharding.replicated(setup.mesh))(params, batch)
+    n = config.eval.num_images
+    rows = [np.asarray(out[name])[:n] for name in ("input", "masked", "reconstruction")]
+    if rows[0].ndim == 5:  # video: show the first frame of each clip
+        rows = [r[:, 0] for r in rows]
+    grid = metrics_lib.image_grid(rows, config.data.mean, config.data.std)
+    path = os.path.join(workdir, "reconstructions", f"step_{step:07d}.png")
+    if jax.process_index() == 0:
+        metrics_lib.save_png(path, grid)
+        if writer is not None:
+            writer.image(step, "reconstructions", grid)
+    return path
+
+
+def summary_line(results: dict) -> str:
+    parts = [f"eval @ step {results['step']}"]
+    for group in ("pretrained", "random_init", "raw_pixels"):
+        if group in results:
+            r = results[group]
+            parts.append(f"{group}: linear {r['linear_probe']:.3f} / {results.get('knn_k')}-NN {r['knn']:.3f}")
+    return " | ".join(parts)
