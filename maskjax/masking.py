@@ -148,12 +148,13 @@ def block_mask(
     key: jax.Array,
     batch: int,
     grid: Sequence[int],
-    ratio: float,
+    ratio: float | None = None,
     min_patches: int = 16,
     min_aspect: float = 0.3,
     max_attempts: int = 100,
+    num_masked: int | None = None,
 ) -> Mask:
-    """BEiT block-wise masking with an exact count.
+    """BEiT block-wise masking with an exact count (``num_masked``, or ``L - int(L * (1 - ratio))``).
 
     Rectangles of area ~ U[min_patches, remaining] and log-uniform aspect ratio in
     [min_aspect, 1/min_aspect] are placed at random; a rectangle is accepted when it hides between 1
@@ -163,10 +164,17 @@ def block_mask(
     """
     height, width = _check_grid(grid)
     length = height * width
-    keep = num_kept(length, ratio)
-    target = length - keep
-    if target > length:
-        raise ValueError(f"block mask target {target} is larger than the {height}x{width} grid")
+    if (ratio is None) == (num_masked is None):
+        raise ValueError("block_mask needs exactly one of ratio= and num_masked=")
+    if num_masked is None:
+        target = length - num_kept(length, ratio)
+    else:
+        if not isinstance(num_masked, int) or num_masked < 0:
+            raise ValueError(f"num_masked={num_masked!r} must be a non-negative int")
+        if num_masked >= length:
+            raise ValueError(f"num_masked={num_masked}: block mask target is not smaller than the {height}x{width} grid")
+        target = num_masked
+    keep = length - target
     if not isinstance(min_patches, int) or min_patches < 1:
         raise ValueError(f"min_patches={min_patches!r} must be a positive int")
     if not 0.0 < min_aspect <= 1.0:

@@ -16,6 +16,14 @@ from maskjax.models import layers, vit
 from maskjax.objectives.vision import VisionObjective, norm_pix
 
 
+def masked_mse(pred: jax.Array, target: jax.Array, hidden: jax.Array) -> jax.Array:
+    """Mean over hidden patches of the per-patch MSE. pred, target [B, L, P]; hidden [B, L] bool.
+    Visible patches contribute nothing, to the value or to the gradient."""
+    per_patch = jnp.mean(jnp.square(pred - target), axis=-1)
+    weight = hidden.astype(jnp.float32)
+    return jnp.sum(per_patch * weight) / jnp.maximum(jnp.sum(weight), 1.0)
+
+
 class MAEDecoder(nnx.Module):
     """latent [B, prefix + K, enc_width] + restore_idx [B, L] -> pixel predictions [B, L, patch_dim]."""
 
@@ -79,10 +87,8 @@ class MAE(VisionObjective):
     def loss(self, model: MAEModel, batch: dict, key: jax.Array, step: jax.Array):
         patches, mask, pred = self.predict(model, batch, key)
         target = norm_pix(patches) if self.config.loss.norm_pix else patches
-        per_patch = jnp.mean(jnp.square(pred - target), axis=-1)
-        hidden = mask.mask.astype(jnp.float32)
-        loss = jnp.sum(per_patch * hidden) / jnp.sum(hidden)
-        return loss, {"loss": loss, "mask_ratio": jnp.mean(hidden)}
+        loss = masked_mse(pred, target, mask.mask)
+        return loss, {"loss": loss, "mask_ratio": jnp.mean(mask.mask.astype(jnp.float32))}
 
     def reconstruct(self, model: MAEModel, batch: dict, key: jax.Array) -> dict:
         """Images for a person: input, masked input (hidden patches grey), reconstruction with the

@@ -32,7 +32,7 @@ class VisionObjective:
     def validate(self) -> None:
         data, model = self.config.data, self.config.model
         try:
-            self.grid = vit.token_grid(data.image_size, model.patch_size, self.frames, self.tubelet)
+            vit.token_grid(data.image_size, model.patch_size, self.frames, self.tubelet)
         except ValueError as err:
             key = "data.frames" if "frames" in str(err) else "model.tubelet" if "tubelet=" in str(err) else "data.image_size"
             raise ConfigError(key, str(err)) from None

@@ -1,0 +1,30 @@
+"""Test set-up: 8 virtual CPU devices (set before JAX is imported) and one prepared data_dir."""
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+
+import pytest  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """A TFDS data_dir with the embedded digits prepared once for the whole session."""
+    path = str(tmp_path_factory.mktemp("tensorflow_datasets"))
+    os.environ["MASKJAX_DATA_DIR"] = path
+    from maskjax.data import pipeline
+
+    pipeline.EMBEDDED["maskjax_digits"](data_dir=path, file_format="array_record").download_and_prepare()
+    return path
+
+
+def load_config(name: str, *overrides: str, data_dir: str | None = None):
+    """configs/<name> with overrides; ``data_dir`` points the run at the session's prepared data."""
+    from maskjax import config as config_lib
+
+    config = config_lib.load(os.path.join(ROOT, "configs", name))
+    items = list(overrides) + ([f"data.data_dir={data_dir}"] if data_dir else [])
+    return config_lib.override(config, items)

@@ -1,0 +1,126 @@
+"""ViT shapes, dtypes, layout helpers, logical names, remat, and scan compile time."""
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from maskjax import sharding
+from maskjax.models import layers, vit
+
+
+def encoder(**kw):
+    args = dict(patch_dim=48, grid=(1, 4, 4), width=32, depth=2, heads=4, rngs=nnx.Rngs(0))
+    args.update(kw)
+    return vit.ViTEncoder(**args)
+
+
+@pytest.mark.parametrize("dtype,expected", [("float32", jnp.float32), ("bfloat16", jnp.bfloat16)])
+def test_encoder_shapes_and_dtypes(dtype, expected):
+    enc = encoder(dtype=dtype)
+    patches = jnp.ones((3, 16, 48))
+    full = enc(patches)
+    assert full.shape == (3, 17, 32) and full.dtype == expected
+    kept = enc(patches, jnp.tile(jnp.arange(4)[None], (3, 1)))
+    assert kept.shape == (3, 5, 32)
+    assert enc.features(patches).shape == (3, 32) and enc.features(patches).dtype == jnp.float32
+    params = nnx.state(enc, nnx.Param)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params)), "parameters stay float32"
+
+
+def test_encoder_without_cls_and_one_hot_gather_matches_take():
+    enc = encoder(cls_token=False)
+    patches = jax.random.normal(jax.random.key(1), (2, 16, 48))
+    idx = jnp.array([[3, 1, 7, 0], [15, 2, 9, 4]])
+    take = enc(patches, idx)
+    enc.one_hot_gather = True
+    onehot = enc(patches, idx)
+    assert take.shape == (2, 4, 32)
+    np.testing.assert_allclose(np.asarray(take), np.asarray(onehot), atol=1e-5)
+
+
+def test_video_encoder_tubelets():
+    grid = vit.token_grid(16, 4, frames=4, tubelet=2)
+    assert grid == (2, 4, 4)
+    video = jnp.ones((2, 4, 16, 16, 3))
+    patches = vit.patchify(video, 4, 2)
+    assert patches.shape == (2, 32, 2 * 4 * 4 * 3)
+    enc = encoder(patch_dim=96, grid=grid)
+    assert enc(patches).shape == (2, 33, 32)
+
+
+@pytest.mark.parametrize("shape,tubelet", [((2, 16, 16, 3), 1), ((2, 4, 8, 8, 1), 2)])
+def test_patchify_roundtrip_and_layout(shape, tubelet):
+    x = jnp.arange(np.prod(shape), dtype=jnp.float32).reshape(shape)
+    p = vit.patchify(x, 4, tubelet)
+    np.testing.assert_array_equal(np.asarray(vit.unpatchify(p, shape[1:], 4, tubelet)), np.asarray(x))
+    if len(shape) == 4:  # first patch is the top-left 4x4 block, row-major, channels last
+        np.testing.assert_array_equal(np.asarray(p[0, 0]), np.asarray(x[0, :4, :4].reshape(-1)))
+
+
+def test_sincos_positions_are_distinct_and_bounded():
+    emb = vit.sincos_pos_embed(64, (1, 4, 4))
+    assert emb.shape == (16, 64)
+    assert np.abs(emb).max() <= 1.0
+    assert len({row.tobytes() for row in emb}) == 16
+    emb3 = vit.sincos_pos_embed(64, (2, 4, 4))
+    assert emb3.shape == (32, 64) and len({row.tobytes() for row in emb3}) == 32
+
+
+def test_every_parameter_has_logical_names():
+    enc = encoder()
+    axes = sharding.logical_axes(nnx.state(enc, nnx.Param))
+    params = nnx.to_pure_dict(nnx.state(enc, nnx.Param))
+    for names, value in zip(jax.tree.leaves(axes), jax.tree.leaves(params)):
+        assert isinstance(names, sharding.Names) and len(names) == value.ndim
+    flat = {jax.tree_util.keystr(p): n for p, n in jax.tree_util.tree_flatten_with_path(axes)[0]}
+    assert flat["['blocks']['blocks']['attn']['query']"] == ("layers", "embed", "heads", "kv")
+    assert flat["['blocks']['blocks']['mlp']['fc1']['kernel']"] == ("layers", "embed", "mlp")
+
+
+@pytest.mark.parametrize("policy", ["full", "dots"])
+def test_remat_gives_the_same_values_and_gradients(policy):
+    def loss(model, x):
+        return jnp.mean(model(x) ** 2)
+
+    x = jax.random.normal(jax.random.key(2), (2, 16, 48))
+    plain, remat = encoder(), encoder(remat=policy)
+    g1 = nnx.grad(loss)(plain, x)
+    g2 = nnx.grad(loss)(remat, x)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
+def _compile_seconds(depth: int) -> float:
+    model = encoder(depth=depth, width=64, heads=4)
+    graphdef, params = nnx.split(model)
+
+    def loss(p, x):
+        return jnp.mean(nnx.merge(graphdef, p)(x) ** 2)
+
+    x = jnp.ones((2, 16, 48))
+    start = time.perf_counter()
+    jax.jit(jax.grad(loss)).lower(params, x).compile()
+    return time.perf_counter() - start
+
+
+def test_scan_keeps_compile_time_flat_in_depth():
+    _compile_seconds(2)  # warm up tracing caches
+    shallow = min(_compile_seconds(6) for _ in range(2))
+    deep = min(_compile_seconds(24) for _ in range(2))
+    assert deep <= 1.5 * shallow, f"depth 24 compiled in {deep:.2f}s vs depth 6 in {shallow:.2f}s"
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda: vit.token_grid(30, 4), "image_size=30 is not divisible by patch_size=4"),
+    (lambda: vit.token_grid(16, 4, frames=5, tubelet=2), "frames=5"),
+    (lambda: vit.token_grid(16, 0), "patch_size=0"),
+    (lambda: layers.Attention(30, 4, rngs=nnx.Rngs(0)), "heads=4"),
+    (lambda: layers.compute_dtype("float8"), "dtype='float8'"),
+    (lambda: encoder(remat="some"), "remat='some'"),
+])
+def test_bad_model_arguments(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
