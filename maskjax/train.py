@@ -173,8 +173,8 @@ def build(config, devices=None) -> Setup:
             params = optax.apply_updates(params, updates)
             metrics = dict(metrics)
             metrics.update(
-                grad_norm=optax.global_norm(grads),
-                param_norm=optax.global_norm(params),
+                grad_norm=optax.tree.norm(grads),
+                param_norm=optax.tree.norm(params),
                 learning_rate=schedule(step),
             )
             return {"step": step + 1, "params": params, "opt_state": opt_state}, metrics

@@ -32,7 +32,7 @@ def compute_dtype(name: str):
 
 def param(rngs: nnx.Rngs, init: Callable, shape: Sequence[int], axes: Sequence[str | None]) -> nnx.Param:
     """A float32 parameter tagged with logical axis names (sharded later by the trainer)."""
-    return nnx.Param(init(rngs.params(), tuple(shape), jnp.float32), sharding=tuple(axes), eager_sharding=False)
+    return nnx.Param(init(rngs.params(), tuple(shape), jnp.float32), out_sharding=tuple(axes), eager_sharding=False)
 
 
 xavier = nnx.initializers.xavier_uniform()
