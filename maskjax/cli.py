@@ -118,6 +118,10 @@ def _check_workdir(workdir: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
+    if not debug:  # TFDS and Orbax log through absl; keep stderr to our own lines
+        from absl import logging as absl_logging
+
+        absl_logging.set_verbosity(absl_logging.ERROR)
     try:
         rest, overrides = _split_overrides(argv)
         args = _parser().parse_args(rest)

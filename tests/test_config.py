@@ -66,6 +66,7 @@ def _cli(*args, cwd=ROOT):
     (["--config.model.patch_size=5"], "config.data.image_size"),
     (["--config.model.nope=1"], "config.model.nope: unknown key"),
     (["--config.batch_size=100"], "config.batch_size"),
+    (["--config.data.name=mnist"], "dataset 'mnist' is not prepared in data_dir"),
 ])
 def test_cli_bad_config_is_one_line_exit_2_and_writes_nothing(tmp_path, args, needle):
     workdir = tmp_path / "run"
