@@ -36,7 +36,6 @@ def base_config() -> ml_collections.ConfigDict:
         name="maskjax_digits", data_dir="", image_size=16, channels=1, frames=0,
         train_split="train", eval_split="test", image_key="image", label_key="label",
         crop_scale=(0.2, 1.0), flip=True, mean=(0.5,), std=(0.5,), num_threads=2, prefetch=4,
-        source="array_record",  # or "tf" (tfds.load + tf.data, needs the `tf` extra)
     )
     c.model = dict(
         patch_size=4, tubelet=2, width=128, depth=4, heads=4, mlp_ratio=4.0, cls_token=True,

@@ -11,6 +11,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from flax import nnx
 from jax.experimental import multihost_utils
 
 from maskjax import metrics as metrics_lib
@@ -20,7 +21,6 @@ from maskjax.data import pipeline
 
 def _features_fn(setup):
     objective, graphdef = setup.objective, setup.graphdef
-    from flax import nnx
 
     def features(params, batch):
         with sharding.activation_mesh(setup.mesh):
@@ -97,8 +97,6 @@ def run(setup, params, workdir: str, step: int, writer=None) -> dict:
 
 def save_reconstructions(setup, params, workdir: str, step: int, writer=None) -> str:
     """Rows: input, masked input, reconstruction, for the first ``eval.num_images`` eval images."""
-    from flax import nnx
-
     config = setup.config
     batch_size = _eval_batch_size(setup)
     local, _ = next(pipeline.eval_batches(config, config.data.eval_split, batch_size,

@@ -103,9 +103,6 @@ class Setup:
             for k, v in local_batch.items() if k in self.batch_shardings
         }
 
-    def model(self, params: Any) -> nnx.Module:
-        return nnx.merge(self.graphdef, params)
-
 
 def build(config, devices=None) -> Setup:
     """Validates ``config`` against the devices and builds the sharded, jitted training functions."""
