@@ -19,7 +19,8 @@ from maskjax import sharding
 from maskjax.data import pipeline
 
 
-def _features_fn(setup):
+def features_fn(setup):
+    """Jitted ``(params, batch) -> [B, D]`` frozen encoder features, replicated on every process."""
     objective, graphdef = setup.objective, setup.graphdef
 
     def features(params, batch):
@@ -36,18 +37,21 @@ def _eval_batch_size(setup) -> int:
     return -(-size // shards) * shards
 
 
-def extract(setup, params, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(features [N, D], labels [N], raw pixels [N, P]) over ``split``, in dataset order."""
-    fn = _features_fn(setup)
+def extract(setup, fn, params_by_name: dict, split: str) -> tuple[dict, np.ndarray, np.ndarray]:
+    """One ordered pass over ``split``: ({name: features [N, D]} for each parameter set, labels [N],
+    raw pixels [N, P]). ``fn`` comes from :func:`features_fn`, built once per eval."""
     batch_size = _eval_batch_size(setup)
-    feats, labels, pixels = [], [], []
+    feats = {name: [] for name in params_by_name}
+    labels, pixels = [], []
     for local, real in pipeline.eval_batches(setup.config, split, batch_size, jax.process_index(), jax.process_count()):
-        feats.append(np.asarray(fn(params, setup.global_batch(local)))[:real])
+        batch = setup.global_batch(local)
+        for name, params in params_by_name.items():
+            feats[name].append(np.asarray(fn(params, batch))[:real])
         # Every process fits the probes, so it needs the whole batch's labels and pixels.
         rows = multihost_utils.process_allgather({"label": local["label"], "image": local["image"]}, tiled=True)
         labels.append(np.asarray(rows["label"])[:real])
         pixels.append(np.asarray(rows["image"]).reshape(len(rows["image"]), -1)[:real])
-    return np.concatenate(feats), np.concatenate(labels), np.concatenate(pixels)
+    return {name: np.concatenate(f) for name, f in feats.items()}, np.concatenate(labels), np.concatenate(pixels)
 
 
 def probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, k: int) -> dict:
@@ -74,14 +78,13 @@ def run(setup, params, workdir: str, step: int, writer=None) -> dict:
         from maskjax.train import init_params_fn
 
         k = config.eval.knn_k
-        train_f, train_y, train_px = extract(setup, params, config.data.train_split)
-        test_f, test_y, test_px = extract(setup, params, config.data.eval_split)
+        encoders = {"pretrained": params, "random_init": init_params_fn(setup, jax.random.key(config.seed + 1))}
+        fn = features_fn(setup)
+        train_f, train_y, train_px = extract(setup, fn, encoders, config.data.train_split)
+        test_f, test_y, test_px = extract(setup, fn, encoders, config.data.eval_split)
         results.update(num_train=len(train_y), num_test=len(test_y), knn_k=k)
-        results["pretrained"] = probe(train_f, train_y, test_f, test_y, k)
-        random_params = init_params_fn(setup, jax.random.key(config.seed + 1))
-        train_r, _, _ = extract(setup, random_params, config.data.train_split)
-        test_r, _, _ = extract(setup, random_params, config.data.eval_split)
-        results["random_init"] = probe(train_r, train_y, test_r, test_y, k)
+        for name in encoders:
+            results[name] = probe(train_f[name], train_y, test_f[name], test_y, k)
         results["raw_pixels"] = probe(train_px, train_y, test_px, test_y, k)
     if hasattr(setup.objective, "reconstruct") and config.eval.num_images:
         results["reconstruction_png"] = save_reconstructions(setup, params, workdir, step, writer)
