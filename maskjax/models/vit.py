@@ -107,10 +107,13 @@ class ViTEncoder(nnx.Module):
     def num_prefix(self) -> int:
         return 0 if self.cls is None else 1
 
+    def add_positions(self, tokens: jax.Array) -> jax.Array:
+        """Adds the fixed sin-cos positions to [B, L, width] tokens (all L, in grid order)."""
+        return tokens + jnp.asarray(sincos_pos_embed(self.width, self.grid), tokens.dtype)[None]
+
     def embed(self, patches: jax.Array) -> jax.Array:
         """[B, L, patch_dim] -> [B, L, width] tokens with positions added (no cls)."""
-        pos = jnp.asarray(sincos_pos_embed(self.width, self.grid), self.dtype)
-        return self.patch_embed(patches) + pos[None]
+        return self.add_positions(self.patch_embed(patches))
 
     def run(self, tokens: jax.Array) -> jax.Array:
         """Prepends cls, runs the blocks and the final norm: [B, K, D] -> [B, (1 +) K, D]."""

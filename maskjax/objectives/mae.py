@@ -98,14 +98,7 @@ class MAE(VisionObjective):
             mean = jnp.mean(patches, axis=-1, keepdims=True)
             std = jnp.sqrt(jnp.var(patches, axis=-1, keepdims=True) + 1e-6)
             pred = pred * std + mean
-        hidden = mask.mask[..., None]
-        shape, p = self.image_shape(), self.config.model.patch_size
-        to_image = lambda x: vit.unpatchify(x, shape, p, self.tubelet)
-        return {
-            "input": batch["image"],
-            "masked": to_image(jnp.where(hidden, 0.0, patches)),
-            "reconstruction": to_image(jnp.where(hidden, pred, patches)),
-        }
+        return self.reconstruction_images(batch, patches, mask.mask, pred)
 
     def flops(self) -> int:
         m, dec, b = self.config.model, self.config.decoder, self.config.batch_size

@@ -25,8 +25,7 @@ class SimMIMModel(nnx.Module):
         enc = self.encoder
         tokens = enc.patch_embed(patches)
         tokens = jnp.where(hidden[..., None], self.mask_token[...].astype(tokens.dtype), tokens)
-        tokens = tokens + jnp.asarray(vit.sincos_pos_embed(enc.width, enc.grid), tokens.dtype)[None]
-        out = enc.run(tokens)[:, enc.num_prefix:]
+        out = enc.run(enc.add_positions(tokens))[:, enc.num_prefix:]
         return self.head(out).astype(jnp.float32)
 
 
@@ -50,13 +49,7 @@ class SimMIM(VisionObjective):
 
     def reconstruct(self, model: SimMIMModel, batch: dict, key: jax.Array) -> dict:
         patches, hidden, pred = self.predict(model, batch, key)
-        hidden = hidden[..., None]
-        to_image = lambda x: vit.unpatchify(x, self.image_shape(), self.config.model.patch_size, self.tubelet)
-        return {
-            "input": batch["image"],
-            "masked": to_image(jnp.where(hidden, 0.0, patches)),
-            "reconstruction": to_image(jnp.where(hidden, pred, patches)),
-        }
+        return self.reconstruction_images(batch, patches, hidden, pred)
 
     def flops(self) -> int:
         m, b = self.config.model, self.config.batch_size

@@ -84,6 +84,17 @@ class VisionObjective:
         t, h, w = self.token_grid
         return masking.make_masker(self.config.mask, t, (h, w))
 
+    def reconstruction_images(self, batch: dict, patches: jax.Array, hidden: jax.Array, pred: jax.Array) -> dict:
+        """Images for a person: input, masked input (hidden patches at 0, the mean), and the
+        prediction with the visible patches pasted back. patches/pred [B, L, P], hidden [B, L]."""
+        hidden = hidden[..., None]
+        to_image = lambda x: vit.unpatchify(x, self.image_shape(), self.config.model.patch_size, self.tubelet)
+        return {
+            "input": batch["image"],
+            "masked": to_image(jnp.where(hidden, 0.0, patches)),
+            "reconstruction": to_image(jnp.where(hidden, pred, patches)),
+        }
+
     # ---------------------------------------------------------------- eval hooks
     def features(self, model, batch: dict) -> jax.Array:
         """[B, width] mean-pooled encoder features of the unmasked input."""
