@@ -1,7 +1,8 @@
-"""``maskjax`` command line: train, eval.
+"""``maskjax`` command line: train, eval, sample.
 
-    maskjax train --config configs/mae_digits.py[:variant] --workdir DIR [--config.KEY=VALUE ...]
-    maskjax eval  --workdir DIR [--config FILE] [--config.KEY=VALUE ...]
+    maskjax train  --config configs/mae_digits.py[:variant] --workdir DIR [--config.KEY=VALUE ...]
+    maskjax eval   --workdir DIR [--config FILE] [--config.KEY=VALUE ...]
+    maskjax sample --workdir DIR [--steps K] [--num N] [--out FILE]     (masked diffusion runs)
 
 Bad input (config, dataset, file, flag) is one line on stderr naming the offending thing and exit
 status 2; ``--debug`` shows the traceback instead.
@@ -34,6 +35,13 @@ def _parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="linear probe and k-NN of a run's newest checkpoint -> eval.json")
     common(ev, False)
     ev.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
+    sample = sub.add_parser("sample", help="generate text from a masked diffusion run by iterative unmasking")
+    common(sample, False)
+    sample.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
+    sample.add_argument("--steps", type=int, default=None, help="denoising steps (default: diffusion.sample_steps)")
+    sample.add_argument("--num", type=int, default=4, help="number of sequences")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--out", default=None, help="also write the samples to this text file")
     return parser
 
 
@@ -87,10 +95,9 @@ def _train(args, overrides) -> int:
     return 0
 
 
-def _eval(args, overrides) -> int:
-    import jax
-
-    from maskjax import checkpoint, evaluate, metrics, train
+def _restore(args, overrides):
+    """(setup, params, step) of the run in ``--workdir`` at ``--step`` (default: newest checkpoint)."""
+    from maskjax import checkpoint, train
 
     config = load_config(args.config, args.workdir, overrides)
     setup = train.build(config)
@@ -99,11 +106,51 @@ def _eval(args, overrides) -> int:
     if step is None or step not in ckpt.manager.all_steps():
         raise UsageError(f"--workdir {args.workdir!r} has no checkpoint{'' if args.step is None else f' at step {args.step}'}")
     state = ckpt.restore_state(step, setup.abstract_state)
-    writer = metrics.Writer(args.workdir, enabled=jax.process_index() == 0)
-    results = evaluate.run(setup, state["params"], args.workdir, step, writer)
-    writer.close()
     ckpt.close()
+    return setup, state["params"], step
+
+
+def _eval(args, overrides) -> int:
+    import jax
+
+    from maskjax import evaluate, metrics
+
+    setup, params, step = _restore(args, overrides)
+    writer = metrics.Writer(args.workdir, enabled=jax.process_index() == 0)
+    results = evaluate.run(setup, params, args.workdir, step, writer)
+    writer.close()
     print(evaluate.summary_line(results))
+    return 0
+
+
+def _sample(args, overrides) -> int:
+    import jax
+    from flax import nnx
+
+    from maskjax import sharding
+
+    if args.num < 1:
+        raise UsageError(f"--num {args.num} must be >= 1")
+    if args.steps is not None and args.steps < 1:
+        raise UsageError(f"--steps {args.steps} must be >= 1")
+    setup, params, step = _restore(args, overrides)
+    objective = setup.objective
+    if not hasattr(objective, "sample"):
+        raise UsageError(f"--workdir {args.workdir!r} is a {setup.config.objective!r} run; sampling needs a "
+                         "masked diffusion run (objective 'mdlm')")
+    steps = args.steps or setup.config.diffusion.sample_steps
+
+    def generate(params, key):
+        with sharding.activation_mesh(setup.mesh):
+            return objective.sample(nnx.merge(setup.graphdef, params), key, args.num, steps)
+
+    tokens = jax.jit(generate, out_shardings=sharding.replicated(setup.mesh))(params, jax.random.key(args.seed))
+    texts = [objective.tokenizer.decode(row) for row in jax.device_get(tokens)]
+    report = "\n\n".join(f"--- sample {i} (step {step}, {steps} denoising steps)\n{t}" for i, t in enumerate(texts))
+    print(report)
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            f.write(report + "\n")
     return 0
 
 
@@ -125,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rest, overrides = _split_overrides(argv)
         args = _parser().parse_args(rest)
-        return {"train": _train, "eval": _eval}[args.command](args, overrides)
+        return {"train": _train, "eval": _eval, "sample": _sample}[args.command](args, overrides)
     except KeyboardInterrupt:
         print("maskjax: interrupted", file=sys.stderr)
         return 130
@@ -134,8 +181,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         from maskjax.config import ConfigError
         from maskjax.data.pipeline import DataError
+        from maskjax.data.tokenizer import TokenizerError
 
-        known = (ConfigError, DataError, UsageError, FileNotFoundError, PermissionError, FloatingPointError)
+        known = (ConfigError, DataError, TokenizerError, UsageError, FileNotFoundError, PermissionError,
+                 FloatingPointError)
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
         if not isinstance(err, known):
             message = f"{type(err).__name__}: {message} (rerun with --debug for the traceback)"

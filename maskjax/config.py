@@ -36,14 +36,24 @@ def base_config() -> ml_collections.ConfigDict:
         name="maskjax_digits", data_dir="", image_size=16, channels=1, frames=0,
         train_split="train", eval_split="test", image_key="image", label_key="label",
         crop_scale=(0.2, 1.0), flip=True, mean=(0.5,), std=(0.5,), num_threads=2, prefetch=4,
+        # text: tokenizer file ("" = the vocabulary stored beside an embedded corpus), packed length
+        tokenizer="", seq_len=128, text_key="text",
     )
     c.model = dict(
         patch_size=4, tubelet=2, width=128, depth=4, heads=4, mlp_ratio=4.0, cls_token=True,
         dtype="float32", remat="none", one_hot_gather=False,
+        # text encoder: position table size, 'learned' or 'rotary' positions, pre- or post-norm blocks
+        max_len=512, positions="learned", pre_norm=True,
     )
     c.decoder = dict(width=64, depth=2, heads=4)
     c.mask = dict(kind="random", ratio=0.75, cell=2, min_patches=16, min_aspect=0.3,
-                  filter="band", low=0.15, high=0.35)
+                  filter="band", low=0.15, high=0.35,
+                  # MLM: ratio schedule over training ('constant', 'linear', 'cosine') ending at final_ratio
+                  schedule="constant", final_ratio=0.15)
+    # MLM: BERT's 80/10/10 replacement, static predicted positions per sequence, SpanBERT spans
+    c.mlm = dict(replace=True, max_predictions=20, sparse=True, span_p=0.2, span_max=10)
+    # Masked diffusion: alpha(t) schedule, t in [eps, 1], antithetic t, sampler steps
+    c.diffusion = dict(schedule="loglinear", eps=1e-3, antithetic=True, sample_steps=128)
     c.loss = dict(norm_pix=True)
     c.optim = dict(
         base_lr=1.5e-4, base_batch=256, b1=0.9, b2=0.95, weight_decay=0.05, warmup_steps=100,
@@ -51,7 +61,7 @@ def base_config() -> ml_collections.ConfigDict:
     )
     c.mesh = dict(data=-1, fsdp=1, tensor=1)
     c.checkpoint = dict(every=500, keep=3, async_save=True)
-    c.eval = dict(probe=True, knn_k=20, num_images=8, batch_size=256)
+    c.eval = dict(probe=True, knn_k=20, num_images=8, batch_size=256, max_batches=0)
     return c
 
 

@@ -1,5 +1,7 @@
-"""Evaluation of a pretrained encoder: linear probe and k-NN on frozen features, next to the same
-encoder at random initialisation and raw pixels, plus a PNG of reconstructions.
+"""Evaluation of a pretrained model. Images: linear probe and k-NN on frozen features, next to the
+same encoder at random initialisation and raw pixels, plus a PNG of reconstructions. Text: held-out
+masked-token loss and accuracy (MLM) or the ELBO perplexity bound (MDLM), next to the most-frequent
+token and unigram baselines.
 
 Results go to ``workdir/eval.json`` with the checkpoint step they used.
 """
@@ -86,16 +88,42 @@ def run(setup, params, workdir: str, step: int, writer=None) -> dict:
         for name in encoders:
             results[name] = probe(train_f[name], train_y, test_f[name], test_y, k)
         results["raw_pixels"] = probe(train_px, train_y, test_px, test_y, k)
+    if hasattr(setup.objective, "eval_step"):
+        results["text"] = evaluate_text(setup, params)
     if hasattr(setup.objective, "reconstruct") and config.eval.num_images:
         results["reconstruction_png"] = save_reconstructions(setup, params, workdir, step, writer)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "eval.json"), "w") as f:
             json.dump(results, f, indent=2)
         if writer is not None:
-            flat = {f"eval/{group}/{name}": value for group in ("pretrained", "random_init", "raw_pixels")
+            flat = {f"eval/{group}/{name}": value for group in ("pretrained", "random_init", "raw_pixels", "text")
                     for name, value in results.get(group, {}).items()}
             writer.scalars(step, flat, jsonl=False)
     return results
+
+
+def evaluate_text(setup, params) -> dict:
+    """Sums ``objective.eval_step`` over the eval split (fixed keys, so repeatable) and lets the
+    objective turn the totals into metrics."""
+    from maskjax.data import text as text_data
+
+    config, objective = setup.config, setup.objective
+    unigram = jax.device_put(text_data.unigram_log_probs(config), sharding.replicated(setup.mesh))
+
+    def step(params, batch, key):
+        with sharding.activation_mesh(setup.mesh):
+            return objective.eval_step(nnx.merge(setup.graphdef, params), batch, key, unigram)
+
+    fn = jax.jit(step, out_shardings=sharding.replicated(setup.mesh))
+    base_key = jax.random.key(config.seed + 3)
+    totals: dict[str, float] = {}
+    batches = text_data.eval_batches(config, config.data.eval_split, _eval_batch_size(setup), jax.process_index(),
+                                     jax.process_count(), config.eval.get("max_batches", 0))
+    for i, (local, _) in enumerate(batches):
+        sums = jax.device_get(fn(params, setup.global_batch(local), jax.random.fold_in(base_key, i)))
+        for name, value in sums.items():
+            totals[name] = totals.get(name, 0.0) + float(value)
+    return objective.summarize(totals)
 
 
 def save_reconstructions(setup, params, workdir: str, step: int, writer=None) -> str:
@@ -127,6 +155,8 @@ def save_reconstructions(setup, params, workdir: str, step: int, writer=None) ->
 
 def summary_line(results: dict) -> str:
     parts = [f"eval @ step {results['step']}"]
+    for name, value in results.get("text", {}).items():
+        parts.append(f"{name} {value:.4g}" if isinstance(value, float) else f"{name} {value}")
     for group in ("pretrained", "random_init", "raw_pixels"):
         if group in results:
             r = results[group]

@@ -278,6 +278,111 @@ def random_bool_mask(key: jax.Array, shape: Sequence[int], ratio, eligible: jax.
     return (_rank(noise) < count) & eligible
 
 
+# --------------------------------------------------------------------------- text (MLM) selections
+#
+# Text masks select positions of a packed sequence instead of dropping tokens: each returns
+# ``(selected [batch, length] bool, unit [batch, length] int32)`` where ``unit`` names the token,
+# word or span a selected position belongs to (BERT's 80/10/10 draw is made once per unit).
+# ``eligible`` marks positions that may be selected (never special tokens or padding); ``budget``
+# [batch] int32 is how many positions to select per row (see :func:`mlm_budget`).
+
+TEXT_KINDS = ("token", "word", "span")
+
+
+def mlm_budget(eligible: jax.Array, ratio, max_predictions: int) -> jax.Array:
+    """Positions to predict per row: ``round(ratio * eligible)``, at least 1 when any token is
+    eligible, at most ``max_predictions`` (BERT's ``max_predictions_per_seq``). ratio may be traced."""
+    count = jnp.sum(eligible, axis=-1)
+    budget = jnp.round(count.astype(jnp.float32) * ratio).astype(jnp.int32)
+    return jnp.clip(jnp.maximum(budget, jnp.minimum(count, 1)), 0, max_predictions)
+
+
+def select_tokens(key: jax.Array, eligible: jax.Array, budget: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Exactly ``budget`` eligible positions per row, uniformly at random (BERT token masking)."""
+    noise = jnp.where(eligible, jax.random.uniform(key, eligible.shape), jnp.inf)
+    selected = (_rank(noise) < budget[:, None]) & eligible
+    unit = jnp.broadcast_to(jnp.arange(eligible.shape[1], dtype=jnp.int32), eligible.shape)
+    return selected, unit
+
+
+def word_ids(word_start: jax.Array) -> jax.Array:
+    """[batch, length] word index of each token (0-based; position 0 always starts a word)."""
+    starts = word_start.at[:, 0].set(True)
+    return jnp.cumsum(starts.astype(jnp.int32), axis=-1) - 1
+
+
+def _per_word(values: jax.Array, words: jax.Array, length: int, op) -> jax.Array:
+    return jax.vmap(lambda v, w: op(v, w, num_segments=length))(values, words)
+
+
+def select_words(key: jax.Array, word_start: jax.Array, eligible: jax.Array, budget: jax.Array
+                 ) -> tuple[jax.Array, jax.Array]:
+    """Whole-word masking: words in random order are taken while the running token count stays
+    within ``budget`` (a word is eligible when all its tokens are); selections cover whole words."""
+    batch, length = eligible.shape
+    words = word_ids(word_start)
+    word_len = _per_word(jnp.ones_like(words), words, length, jax.ops.segment_sum)
+    word_ok = _per_word(eligible.astype(jnp.int32), words, length, jax.ops.segment_min) > 0
+    word_ok &= word_len > 0
+    priority = jnp.where(word_ok, jax.random.uniform(key, (batch, length)), jnp.inf)
+    order = jnp.argsort(priority, axis=-1)
+    sorted_len = jnp.take_along_axis(jnp.where(word_ok, word_len, 0), order, axis=-1)
+    take_sorted = (jnp.cumsum(sorted_len, axis=-1) <= budget[:, None]) & jnp.take_along_axis(word_ok, order, axis=-1)
+    take = jnp.zeros_like(take_sorted).at[jnp.arange(batch)[:, None], order].set(take_sorted)
+    return jnp.take_along_axis(take, words, axis=-1) & eligible, words
+
+
+def select_spans(key: jax.Array, word_start: jax.Array, eligible: jax.Array, budget: jax.Array,
+                 p: float = 0.2, max_words: int = 10) -> tuple[jax.Array, jax.Array]:
+    """SpanBERT span masking: span lengths ~ Geometric(p) clipped to [1, max_words] words, anchored
+    at a random eligible word; a span is accepted if all its tokens are eligible and unselected and
+    it fits the remaining budget (SpanBERT skips spans that would overshoot). ``length`` candidate
+    spans are tried per row, so shapes are static; selections cover whole words only."""
+    if not 0.0 < p <= 1.0:
+        raise ValueError(f"span p={p} must be in (0, 1]")
+    if not isinstance(max_words, int) or max_words < 1:
+        raise ValueError(f"span max_words={max_words!r} must be a positive int")
+    batch, length = eligible.shape
+    words = word_ids(word_start)
+    starts = word_start.at[:, 0].set(True) & eligible
+    k_anchor, k_len = jax.random.split(key)
+    anchor_logits = jnp.where(starts, 0.0, -jnp.inf)
+    anchor_pos = jax.random.categorical(k_anchor, anchor_logits[:, None, :], shape=(batch, length))
+    anchors = jnp.take_along_axis(words, anchor_pos, axis=-1)  # [batch, candidates] word ids
+    spans = jnp.clip(jax.random.geometric(k_len, p, (batch, length)), 1, max_words).astype(jnp.int32)
+    no_anchor = ~jnp.any(starts, axis=-1)
+
+    def one_row(words_row, eligible_row, anchors_row, spans_row, budget_row, empty):
+        def body(carry, candidate):
+            selected, unit, total = carry
+            index, anchor, span = candidate
+            member = (words_row >= anchor) & (words_row < anchor + span)
+            count = jnp.sum(member)
+            ok = (~empty) & jnp.all(~member | (eligible_row & ~selected)) & (count > 0) & (total + count <= budget_row)
+            selected = jnp.where(ok, selected | member, selected)
+            unit = jnp.where(ok & member, index, unit)
+            return (selected, unit, total + jnp.where(ok, count, 0)), None
+
+        init = (jnp.zeros(length, bool), jnp.zeros(length, jnp.int32), jnp.zeros((), jnp.int32))
+        candidates = (jnp.arange(length, dtype=jnp.int32), anchors_row, spans_row)
+        (selected, unit, _), _ = jax.lax.scan(body, init, candidates)
+        return selected, unit
+
+    return jax.vmap(one_row)(words, eligible, anchors, spans, budget, no_anchor)
+
+
+def select_text(kind: str, key: jax.Array, word_start: jax.Array, eligible: jax.Array, budget: jax.Array,
+                span_p: float = 0.2, span_max: int = 10) -> tuple[jax.Array, jax.Array]:
+    """Dispatches on ``kind`` in :data:`TEXT_KINDS`."""
+    if kind == "token":
+        return select_tokens(key, eligible, budget)
+    if kind == "word":
+        return select_words(key, word_start, eligible, budget)
+    if kind == "span":
+        return select_spans(key, word_start, eligible, budget, span_p, span_max)
+    raise ValueError(f"mask.kind={kind!r} must be one of {TEXT_KINDS} for text")
+
+
 # --------------------------------------------------------------------------- ratio schedules
 
 SCHEDULES = ("constant", "linear", "cosine")

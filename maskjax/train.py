@@ -23,7 +23,7 @@ from maskjax import checkpoint as ckpt_lib
 from maskjax import config as config_lib
 from maskjax import metrics as metrics_lib
 from maskjax import objectives, sharding
-from maskjax.data import pipeline
+from maskjax import data
 
 # =========================================================================== 1. setup
 
@@ -210,7 +210,7 @@ def train(config, workdir: str, *, stop_at: int | None = None, devices=None, eva
     setup = build(config, devices)  # validation happens here, before anything is written
     process = jax.process_index()
     is_writer = process == 0
-    loader = pipeline.train_loader(config, process, jax.process_count())
+    loader = data.train_loader(config, process, jax.process_count(), kind=setup.objective.data_kind)
     os.makedirs(workdir, exist_ok=True)
     checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
     writer = metrics_lib.Writer(workdir, enabled=is_writer)
@@ -252,6 +252,7 @@ def train(config, workdir: str, *, stop_at: int | None = None, devices=None, eva
         if evaluate and config.eval_every and done % config.eval_every == 0 and done != config.total_steps:
             _evaluate(setup, state["params"], workdir, done, writer, progress)
     progress.close()
+    loader.close()
     checkpointer.close()
     summary["end_step"] = end
     if evaluate and end == config.total_steps and end > start:

@@ -1,2 +1,14 @@
-"""Datasets (TFDS builders for embedded data) and the Grain input pipeline."""
-from maskjax.data.pipeline import DataError, Loader, builder, eval_batches, source, train_loader
+"""Datasets (TFDS builders for embedded data), tokenizers and the Grain / text input pipelines."""
+from maskjax.data.pipeline import DataError, Loader, builder, eval_batches, source
+from maskjax.data.tokenizer import TokenizerError
+
+
+def train_loader(config, process_index: int = 0, process_count: int = 1, kind: str = "image"):
+    """Endless local batches with ``get_state``/``set_state``: images (Grain) or packed text."""
+    if kind == "text":
+        from maskjax.data import text
+
+        return text.train_loader(config, process_index, process_count)
+    from maskjax.data import pipeline
+
+    return pipeline.train_loader(config, process_index, process_count)

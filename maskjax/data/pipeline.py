@@ -19,8 +19,9 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from maskjax.data.digits import MaskjaxDigits
+from maskjax.data.text_corpus import MaskjaxText
 
-EMBEDDED = {"maskjax_digits": MaskjaxDigits}
+EMBEDDED = {"maskjax_digits": MaskjaxDigits, "maskjax_text": MaskjaxText}
 
 
 class DataError(ValueError):
@@ -227,3 +228,6 @@ class Loader:
 
     def set_state(self, state: dict) -> None:
         self.iterator.set_state(state)
+
+    def close(self) -> None:
+        """Nothing to stop: Grain's threads end with the iterator (same interface as the text loader)."""

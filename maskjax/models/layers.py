@@ -76,7 +76,8 @@ class Attention(nnx.Module):
     """Multi-head self-attention. x: [batch, length, embed] -> [batch, length, embed].
 
     ``mask``: optional boolean [batch, 1 or heads, q_len, kv_len], True = may attend (used for
-    packed text segments).
+    packed text segments). ``rope``: optional (sin, cos) from :func:`rotary_tables` for rotary
+    positions on queries and keys.
     """
 
     def __init__(self, dim: int, heads: int, *, rngs: nnx.Rngs, dtype=jnp.float32):
@@ -92,15 +93,33 @@ class Attention(nnx.Module):
         self.out_bias = param(rngs, zeros, (dim,), ("embed",))
         self.dtype = dtype
 
-    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None, rope: tuple | None = None) -> jax.Array:
         x = x.astype(self.dtype)
         cast = lambda p: p[...].astype(self.dtype)
         names = ("batch", "act_length", "act_heads", "act_kv")
         q = sharding.constrain(jnp.einsum("bld,dnh->blnh", x, cast(self.query)), names)
         k = sharding.constrain(jnp.einsum("bld,dnh->blnh", x, cast(self.key)), names)
         v = sharding.constrain(jnp.einsum("bld,dnh->blnh", x, cast(self.value)), names)
+        if rope is not None:
+            q, k = apply_rotary(q, rope), apply_rotary(k, rope)
         y = jax.nn.dot_product_attention(q, k, v, mask=mask)
         return jnp.einsum("blnh,nhd->bld", y, cast(self.out)) + cast(self.out_bias)
+
+
+def rotary_tables(positions: jax.Array, head_dim: int, base: float = 10000.0) -> tuple[jax.Array, jax.Array]:
+    """(sin, cos) [batch, length, head_dim // 2] for integer ``positions`` [batch, length] (RoPE)."""
+    freqs = 1.0 / base ** (jnp.arange(head_dim // 2, dtype=jnp.float32) / (head_dim // 2))
+    angles = positions.astype(jnp.float32)[..., None] * freqs
+    return jnp.sin(angles), jnp.cos(angles)
+
+
+def apply_rotary(x: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Array:
+    """Rotates pairs (i, i + head_dim/2) of x [batch, length, heads, head_dim] by the position angles."""
+    sin, cos = (t[:, :, None, :] for t in rope)
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
 
 
 class Mlp(nnx.Module):
@@ -124,12 +143,12 @@ class Block(nnx.Module):
         self.mlp = Mlp(dim, mlp_dim, rngs=rngs, dtype=dtype)
         self.pre_norm = pre_norm
 
-    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None, rope: tuple | None = None) -> jax.Array:
         if self.pre_norm:
-            x = x + self.attn(self.norm1(x), mask)
+            x = x + self.attn(self.norm1(x), mask, rope)
             x = x + self.mlp(self.norm2(x))
         else:
-            x = self.norm1(x + self.attn(x, mask))
+            x = self.norm1(x + self.attn(x, mask, rope))
             x = self.norm2(x + self.mlp(x))
         return sharding.constrain(x, ("batch", "act_length", "act_embed"))
 
@@ -155,9 +174,10 @@ class Stack(nnx.Module):
         self.blocks = make(rngs)
         self.remat = remat
 
-    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None, rope: tuple | None = None) -> jax.Array:
+        """x [batch, length, dim]; mask: see :class:`Attention`; rope: :func:`rotary_tables` output."""
         def body(x, block):
-            return block(x, mask)
+            return block(x, mask, rope)
 
         if self.remat != "none":
             body = nnx.remat(body, policy=REMAT_POLICIES[self.remat])

@@ -8,8 +8,11 @@ An objective is constructed from the run's config and provides
 * ``flops() -> int``                                    analytic model FLOPs of one training step;
 * ``validate()``                                        raises ``ConfigError`` naming the bad key.
 
-and optionally ``features(model, batch)`` (frozen features for probes) and
-``reconstruct(model, batch, key)`` (images for the eval PNG). Look-up is by ``config.objective``.
+and optionally ``features(model, batch)`` (frozen features for probes),
+``reconstruct(model, batch, key)`` (images for the eval PNG), ``eval_step(model, batch, key,
+unigram)`` + ``summarize(totals)`` (held-out metrics summed over the eval split, next to a
+context-free baseline) and ``sample(model, key, num, steps)`` (generation). ``data_kind`` says which
+input pipeline feeds it ('image' or 'text'). Look-up is by ``config.objective``.
 """
 from __future__ import annotations
 
@@ -41,6 +44,22 @@ def register(cls):
     return cls
 
 
+def check_transformer(model_config) -> None:
+    """Config checks every transformer shares: heads divide width, known dtype and remat policy."""
+    from maskjax.models import layers
+
+    m = model_config
+    for key in ("width", "depth", "heads"):
+        if not isinstance(m[key], int) or isinstance(m[key], bool) or m[key] < 1:
+            raise ConfigError(f"model.{key}", f"must be a positive int, got {m[key]!r}")
+    if m.width % m.heads:
+        raise ConfigError("model.heads", f"{m.heads} does not divide model.width={m.width}")
+    if m.dtype not in layers.DTYPES:
+        raise ConfigError("model.dtype", f"must be one of {tuple(layers.DTYPES)}, got {m.dtype!r}")
+    if m.remat not in layers.REMAT_POLICIES:
+        raise ConfigError("model.remat", f"must be one of {tuple(layers.REMAT_POLICIES)}, got {m.remat!r}")
+
+
 def get(config) -> Objective:
     if config.objective not in REGISTRY:
         raise ConfigError("objective", f"unknown objective {config.objective!r}; known: {sorted(REGISTRY)}")
@@ -48,4 +67,4 @@ def get(config) -> Objective:
 
 
 # Registration happens on import; keep this list in sync with the files in this package.
-from maskjax.objectives import mae, simmim  # noqa: E402,F401
+from maskjax.objectives import mae, mdlm, mlm, simmim  # noqa: E402,F401

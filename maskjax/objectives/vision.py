@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from maskjax import masking
+from maskjax import masking, objectives
 from maskjax.config import ConfigError
 from maskjax.models import layers, vit
 
@@ -21,6 +21,7 @@ class VisionObjective:
     """Base for objectives over images [B, H, W, C] or videos [B, T, H, W, C] in ``batch['image']``."""
 
     name = "vision"
+    data_kind = "image"
 
     def __init__(self, config):
         self.config = config
@@ -36,12 +37,7 @@ class VisionObjective:
         except ValueError as err:
             key = "data.frames" if "frames" in str(err) else "model.tubelet" if "tubelet=" in str(err) else "data.image_size"
             raise ConfigError(key, str(err)) from None
-        if model.width % model.heads:
-            raise ConfigError("model.heads", f"{model.heads} does not divide model.width={model.width}")
-        if model.dtype not in layers.DTYPES:
-            raise ConfigError("model.dtype", f"must be one of {tuple(layers.DTYPES)}, got {model.dtype!r}")
-        if model.remat not in layers.REMAT_POLICIES:
-            raise ConfigError("model.remat", f"must be one of {tuple(layers.REMAT_POLICIES)}, got {model.remat!r}")
+        objectives.check_transformer(model)
         if data.channels < 1:
             raise ConfigError("data.channels", f"must be >= 1, got {data.channels}")
         try:

@@ -1,0 +1,220 @@
+"""Text input pipeline: TFDS documents -> subword ids -> sequences packed to ``data.seq_len``.
+
+Each document becomes ``[CLS] ids [SEP]``; documents are concatenated in a seeded, per-epoch shuffled
+order and cut into sequences of exactly ``seq_len`` tokens. Every piece of a document inside a
+sequence gets its own segment id (1, 2, ...; 0 is padding) and positions that restart at 0, so the
+model can block attention across documents. Like the image pipeline, order is defined on the
+*global* stream: every process packs the same global batch and keeps its own rows, so data do not
+depend on the process count, and the loader position is two integers (next document, token offset
+inside it) that the checkpoint stores.
+
+Batches: ``tokens``, ``segment_ids``, ``positions`` int32 [b, seq_len]; ``word_start`` bool
+(the token begins a word); ``maskable`` bool (not special, not padding: MLM may mask it).
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Iterator
+
+import numpy as np
+
+from maskjax.data import pipeline
+from maskjax.data import tokenizer as tokenizer_lib
+from maskjax.data.text_corpus import MaskjaxText, vocab_path
+
+EMBEDDED_TEXT = {"maskjax_text": MaskjaxText}
+READ_CHUNK = 256  # documents read and tokenized together
+
+
+def tokenizer_path(data_config) -> str:
+    """``data.tokenizer`` when set; otherwise the vocabulary stored beside an embedded corpus."""
+    if data_config.tokenizer:
+        return data_config.tokenizer
+    if data_config.name in EMBEDDED_TEXT:
+        return vocab_path(pipeline.builder(data_config))
+    raise pipeline.DataError(
+        f"data.tokenizer is not set: dataset {data_config.name!r} needs a tokenizer file "
+        "(a SentencePiece .model or a WordPiece vocab.txt)")
+
+
+def load_tokenizer(data_config) -> tokenizer_lib.Tokenizer:
+    return tokenizer_lib.load(tokenizer_path(data_config))
+
+
+class Documents:
+    """Tokenized documents of one split, by global stream position, read in chunks and cached.
+
+    ``order`` maps stream positions to record indices (:class:`pipeline.GlobalOrder`).
+    """
+
+    def __init__(self, src, order: pipeline.GlobalOrder, tok: tokenizer_lib.Tokenizer, text_key: str, name: str):
+        self.src, self.order, self.tok, self.text_key, self.name = src, order, tok, text_key, name
+        self._chunk, self._cache = -1, []
+
+    def __getitem__(self, position: int) -> list[int]:
+        chunk = position // READ_CHUNK
+        if chunk != self._chunk:
+            positions = chunk * READ_CHUNK + np.arange(READ_CHUNK)
+            records = self.src.__getitems__([int(i) for i in self.order(positions)])
+            texts = []
+            for pos, record in zip(positions, records):
+                if self.text_key not in record:
+                    raise pipeline.DataError(
+                        f"record {int(pos)} of {self.name!r} has no field data.text_key={self.text_key!r}; "
+                        f"it has {sorted(record)}")
+                text = record[self.text_key]
+                texts.append(text.decode("utf-8", "replace") if isinstance(text, bytes) else str(text))
+            ids = self.tok.encode_batch(texts)
+            self._cache = [[self.tok.cls_id] + doc + [self.tok.sep_id] for doc in ids]
+            self._chunk = chunk
+        return self._cache[position % READ_CHUNK]
+
+
+class Packer:
+    """Cuts the document stream into rows of ``seq_len`` tokens. State: (document, offset)."""
+
+    def __init__(self, docs: Documents, seq_len: int, limit: int | None = None):
+        self.docs, self.seq_len, self.limit = docs, seq_len, limit
+        self.document, self.offset = 0, 0
+
+    def exhausted(self) -> bool:
+        return self.limit is not None and self.document >= self.limit
+
+    def row(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(tokens, segment_ids, positions) of the next row; padded (segment 0) when exhausted."""
+        tokens = np.zeros(self.seq_len, np.int32)
+        segments = np.zeros(self.seq_len, np.int32)
+        positions = np.zeros(self.seq_len, np.int32)
+        filled, segment = 0, 0
+        while filled < self.seq_len and not self.exhausted():
+            doc = self.docs[self.document]
+            take = min(len(doc) - self.offset, self.seq_len - filled)
+            segment += 1
+            tokens[filled:filled + take] = doc[self.offset:self.offset + take]
+            segments[filled:filled + take] = segment
+            positions[filled:filled + take] = np.arange(take)
+            filled += take
+            self.offset += take
+            if self.offset >= len(doc):
+                self.document, self.offset = self.document + 1, 0
+        tokens[filled:] = self.docs.tok.pad_id
+        return tokens, segments, positions
+
+
+def make_batch(rows: list, tok: tokenizer_lib.Tokenizer) -> dict:
+    tokens, segments, positions = (np.stack(x) for x in zip(*rows))
+    special = np.isin(tokens, tok.special_ids) | (segments == 0)
+    word_start = tok.word_start[tokens] | (positions == 0)
+    return {"tokens": tokens, "segment_ids": segments, "positions": positions,
+            "word_start": word_start, "maskable": ~special}
+
+
+def _documents(config, split: str, shuffle: bool) -> Documents:
+    data = config.data
+    src = pipeline.source(data, split)
+    tok = load_tokenizer(data)
+    return Documents(src, pipeline.GlobalOrder(len(src), config.seed, shuffle), tok, data.text_key, data.name)
+
+
+class TextLoader:
+    """Endless packed local batches with ``get_state``/``set_state``; a thread packs ahead."""
+
+    def __init__(self, config, process_index: int, process_count: int):
+        if config.batch_size % process_count:
+            raise pipeline.DataError(f"batch_size={config.batch_size} is not divisible by the {process_count} processes")
+        self.docs = _documents(config, config.data.train_split, shuffle=True)
+        self.global_batch, self.local = config.batch_size, config.batch_size // process_count
+        self.rows = slice(process_index * self.local, (process_index + 1) * self.local)
+        self.seq_len, self.prefetch = config.data.seq_len, max(1, config.data.prefetch)
+        self._state = {"document": 0, "offset": 0}
+        self._thread = None
+
+    def _start(self) -> None:
+        packer = Packer(self.docs, self.seq_len)
+        packer.document, packer.offset = self._state["document"], self._state["offset"]
+        self._queue: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        self._stop = threading.Event()
+
+        def produce():
+            try:
+                while not self._stop.is_set():
+                    rows = [packer.row() for _ in range(self.global_batch)][self.rows]
+                    item = (make_batch(rows, self.docs.tok), {"document": packer.document, "offset": packer.offset})
+                    while not self._stop.is_set():
+                        try:
+                            self._queue.put(item, timeout=0.1)
+                            break
+                        except queue.Full:
+                            continue
+            except Exception as err:  # surfaced in __next__
+                self._queue.put(err)
+
+        self._thread = threading.Thread(target=produce, daemon=True)
+        self._thread.start()
+
+    def _halt(self) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        if self._thread is None:
+            self._start()
+        item = self._queue.get()
+        if isinstance(item, Exception):
+            self._halt()
+            raise item
+        batch, self._state = item
+        return batch
+
+    def get_state(self) -> dict:
+        return dict(self._state)
+
+    def set_state(self, state: dict) -> None:
+        self._halt()
+        self._state = {"document": int(state["document"]), "offset": int(state["offset"])}
+
+    def close(self) -> None:
+        self._halt()
+
+
+def train_loader(config, process_index: int = 0, process_count: int = 1) -> TextLoader:
+    return TextLoader(config, process_index, process_count)
+
+
+def eval_batches(config, split: str, batch_size: int, process_index: int = 0, process_count: int = 1,
+                 max_batches: int = 0) -> Iterator[tuple[dict, int]]:
+    """One ordered pass over ``split`` packed into rows: yields (this process's rows of a global
+    batch, number of rows holding any real token). Rows after the end are all padding."""
+    docs = _documents(config, split, shuffle=False)
+    packer = Packer(docs, config.data.seq_len, limit=len(docs.src))
+    local = batch_size // process_count
+    count = 0
+    while not packer.exhausted() and (not max_batches or count < max_batches):
+        rows = [packer.row() for _ in range(batch_size)]
+        real = sum(int(r[1].any()) for r in rows)
+        yield make_batch(rows[process_index * local:(process_index + 1) * local], docs.tok), real
+        count += 1
+
+
+def unigram_log_probs(config, max_tokens: int = 2_000_000) -> np.ndarray:
+    """log p(token) [vocab] over the first ``max_tokens`` tokens of the train split, documents
+    wrapped in [CLS] ... [SEP] as the models see them (add-one smoothed; [PAD] and [MASK] get
+    probability 0): the context-free baseline of text evals."""
+    docs = _documents(config, config.data.train_split, shuffle=False)
+    tok = docs.tok
+    counts = np.zeros(tok.vocab_size, np.float64)
+    seen, position = 0, 0
+    while seen < max_tokens and position < len(docs.src):
+        ids = np.asarray(docs[position], np.int64)
+        counts += np.bincount(ids, minlength=tok.vocab_size)
+        seen, position = seen + len(ids), position + 1
+    counts += 1.0
+    counts[[tok.pad_id, tok.mask_id]] = 0.0
+    with np.errstate(divide="ignore"):
+        return np.log(counts / counts.sum()).astype(np.float32)

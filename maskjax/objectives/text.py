@@ -1,0 +1,100 @@
+"""What the text objectives (MLM, masked diffusion) share: the tokenizer, config checks, the packed
+batch layout, the encoder, masked cross-entropy, and the sums a held-out evaluation adds up."""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from maskjax import objectives
+from maskjax.config import ConfigError
+from maskjax.models import text as text_model
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(-log p(target), argmax == target) per position; logits [..., V] float32, targets [...]."""
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+    return nll, jnp.argmax(logits, axis=-1) == targets
+
+
+def gather_rows(x: jax.Array, idx: jax.Array) -> jax.Array:
+    """x [B, L, ...], idx [B, P] -> [B, P, ...]."""
+    return jax.vmap(lambda row, i: jnp.take(row, i, axis=0))(x, idx)
+
+
+def predicted_positions(selected: jax.Array, count: int) -> tuple[jax.Array, jax.Array]:
+    """The first ``count`` selected positions per row (static shape, like BERT's
+    ``masked_lm_positions``) and whether each slot holds one: ([B, count] int32, [B, count] bool)."""
+    order = jnp.argsort(~selected, axis=-1, stable=True)[:, :count].astype(jnp.int32)
+    return order, jnp.take_along_axis(selected, order, axis=-1)
+
+
+class TextObjective:
+    """Base for objectives over packed token sequences (see :mod:`maskjax.data.text`)."""
+
+    name = "text"
+    data_kind = "text"
+
+    def __init__(self, config):
+        self.config = config
+
+    @functools.cached_property
+    def tokenizer(self):
+        from maskjax.data import text as text_data
+
+        return text_data.load_tokenizer(self.config.data)
+
+    @property
+    def seq_len(self) -> int:
+        return self.config.data.seq_len
+
+    # ---------------------------------------------------------------- config
+    def validate(self) -> None:
+        m, d = self.config.model, self.config.data
+        objectives.check_transformer(m)
+        for key, value in (("data.seq_len", d.seq_len), ("model.max_len", m.max_len)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 2:
+                raise ConfigError(key, f"must be an int >= 2, got {value!r}")
+        if m.positions not in text_model.POSITIONS:
+            raise ConfigError("model.positions", f"must be one of {text_model.POSITIONS}, got {m.positions!r}")
+        if m.positions == "learned" and d.seq_len > m.max_len:
+            raise ConfigError("data.seq_len", f"{d.seq_len} is longer than the {m.max_len} positions the "
+                                              "model's learned position table covers (model.max_len)")
+        if m.positions == "rotary" and (m.width // m.heads) % 2:
+            raise ConfigError("model.heads", f"rotary positions need an even head dim, got {m.width // m.heads}")
+        self.tokenizer  # a missing or unusable tokenizer fails here, before anything is compiled
+
+    # ---------------------------------------------------------------- model and data
+    def build(self, rngs) -> text_model.TextEncoder:
+        m = self.config.model
+        return text_model.TextEncoder(
+            vocab_size=self.tokenizer.vocab_size, max_len=m.max_len, width=m.width, depth=m.depth,
+            heads=m.heads, mlp_ratio=m.mlp_ratio, positions=m.positions, pre_norm=m.pre_norm,
+            dtype=m.dtype, remat=m.remat, rngs=rngs,
+        )
+
+    def batch_spec(self) -> dict:
+        shape = (self.config.batch_size, self.seq_len)
+        return {"tokens": (shape, jnp.int32), "segment_ids": (shape, jnp.int32), "positions": (shape, jnp.int32),
+                "word_start": (shape, jnp.bool_), "maskable": (shape, jnp.bool_)}
+
+    def encode(self, model: text_model.TextEncoder, batch: dict, tokens: jax.Array) -> jax.Array:
+        """Hidden states [B, L, width] of ``tokens`` (the corrupted input) in ``batch``'s packing."""
+        return model(tokens, batch["segment_ids"], batch["positions"])
+
+    def encoder_flops(self, predicted: int) -> int:
+        """Forward FLOPs of the encoder on all positions and the prediction head on ``predicted``."""
+        m = self.config.model
+        return text_model.flops(self.config.batch_size, self.seq_len, m.width, m.depth,
+                                int(m.width * m.mlp_ratio), self.tokenizer.vocab_size, predicted)
+
+    @staticmethod
+    def baseline_sums(unigram: jax.Array, targets: jax.Array, weight: jax.Array) -> dict:
+        """Most-frequent-token accuracy and unigram cross-entropy at the weighted positions."""
+        w = weight.astype(jnp.float32)
+        return {
+            "baseline_correct": jnp.sum((targets == jnp.argmax(unigram)) * w),
+            "baseline_nll": jnp.sum(jnp.where(w > 0, -unigram[targets], 0.0) * w),
+        }
