@@ -12,14 +12,14 @@ from maskjax.config import base_config
 def get_config(arg: str = ""):
     c = base_config()
     c.objective = "mlm"
-    c.batch_size = 64
+    c.batch_size = 32
     c.total_steps = 1500
     c.log_every = 50
-    c.data.update(name="maskjax_text", train_split="train", eval_split="validation", seq_len=128, prefetch=8)
-    c.model.update(width=128, depth=4, heads=4, mlp_ratio=4.0, max_len=128, positions="learned", pre_norm=False)
+    c.data.update(name="maskjax_text", train_split="train", eval_split="validation", seq_len=64, prefetch=8)
+    c.model.update(width=128, depth=4, heads=4, mlp_ratio=4.0, max_len=64, positions="learned", pre_norm=False)
     c.mask.update(kind="token", ratio=0.15, schedule="constant")
-    c.mlm.update(replace=True, max_predictions=20, sparse=True)
-    c.optim.update(base_lr=1e-3, base_batch=64, b1=0.9, b2=0.98, weight_decay=0.01, warmup_steps=100,
+    c.mlm.update(replace=True, max_predictions=10, sparse=True)
+    c.optim.update(base_lr=1e-3, base_batch=32, b1=0.9, b2=0.98, weight_decay=0.01, warmup_steps=100,
                    schedule="linear", clip_norm=1.0)
     c.checkpoint.update(every=500, keep=2)
     c.eval.update(batch_size=64)

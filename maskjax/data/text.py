@@ -66,6 +66,10 @@ class Documents:
                 text = record[self.text_key]
                 texts.append(text.decode("utf-8", "replace") if isinstance(text, bytes) else str(text))
             ids = self.tok.encode_batch(texts)
+            if chunk == 0 and not any(ids):
+                raise pipeline.DataError(
+                    f"dataset {self.name!r} is empty: its first {len(set(positions.tolist()) & set(range(len(self.src))))} "
+                    f"documents have no text in field data.text_key={self.text_key!r}")
             self._cache = [[self.tok.cls_id] + doc + [self.tok.sep_id] for doc in ids]
             self._chunk = chunk
         return self._cache[position % READ_CHUNK]
@@ -124,6 +128,7 @@ class TextLoader:
         if config.batch_size % process_count:
             raise pipeline.DataError(f"batch_size={config.batch_size} is not divisible by the {process_count} processes")
         self.docs = _documents(config, config.data.train_split, shuffle=True)
+        self.docs[0]  # a bad text field or an empty corpus fails here, before a run writes anything
         self.global_batch, self.local = config.batch_size, config.batch_size // process_count
         self.rows = slice(process_index * self.local, (process_index + 1) * self.local)
         self.seq_len, self.prefetch = config.data.seq_len, max(1, config.data.prefetch)

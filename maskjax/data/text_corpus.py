@@ -106,6 +106,9 @@ class MaskjaxText(tfds.core.GeneratorBasedBuilder):
 
     def _split_generators(self, dl_manager):
         docs = help_topics() + stdlib_docstrings()
+        if len(docs) < 100:
+            raise ValueError(f"found only {len(docs)} documents in Python's help topics and standard library "
+                             f"({sysconfig.get_paths()['stdlib']}); this Python ships without its sources")
         train = [d for d in docs if not is_validation(d[0])]
         validation = [d for d in docs if is_validation(d[0])]
         # self.data_dir is the temporary directory TFDS renames into place when preparation succeeds.

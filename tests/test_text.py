@@ -1,0 +1,373 @@
+"""Text: tokenizers, the embedded corpus, packing, MLM masking and corruption, MDLM's ELBO and sampler,
+the text encoder, and bad-input errors."""
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from maskjax import config as config_lib
+from maskjax import masking, objectives
+from maskjax.config import ConfigError
+from maskjax.data import DataError, TokenizerError, pipeline
+from maskjax.data import text as text_data
+from maskjax.data import tokenizer as tokenizer_lib
+from maskjax.models import text as text_model
+from maskjax.objectives import mdlm, mlm
+from maskjax.objectives.text import predicted_positions
+from tests.conftest import load_config
+
+
+def mlm_config(data_dir, *overrides):
+    return load_config("mlm_text.py:tiny", *overrides, data_dir=data_dir)
+
+
+def vocab(data_dir):
+    return text_data.load_tokenizer(mlm_config(data_dir).data)
+
+
+# --------------------------------------------------------------------------- tokenizers and corpus
+
+
+def test_embedded_corpus_has_disjoint_splits_and_a_vocab_beside_it(data_dir):
+    b = pipeline.builder(mlm_config(data_dir).data)
+    assert b.info.splits["train"].num_examples > 2000 and b.info.splits["validation"].num_examples > 200
+    assert os.path.isfile(os.path.join(b.data_dir, "vocab.txt"))
+    names = {split: {r["source"] for r in b.as_data_source(split)} for split in ("train", "validation")}
+    assert not names["train"] & names["validation"]
+    tok = vocab(data_dir)
+    assert tok.vocab_size == 4096 and tok.piece(tok.mask_id) == "[MASK]" and tok.pad_id == 0
+    ids = tok.encode_batch(["Return the absolute value of the argument."])[0]
+    assert tok.unk_id not in ids and tok.decode(ids) == "return the absolute value of the argument."
+    continuation = [i for i, p in enumerate(tok.pieces) if p.startswith("##")]
+    assert continuation and not tok.word_start[continuation].any() and tok.word_start[tok.special_ids].all()
+
+
+def _train_sentencepiece(tmp_path, user_symbols):
+    import sentencepiece as spm
+
+    text = tmp_path / "corpus.txt"
+    from maskjax.data.text_corpus import help_topics
+
+    text.write_text("\n".join(doc for _, doc in help_topics()[:200]))
+    prefix = str(tmp_path / "sp")
+    spm.SentencePieceTrainer.train(input=str(text), model_prefix=prefix, vocab_size=300, pad_id=0, unk_id=1,
+                                   bos_id=2, eos_id=3, user_defined_symbols=user_symbols, minloglevel=2)
+    return prefix + ".model"
+
+
+def test_sentencepiece_model_is_accepted(tmp_path):
+    tok = tokenizer_lib.load(_train_sentencepiece(tmp_path, ["[MASK]"]))
+    assert (tok.pad_id, tok.cls_id, tok.sep_id) == (0, 2, 3) and tok.piece(tok.mask_id) == "[MASK]"
+    ids = tok.encode_batch(["the value of the object"])[0]
+    assert tok.decode(ids) == "the value of the object"
+    assert tok.word_start[ids[0]] and tok.word_start.sum() < tok.vocab_size
+
+
+def test_tokenizer_errors_name_the_file(tmp_path):
+    with pytest.raises(TokenizerError, match="does not exist"):
+        tokenizer_lib.load(str(tmp_path / "missing.txt"))
+    broken = tmp_path / "broken.model"
+    broken.write_bytes(b"\x00not a sentencepiece model")
+    with pytest.raises(TokenizerError, match="broken.model.*not a readable SentencePiece"):
+        tokenizer_lib.load(str(broken))
+    no_mask = tmp_path / "vocab.txt"
+    no_mask.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "the", "a", "##s"]))
+    with pytest.raises(TokenizerError, match="vocab.txt.* has no mask token"):
+        tokenizer_lib.load(str(no_mask))
+    with pytest.raises(TokenizerError, match="sp.model.* has no mask token"):
+        tokenizer_lib.load(_train_sentencepiece(tmp_path, []))
+
+
+# --------------------------------------------------------------------------- packing and loading
+
+
+class FakeTokenizer:
+    pad_id, cls_id, sep_id, mask_id, unk_id = 0, 1, 2, 3, 4
+    special_ids = [0, 1, 2, 3]
+    vocab_size = 100
+    word_start = np.ones(100, bool)
+
+
+class FakeDocs:
+    """Documents of lengths 3..12 with distinct token values, wrapped like Documents does."""
+
+    tok = FakeTokenizer()
+
+    def __init__(self, n=50):
+        rng = np.random.default_rng(0)
+        self.docs = [[1] + list(rng.integers(5, 100, rng.integers(1, 11))) + [2] for _ in range(n)]
+        self.src = self.docs
+
+    def __getitem__(self, i):
+        return self.docs[i]
+
+
+def test_packing_fills_rows_and_restarts_positions_per_document():
+    docs = FakeDocs()
+    packer = text_data.Packer(docs, seq_len=16, limit=len(docs.docs))
+    rows = []
+    while not packer.exhausted():
+        rows.append(packer.row())
+    stream = np.concatenate([r[0][r[1] > 0] for r in rows])
+    np.testing.assert_array_equal(stream, np.concatenate(docs.docs))  # nothing lost, nothing repeated
+    for tokens, segments, positions in rows[:-1]:
+        assert (segments > 0).all()  # training rows are full
+    for tokens, segments, positions in rows:
+        for s in np.unique(segments[segments > 0]):
+            np.testing.assert_array_equal(positions[segments == s], np.arange((segments == s).sum()))
+    batch = text_data.make_batch(rows, docs.tok)
+    assert not batch["maskable"][np.isin(batch["tokens"], [0, 1, 2, 3]) | (batch["segment_ids"] == 0)].any()
+    assert batch["word_start"][batch["positions"] == 0].all()
+
+
+def test_packed_documents_never_see_each_other():
+    """A document's hidden states are the same packed beside others as alone in its row."""
+    model = text_model.TextEncoder(vocab_size=100, max_len=16, width=32, depth=2, heads=2, positions="learned",
+                                   pre_norm=False, rngs=nnx.Rngs(params=0))
+    docs = FakeDocs()
+    packed = text_data.Packer(docs, seq_len=16).row()
+    tokens, segments, positions = (jnp.asarray(x)[None] for x in packed)
+    hidden = model(tokens, segments, positions)
+    for s in np.unique(packed[1]):
+        where = packed[1] == s
+        alone = np.where(where, packed[0], 0), where.astype(np.int32), np.where(where, packed[2], 0)
+        alone_hidden = model(*(jnp.asarray(x)[None] for x in alone))
+        np.testing.assert_allclose(hidden[0][where], alone_hidden[0][where], atol=1e-5)
+
+
+def test_text_loader_resumes_exactly_and_splits_rows_by_process(data_dir):
+    config = mlm_config(data_dir, "batch_size=8")
+    loader = text_data.train_loader(config)
+    [next(loader) for _ in range(3)]
+    state = loader.get_state()
+    expected = [next(loader) for _ in range(2)]
+    loader.close()
+    resumed = text_data.train_loader(config)
+    resumed.set_state(state)
+    for want in expected:
+        got = next(resumed)
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key])
+    resumed.close()
+    halves = [text_data.train_loader(config, p, 2) for p in range(2)]
+    whole = text_data.train_loader(config)
+    for _ in range(2):
+        parts, full = [next(h) for h in halves], next(whole)
+        np.testing.assert_array_equal(np.concatenate([p["tokens"] for p in parts]), full["tokens"])
+    for loader in halves + [whole]:
+        loader.close()
+
+
+# --------------------------------------------------------------------------- MLM masks
+
+
+def _text_batch(batch=64, length=128, seed=0):
+    rng = np.random.default_rng(seed)
+    word_start = rng.random((batch, length)) < 0.6
+    maskable = np.ones((batch, length), bool)
+    maskable[:, 0] = False  # [CLS]
+    maskable[:, length - 9:] = False  # padding at the end
+    maskable[:, 40] = False  # a [SEP] inside
+    return jnp.asarray(word_start), jnp.asarray(maskable)
+
+
+@pytest.mark.parametrize("ratio", [0.15, 0.4])
+def test_token_masking_rate_is_exact(ratio):
+    word_start, maskable = _text_batch()
+    budget = masking.mlm_budget(maskable, ratio, 128)
+    eligible = int(maskable[0].sum())
+    assert (np.asarray(budget) == round(ratio * eligible)).all()
+    selected, _ = masking.select_tokens(jax.random.key(1), maskable, budget)
+    np.testing.assert_array_equal(np.asarray(selected.sum(-1)), np.asarray(budget))
+    assert not (selected & ~maskable).any()
+
+
+@pytest.mark.parametrize("kind", ["word", "span"])
+def test_word_and_span_masks_cover_whole_words_and_never_specials(kind):
+    word_start, maskable = _text_batch()
+    budget = masking.mlm_budget(maskable, 0.15, 128)
+    selected, unit = jax.jit(lambda k: masking.select_text(kind, k, word_start, maskable, budget))(jax.random.key(2))
+    selected, words = np.asarray(selected), np.asarray(masking.word_ids(word_start))
+    assert not (selected & ~np.asarray(maskable)).any()
+    assert (selected.sum(-1) <= np.asarray(budget)).all()
+    assert selected.sum() >= 0.85 * np.asarray(budget).sum()  # close to the rate, whole words only
+    for row in range(selected.shape[0]):
+        for w in np.unique(words[row]):
+            inside = selected[row][words[row] == w]
+            if np.asarray(maskable)[row][words[row] == w].all():
+                assert inside.all() or not inside.any()
+
+
+def test_span_lengths_follow_the_clipped_geometric():
+    word_start = jnp.ones((64, 256), bool)  # every token a word: span length in tokens = in words
+    maskable = jnp.ones((64, 256), bool)
+    budget = masking.mlm_budget(maskable, 0.15, 256)
+    selected, unit = masking.select_spans(jax.random.key(3), word_start, maskable, budget, p=0.2, max_words=10)
+    lengths = np.concatenate([np.bincount(np.asarray(unit)[r][np.asarray(selected)[r]]) for r in range(64)])
+    lengths = lengths[lengths > 0]
+    assert lengths.max() <= 10 and 3.0 < lengths.mean() < 5.0  # SpanBERT: mean 3.8 words
+
+
+def test_bert_corruption_is_80_10_10_and_touches_only_selected():
+    tokens = jax.random.randint(jax.random.key(0), (256, 128), 5, 1000)
+    maskable = jnp.ones_like(tokens, bool).at[:, :4].set(False)
+    budget = masking.mlm_budget(maskable, 0.15, 128)
+    selected, unit = masking.select_tokens(jax.random.key(1), maskable, budget)
+    out = mlm.bert_corrupt(jax.random.key(2), tokens, selected, unit, mask_id=3, vocab_size=1000)
+    tokens, selected, out = map(np.asarray, (tokens, selected, out))
+    np.testing.assert_array_equal(out[~selected], tokens[~selected])
+    n = selected.sum()
+    masked, same = (out[selected] == 3).sum() / n, (out[selected] == tokens[selected]).sum() / n
+    random = 1 - masked - same
+    assert abs(masked - 0.8) < 0.02 and abs(same - 0.1) < 0.015 and abs(random - 0.1) < 0.015
+    off = mlm.bert_corrupt(jax.random.key(2), jnp.asarray(tokens), jnp.asarray(selected), jnp.asarray(unit), 3,
+                           1000, replace=False)
+    assert (np.asarray(off)[selected] == 3).all()
+
+
+def test_masks_are_dynamic_and_the_rate_schedule_decays(data_dir):
+    config = mlm_config(data_dir, "mask.ratio=0.3", "mask.schedule=linear", "mask.final_ratio=0.15",
+                        "total_steps=100", "mlm.max_predictions=10")
+    objective = objectives.get(config)
+    word_start, maskable = _text_batch(8, 32)
+    batch = {"tokens": jnp.full((8, 32), 7), "word_start": word_start, "maskable": maskable}
+    _, first = objective.corrupt(batch, jax.random.key(0), 0)
+    _, second = objective.corrupt(batch, jax.random.key(1), 0)
+    _, late = objective.corrupt(batch, jax.random.key(0), 100)
+    assert not np.array_equal(first, second)
+    eligible = int(maskable[0].sum())
+    assert int(first[0].sum()) == round(0.3 * eligible) and int(late[0].sum()) == round(0.15 * eligible)
+
+
+def test_sparse_and_dense_prediction_give_the_same_loss(data_dir):
+    loader = text_data.train_loader(mlm_config(data_dir))
+    batch = {k: jnp.asarray(v) for k, v in next(loader).items()}
+    loader.close()
+    results = []
+    for sparse in (True, False):
+        objective = objectives.get(mlm_config(data_dir, f"mlm.sparse={sparse}"))
+        model = objective.build(nnx.Rngs(params=0))
+        loss, metrics = objective.loss(model, batch, jax.random.key(5), jnp.int32(0))
+        results.append((float(loss), float(metrics["accuracy"])))
+    np.testing.assert_allclose(results[0], results[1], rtol=1e-5)
+
+
+def test_predicted_positions_are_the_selected_ones():
+    selected = jnp.array([[False, True, False, True, True], [False, False, False, False, True]])
+    idx, valid = predicted_positions(selected, 3)
+    np.testing.assert_array_equal(idx[0], [1, 3, 4])
+    assert valid[0].all() and np.asarray(valid[1]).tolist() == [True, False, False] and int(idx[1, 0]) == 4
+
+
+# --------------------------------------------------------------------------- MDLM
+
+
+def test_elbo_weight_matches_its_closed_form():
+    t = jnp.linspace(0.01, 0.99, 50)
+    np.testing.assert_allclose(mdlm.elbo_weight("loglinear", t, 1e-3), 1.0 / t, rtol=1e-5)
+    np.testing.assert_allclose(mdlm.elbo_weight("cosine", t, 1e-3), np.pi / 2 * np.tan(np.pi / 2 * (1 - t)),
+                               rtol=1e-4)
+    assert float(mdlm.alpha("loglinear", 0.0, 1e-3)) == 1.0 and float(mdlm.alpha("cosine", 0.0, 1e-3)) == 1.0
+
+
+def test_antithetic_times_are_evenly_spread():
+    t = np.sort(np.asarray(mdlm.sample_times(jax.random.key(0), 64, 1e-3)))
+    np.testing.assert_allclose(np.diff(t), (1 - 1e-3) / 64, rtol=1e-4)
+    assert t.min() >= 1e-3 and t.max() <= 1.0
+
+
+def test_perfect_predictor_has_zero_loss_and_subs_never_predicts_mask():
+    x0 = jax.random.randint(jax.random.key(0), (4, 16), 5, 50)
+    masked = jax.random.bernoulli(jax.random.key(1), 0.5, (4, 16))
+    perfect = 1e4 * jax.nn.one_hot(x0, 50)
+    sums = mdlm.nelbo_sums(perfect, x0, masked, jnp.full((4,), 3.0), mask_id=3)
+    assert float(sums["nelbo"]) == 0.0 and float(sums["correct"]) == float(masked.sum())
+    uniform = jnp.zeros((4, 16, 50))
+    sums = mdlm.nelbo_sums(uniform, x0, masked, jnp.ones((4,)), mask_id=3)
+    np.testing.assert_allclose(float(sums["nelbo"]), float(masked.sum()) * np.log(49), rtol=1e-5)
+
+
+def test_noise_masks_at_rate_one_minus_alpha_and_never_padding(data_dir):
+    objective = objectives.get(load_config("mdlm_text.py:tiny", data_dir=data_dir))
+    tokens = jnp.full((512, 32), 9)
+    segments = jnp.ones((512, 32), jnp.int32).at[:, 28:].set(0)
+    z, masked, weight = objective.noise({"tokens": tokens, "segment_ids": segments}, jax.random.key(0))
+    assert not np.asarray(masked)[:, 28:].any()
+    assert (np.asarray(z)[np.asarray(masked)] == objective.tokenizer.mask_id).all()
+    rate = float(masked[:, :28].mean())
+    assert abs(rate - 0.5) < 0.02  # E[1 - alpha(t)] = E[(1 - eps) t] ~ 1/2 for t ~ U(eps, 1)
+
+
+def test_sampler_leaves_no_mask_tokens(data_dir):
+    objective = objectives.get(load_config("mdlm_text.py:tiny", data_dir=data_dir))
+    model = objective.build(nnx.Rngs(params=0))
+    out = np.asarray(objective.sample(model, jax.random.key(0), num=3, steps=5))
+    assert out.shape == (3, 32) and not (out == objective.tokenizer.mask_id).any()
+
+
+# --------------------------------------------------------------------------- encoder and configs
+
+
+@pytest.mark.parametrize("positions,pre_norm", [("learned", False), ("rotary", True)])
+def test_text_encoder_shapes_names_and_tied_output(positions, pre_norm):
+    model = text_model.TextEncoder(vocab_size=64, max_len=16, width=32, depth=2, heads=2, positions=positions,
+                                   pre_norm=pre_norm, rngs=nnx.Rngs(params=0))
+    tokens = jnp.ones((2, 16), jnp.int32)
+    hidden = model(tokens, jnp.ones_like(tokens), jnp.broadcast_to(jnp.arange(16), (2, 16)))
+    assert hidden.shape == (2, 16, 32) and model.logits(hidden).shape == (2, 16, 64)
+    state = nnx.state(model, nnx.Param)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(state, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]:
+        assert len(leaf.get_metadata()["out_sharding"]) == leaf.value.ndim, path
+    assert not any("kernel" in str(p) and "64" in str(np.shape(v)) for p, v in
+                   jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(state))[0])  # no untied output matrix
+    grads = nnx.grad(lambda m: jnp.sum(m.logits(m.token_embed[...][:4][None])))(model)
+    assert float(jnp.abs(grads.token_embed[...]).sum()) > 0
+
+
+def test_text_configs_validate(data_dir):
+    for spec in ("mlm_text.py", "mlm_text.py:wwm", "mlm_text.py:span", "mlm_text.py:40", "mlm_text.py:decay",
+                 "mdlm_text.py", "mdlm_text.py:cosine"):
+        config_lib.validate(load_config(spec, data_dir=data_dir), num_devices=8)
+
+
+@pytest.mark.parametrize("overrides,error,needle", [
+    (["data.seq_len=64"], ConfigError, "config.data.seq_len: 64 is longer than the 32 positions"),
+    (["mlm.max_predictions=2"], ConfigError, "config.mlm.max_predictions"),
+    (["mask.kind=block"], ConfigError, "config.mask.kind"),
+    (["data.tokenizer=/nonexistent/vocab.txt"], TokenizerError, "'/nonexistent/vocab.txt' does not exist"),
+    (["model.positions=alibi"], ConfigError, "config.model.positions"),
+])
+def test_bad_text_configs_name_the_problem(data_dir, overrides, error, needle):
+    with pytest.raises(error, match=needle):
+        config_lib.validate(mlm_config(data_dir, *overrides), num_devices=8)
+
+
+def test_empty_corpus_is_a_data_error(data_dir, tmp_path):
+    import tensorflow_datasets as tfds
+
+    class EmptyText(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({"text": tfds.features.Text()}))
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples()}
+
+        def _generate_examples(self):
+            yield "blank", {"text": "  "}
+            yield "empty", {"text": ""}
+
+    EmptyText(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+    config = mlm_config(data_dir, "data.name=empty_text", f"data.data_dir={tmp_path}",
+                        f"data.tokenizer={vocab(data_dir).path}")
+    with pytest.raises(DataError, match="has no split 'validation'"):
+        list(text_data.eval_batches(config, "validation", 8))
+    with pytest.raises(DataError, match="'empty_text' is empty: its first 2 documents have no text"):
+        next(iter(text_data.eval_batches(config, "train", 8)))
+    config = mlm_config(data_dir, "data.name=empty_text", f"data.data_dir={tmp_path}")
+    with pytest.raises(DataError, match="data.tokenizer is not set"):
+        text_data.load_tokenizer(config.data)
