@@ -32,6 +32,9 @@ def _parser() -> argparse.ArgumentParser:
                            epilog="Override any config field with --config.KEY=VALUE, e.g. --config.model.depth=12")
     common(train, True)
     train.add_argument("--no_eval", action="store_true", help="skip the final evaluation")
+    train.add_argument("--stop_at", type=int, default=None,
+                       help="leave after this step with a checkpoint; the schedule still spans total_steps "
+                            "(e.g. the end of BERT's sequence-length-128 phase)")
     ev = sub.add_parser("eval", help="linear probe and k-NN of a run's newest checkpoint -> eval.json")
     common(ev, False)
     ev.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
@@ -88,7 +91,9 @@ def _train(args, overrides) -> int:
 
     config = load_config(args.config, args.workdir, overrides)
     _check_workdir(args.workdir)
-    summary = train.train(config, args.workdir, evaluate=not args.no_eval)
+    if args.stop_at is not None and args.stop_at < 1:
+        raise UsageError(f"--stop_at {args.stop_at} must be >= 1")
+    summary = train.train(config, args.workdir, stop_at=args.stop_at, evaluate=not args.no_eval)
     losses = summary["losses"]
     if losses:
         print(f"done: step {summary['end_step']}, loss {losses[0][1]:.4f} -> {losses[-1][1]:.4f}; workdir {args.workdir}")

@@ -170,7 +170,7 @@ def _text_batch(batch=64, length=128, seed=0):
     maskable = np.ones((batch, length), bool)
     maskable[:, 0] = False  # [CLS]
     maskable[:, length - 9:] = False  # padding at the end
-    maskable[:, 40] = False  # a [SEP] inside
+    maskable[:, length // 3] = False  # a [SEP] inside
     return jnp.asarray(word_start), jnp.asarray(maskable)
 
 
@@ -320,7 +320,7 @@ def test_text_encoder_shapes_names_and_tied_output(positions, pre_norm):
     assert hidden.shape == (2, 16, 32) and model.logits(hidden).shape == (2, 16, 64)
     state = nnx.state(model, nnx.Param)
     for path, leaf in jax.tree_util.tree_flatten_with_path(state, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]:
-        assert len(leaf.get_metadata()["out_sharding"]) == leaf.value.ndim, path
+        assert len(leaf.get_metadata()["out_sharding"]) == leaf.get_value().ndim, path
     assert not any("kernel" in str(p) and "64" in str(np.shape(v)) for p, v in
                    jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(state))[0])  # no untied output matrix
     grads = nnx.grad(lambda m: jnp.sum(m.logits(m.token_embed[...][:4][None])))(model)
@@ -362,12 +362,67 @@ def test_empty_corpus_is_a_data_error(data_dir, tmp_path):
             yield "empty", {"text": ""}
 
     EmptyText(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
-    config = mlm_config(data_dir, "data.name=empty_text", f"data.data_dir={tmp_path}",
-                        f"data.tokenizer={vocab(data_dir).path}")
+    config = load_config("mlm_text.py:tiny", "data.name=empty_text", f"data.tokenizer={vocab(data_dir).path}",
+                         data_dir=str(tmp_path))
     with pytest.raises(DataError, match="has no split 'validation'"):
         list(text_data.eval_batches(config, "validation", 8))
     with pytest.raises(DataError, match="'empty_text' is empty: its first 2 documents have no text"):
         next(iter(text_data.eval_batches(config, "train", 8)))
-    config = mlm_config(data_dir, "data.name=empty_text", f"data.data_dir={tmp_path}")
+    config = load_config("mlm_text.py:tiny", "data.name=empty_text", data_dir=str(tmp_path))
     with pytest.raises(DataError, match="data.tokenizer is not set"):
         text_data.load_tokenizer(config.data)
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def _losses(workdir):
+    from maskjax import metrics
+
+    return [(r["step"], r["loss"]) for r in metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "loss" in r]
+
+
+def test_mlm_run_resumes_exactly_and_reports_eval(data_dir, tmp_path):
+    import json
+
+    from maskjax import train
+
+    config = mlm_config(data_dir, "log_every=1", "total_steps=6", "checkpoint.every=3")
+    train.train(config, str(tmp_path / "straight"), quiet=True)
+    part = tmp_path / "part"
+    train.train(config, str(part), stop_at=3, evaluate=False, quiet=True)
+    assert train.train(config, str(part), evaluate=False, quiet=True)["start_step"] == 3
+    assert _losses(part) == _losses(tmp_path / "straight")
+    results = json.load(open(tmp_path / "straight" / "eval.json"))["text"]
+    assert results["masked_tokens"] > 0 and 0 <= results["accuracy"] <= 1
+    assert results["baseline_unigram_loss"] > 0 and 0 < results["baseline_most_frequent_accuracy"] < 0.3
+
+
+def test_mdlm_run_eval_and_sample_command(data_dir, tmp_path, capsys):
+    import json
+
+    from maskjax import cli, train
+
+    workdir = str(tmp_path / "mdlm")
+    train.train(load_config("mdlm_text.py:tiny", data_dir=data_dir), workdir, quiet=True)
+    results = json.load(open(os.path.join(workdir, "eval.json")))["text"]
+    assert results["perplexity_bound"] > 1 and results["baseline_unigram_perplexity_bound"] > 1
+    capsys.readouterr()
+    out_file = tmp_path / "samples.txt"
+    assert cli.main(["sample", "--workdir", workdir, "--num", "2", "--steps", "4", "--out", str(out_file)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("--- sample") == 2 and "[MASK]" not in printed
+    assert out_file.read_text().strip() == printed.strip()
+    assert cli.main(["sample", "--workdir", workdir, "--num", "0"]) == 2
+
+
+def test_cli_missing_tokenizer_is_one_line(data_dir, tmp_path):
+    from tests.test_config import _cli
+
+    workdir = tmp_path / "run"
+    out = _cli("train", "--config", "configs/mlm_text.py:tiny", "--workdir", str(workdir),
+               "--config.data.tokenizer=/nope/vocab.txt")
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert out.returncode == 2 and len(lines) == 1, out.stderr
+    assert lines[0] == "maskjax: error: tokenizer file '/nope/vocab.txt' does not exist"
+    assert not workdir.exists()

@@ -58,8 +58,10 @@ def builder(data_config) -> tfds.core.DatasetBuilder:
 def source(data_config, split: str):
     """A random-access TFDS data source for ``split``."""
     b = builder(data_config)
-    if split not in b.info.splits:
-        raise DataError(f"dataset {data_config.name!r} has no split {split!r}; it has {sorted(b.info.splits)}")
+    try:
+        b.info.splits[split]  # accepts TFDS slices such as 'train[:99%]'
+    except (KeyError, ValueError):
+        raise DataError(f"dataset {data_config.name!r} has no split {split!r}; it has {sorted(b.info.splits)}") from None
     try:
         src = b.as_data_source(split)
     except NotImplementedError as err:
