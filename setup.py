@@ -19,6 +19,8 @@ INSTALL_REQUIRES = [
     "scikit-learn",
     "tensorboardX",  # TensorBoard event files without TensorFlow
     "matplotlib",
+    "tokenizers==0.23.3",  # WordPiece training and vocab.txt files (Rust, fast batch encoding)
+    "sentencepiece==0.2.3",  # SentencePiece .model files
 ]
 
 setup(

@@ -110,7 +110,7 @@ def evaluate_text(setup, params) -> dict:
     config, objective = setup.config, setup.objective
     unigram = jax.device_put(text_data.unigram_log_probs(config), sharding.replicated(setup.mesh))
 
-    def step(params, batch, key):
+    def step(params, batch, key, unigram):  # unigram is an argument: as a constant XLA would fold it
         with sharding.activation_mesh(setup.mesh):
             return objective.eval_step(nnx.merge(setup.graphdef, params), batch, key, unigram)
 
@@ -120,7 +120,7 @@ def evaluate_text(setup, params) -> dict:
     batches = text_data.eval_batches(config, config.data.eval_split, _eval_batch_size(setup), jax.process_index(),
                                      jax.process_count(), config.eval.get("max_batches", 0))
     for i, (local, _) in enumerate(batches):
-        sums = jax.device_get(fn(params, setup.global_batch(local), jax.random.fold_in(base_key, i)))
+        sums = jax.device_get(fn(params, setup.global_batch(local), jax.random.fold_in(base_key, i), unigram))
         for name, value in sums.items():
             totals[name] = totals.get(name, 0.0) + float(value)
     return objective.summarize(totals)

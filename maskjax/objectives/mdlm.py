@@ -107,9 +107,9 @@ class MDLM(TextObjective):
         z, masked, weight = self.noise(batch, key)
         logits = model.logits(self.encode(model, batch, z))
         out = nelbo_sums(logits, batch["tokens"], masked, weight, self.tokenizer.mask_id)
-        uni = jnp.broadcast_to(unigram, logits.shape)
-        base = nelbo_sums(uni, batch["tokens"], masked, weight, self.tokenizer.mask_id)
-        out.update(baseline_nelbo=base["nelbo"], tokens=jnp.sum(batch["segment_ids"] > 0).astype(jnp.float32))
+        uni_nll = -jax.nn.log_softmax(subs_logits(unigram, self.tokenizer.mask_id))[batch["tokens"]]
+        base = jnp.sum(weight * jnp.sum(jnp.where(masked, uni_nll, 0.0), axis=-1))
+        out.update(baseline_nelbo=base, tokens=jnp.sum(batch["segment_ids"] > 0).astype(jnp.float32))
         out.update(self.baseline_sums(unigram, batch["tokens"], masked))
         return out
 
