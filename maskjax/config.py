@@ -65,6 +65,42 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+def variants(arg: str, known) -> set[str]:
+    """The comma-separated variants of ``--config file.py:a,b``; an unknown one is a ValueError."""
+    chosen = set(arg.split(",")) if arg else set()
+    unknown = sorted(chosen - set(known))
+    if unknown:
+        raise ValueError(f"unknown variant {unknown[0]!r}; known: {', '.join(known)}")
+    return chosen
+
+
+def small_text_config(objective: str, tiny: bool = False) -> ml_collections.ConfigDict:
+    """The CPU-sized text run both ``configs/mlm_text.py`` and ``configs/mdlm_text.py`` start from:
+    the embedded corpus packed to 64 tokens, a 4 x 128 encoder, batch 32, AdamW 1e-3 with warm-up.
+    ``tiny`` shrinks it to a few seconds (tests, smoke runs)."""
+    c = base_config()
+    c.objective = objective
+    c.batch_size = 32
+    c.log_every = 50
+    c.data.update(name="maskjax_text", train_split="train", eval_split="validation", seq_len=64, prefetch=8)
+    c.model.update(width=128, depth=4, heads=4, mlp_ratio=4.0, max_len=64)
+    c.mlm.max_predictions = 10  # 15% of 64
+    c.optim.update(base_lr=1e-3, base_batch=32, b1=0.9, b2=0.98, weight_decay=0.01, warmup_steps=100,
+                   clip_norm=1.0)
+    c.checkpoint.update(every=500, keep=2)
+    c.eval.update(batch_size=64)
+    if tiny:
+        c.update(batch_size=16, total_steps=6, log_every=2)
+        c.data.seq_len = 32
+        c.model.update(width=32, depth=2, heads=2, max_len=32)
+        c.mlm.max_predictions = 8
+        c.diffusion.sample_steps = 8
+        c.optim.warmup_steps = 2
+        c.checkpoint.every = 3
+        c.eval.update(batch_size=16, max_batches=2)
+    return c
+
+
 def load(spec: str) -> ml_collections.ConfigDict:
     """Loads ``path/to/file.py[:arg]`` by calling its ``get_config(arg)``; returns a locked config."""
     path, _, arg = spec.partition(":")
@@ -78,7 +114,10 @@ def load(spec: str) -> ml_collections.ConfigDict:
         raise ConfigError("file", f"{path!r} failed to load: {type(err).__name__}: {err}") from err
     if not hasattr(module, "get_config"):
         raise ConfigError("file", f"{path!r} has no get_config()")
-    config = module.get_config(arg) if arg else module.get_config()
+    try:
+        config = module.get_config(arg) if arg else module.get_config()
+    except ValueError as err:  # e.g. an unknown variant
+        raise ConfigError("file", f"{spec!r}: {err}") from None
     if not isinstance(config, ml_collections.ConfigDict):
         raise ConfigError("file", f"{path!r}: get_config() must return an ml_collections.ConfigDict")
     config.lock()
