@@ -426,3 +426,20 @@ def test_cli_missing_tokenizer_is_one_line(data_dir, tmp_path):
     assert out.returncode == 2 and len(lines) == 1, out.stderr
     assert lines[0] == "maskjax: error: tokenizer file '/nope/vocab.txt' does not exist"
     assert not workdir.exists()
+
+
+def test_recipes_match_the_papers_and_validate_with_a_tokenizer(data_dir):
+    path = f"data.tokenizer={vocab(data_dir).path}"
+    for phase, length, predictions in (("128", 128, 20), ("512", 512, 80)):
+        c = load_config(f"bert_base.py:{phase}", path)
+        assert (c.model.width, c.model.depth, c.model.heads, c.model.max_len) == (768, 12, 12, 512)
+        assert (c.data.seq_len, c.mlm.max_predictions, c.batch_size, c.total_steps) == (length, predictions, 256, 10**6)
+        assert config_lib.lr(c) == 1e-4 and c.optim.warmup_steps == 10_000 and c.optim.weight_decay == 0.01
+        assert c.mask.ratio == 0.15 and c.mlm.replace and not c.model.pre_norm
+        config_lib.validate(c, num_devices=8)
+    c = load_config("mdlm_owt.py", path)
+    assert (c.model.width, c.model.depth, c.data.seq_len, c.batch_size, config_lib.lr(c)) == (768, 12, 1024, 512, 3e-4)
+    assert c.diffusion.schedule == "loglinear" and c.diffusion.antithetic
+    config_lib.validate(c, num_devices=8)
+    with pytest.raises(DataError, match="data.tokenizer is not set"):
+        config_lib.validate(load_config("bert_base.py:128"), num_devices=8)
