@@ -23,7 +23,6 @@ from maskjax.data import pipeline
 from maskjax.data import tokenizer as tokenizer_lib
 from maskjax.data.text_corpus import MaskjaxText, vocab_path
 
-EMBEDDED_TEXT = {"maskjax_text": MaskjaxText}
 READ_CHUNK = 256  # documents read and tokenized together
 
 
@@ -31,7 +30,7 @@ def tokenizer_path(data_config) -> str:
     """``data.tokenizer`` when set; otherwise the vocabulary stored beside an embedded corpus."""
     if data_config.tokenizer:
         return data_config.tokenizer
-    if data_config.name in EMBEDDED_TEXT:
+    if pipeline.EMBEDDED.get(data_config.name) is MaskjaxText:
         return vocab_path(pipeline.builder(data_config))
     raise pipeline.DataError(
         f"data.tokenizer is not set: dataset {data_config.name!r} needs a tokenizer file "
@@ -68,7 +67,7 @@ class Documents:
             ids = self.tok.encode_batch(texts)
             if chunk == 0 and not any(ids):
                 raise pipeline.DataError(
-                    f"dataset {self.name!r} is empty: its first {len(set(positions.tolist()) & set(range(len(self.src))))} "
+                    f"dataset {self.name!r} is empty: its first {min(READ_CHUNK, len(self.src))} "
                     f"documents have no text in field data.text_key={self.text_key!r}")
             self._cache = [[self.tok.cls_id] + doc + [self.tok.sep_id] for doc in ids]
             self._chunk = chunk
@@ -207,11 +206,22 @@ def eval_batches(config, split: str, batch_size: int, process_index: int = 0, pr
         count += 1
 
 
+_UNIGRAMS: dict[tuple, np.ndarray] = {}
+
+
 def unigram_log_probs(config, max_tokens: int = 2_000_000) -> np.ndarray:
     """log p(token) [vocab] over the first ``max_tokens`` tokens of the train split, documents
     wrapped in [CLS] ... [SEP] as the models see them (add-one smoothed; [PAD] and [MASK] get
-    probability 0): the context-free baseline of text evals."""
-    docs = _documents(config, config.data.train_split, shuffle=False)
+    probability 0): the context-free baseline of text evals. Counted once per dataset and
+    tokenizer in a process, so evaluations during training reuse it."""
+    d = config.data
+    key = (d.name, pipeline.data_dir(d), d.train_split, d.text_key, tokenizer_path(d), max_tokens)
+    if key not in _UNIGRAMS:
+        _UNIGRAMS[key] = _count_unigram(_documents(config, d.train_split, shuffle=False), max_tokens)
+    return _UNIGRAMS[key]
+
+
+def _count_unigram(docs: Documents, max_tokens: int) -> np.ndarray:
     tok = docs.tok
     counts = np.zeros(tok.vocab_size, np.float64)
     seen, position = 0, 0

@@ -48,9 +48,8 @@ class Tokenizer:
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return self._backend.encode_batch(list(texts))
 
-    def decode(self, ids: Sequence[int], skip_special: bool = False) -> str:
-        ids = [int(i) for i in ids if not (skip_special and int(i) in self.special_ids)]
-        return self._backend.decode(ids)
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._backend.decode([int(i) for i in ids])
 
     def piece(self, token_id: int) -> str:
         return self.pieces[token_id]

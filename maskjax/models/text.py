@@ -33,7 +33,7 @@ class TextEncoder(nnx.Module):
         if positions not in POSITIONS:
             raise ValueError(f"positions={positions!r} must be one of {POSITIONS}")
         self.dtype = layers.compute_dtype(dtype)
-        self.width, self.heads, self.max_len = width, heads, max_len
+        self.width, self.heads = width, heads
         self.positions, self.pre_norm = positions, pre_norm
         init = nnx.initializers.normal(0.02)
         self.token_embed = layers.param(rngs, init, (vocab_size, width), ("vocab", "embed"))

@@ -88,11 +88,17 @@ class MDLM(TextObjective):
         masked = (jax.random.uniform(k_mask, x0.shape) < move[:, None]) & (batch["segment_ids"] > 0)
         return jnp.where(masked, self.tokenizer.mask_id, x0), masked, elbo_weight(d.schedule, t, d.eps)
 
-    def sums(self, model, batch: dict, key: jax.Array) -> dict:
+    def sums(self, model, batch: dict, key: jax.Array, unigram: jax.Array | None = None) -> dict:
+        """ELBO sums of one noise draw; with ``unigram`` [V] log-probs, also the unigram predictor's
+        on the same draw (``baseline_*``)."""
         z, masked, weight = self.noise(batch, key)
         logits = model.logits(self.encode(model, batch, z))
         out = nelbo_sums(logits, batch["tokens"], masked, weight, self.tokenizer.mask_id)
         out["tokens"] = jnp.sum(batch["segment_ids"] > 0).astype(jnp.float32)
+        if unigram is not None:
+            uni_nll = -jax.nn.log_softmax(subs_logits(unigram, self.tokenizer.mask_id))[batch["tokens"]]
+            out["baseline_nelbo"] = jnp.sum(weight * jnp.sum(jnp.where(masked, uni_nll, 0.0), axis=-1))
+            out.update(self.baseline_sums(unigram, batch["tokens"], masked))
         return out
 
     def loss(self, model, batch: dict, key: jax.Array, step: jax.Array):
@@ -104,14 +110,7 @@ class MDLM(TextObjective):
     # ---------------------------------------------------------------- evaluation
     def eval_step(self, model, batch: dict, key: jax.Array, unigram: jax.Array) -> dict:
         """ELBO sums for the model and, on the same noise draw, for the unigram predictor."""
-        z, masked, weight = self.noise(batch, key)
-        logits = model.logits(self.encode(model, batch, z))
-        out = nelbo_sums(logits, batch["tokens"], masked, weight, self.tokenizer.mask_id)
-        uni_nll = -jax.nn.log_softmax(subs_logits(unigram, self.tokenizer.mask_id))[batch["tokens"]]
-        base = jnp.sum(weight * jnp.sum(jnp.where(masked, uni_nll, 0.0), axis=-1))
-        out.update(baseline_nelbo=base, tokens=jnp.sum(batch["segment_ids"] > 0).astype(jnp.float32))
-        out.update(self.baseline_sums(unigram, batch["tokens"], masked))
-        return out
+        return self.sums(model, batch, key, unigram)
 
     @staticmethod
     def summarize(totals: dict) -> dict:

@@ -84,25 +84,27 @@ class MLM(TextObjective):
             hidden, targets = gather_rows(hidden, idx), jnp.take_along_axis(targets, idx, axis=-1)
         return model.logits(hidden), targets, weights
 
-    def loss(self, model, batch: dict, key: jax.Array, step: jax.Array):
+    def sums(self, model, batch: dict, key: jax.Array, step) -> tuple[dict, jax.Array, jax.Array]:
+        """({'nll', 'correct', 'count'} summed over predicted positions, targets [B, P], weights [B, P])."""
         logits, targets, weights = self.predict(model, batch, key, step)
         nll, correct = cross_entropy(logits, targets)
         w = weights.astype(jnp.float32)
-        count = jnp.maximum(jnp.sum(w), 1.0)
-        loss = jnp.sum(nll * w) / count
-        metrics = {"loss": loss, "accuracy": jnp.sum(correct * w) / count,
-                   "mask_ratio": jnp.sum(w) / jnp.maximum(jnp.sum(batch["maskable"]), 1)}
+        return {"nll": jnp.sum(nll * w), "correct": jnp.sum(correct * w), "count": jnp.sum(w)}, targets, w
+
+    def loss(self, model, batch: dict, key: jax.Array, step: jax.Array):
+        s, _, _ = self.sums(model, batch, key, step)
+        count = jnp.maximum(s["count"], 1.0)
+        loss = s["nll"] / count
+        metrics = {"loss": loss, "accuracy": s["correct"] / count,
+                   "mask_ratio": s["count"] / jnp.maximum(jnp.sum(batch["maskable"]), 1)}
         return loss, metrics
 
     # ---------------------------------------------------------------- evaluation
     def eval_step(self, model, batch: dict, key: jax.Array, unigram: jax.Array) -> dict:
         """Sums over masked positions, with the masking rate at the end of training."""
-        logits, targets, weights = self.predict(model, batch, key, self.config.total_steps)
-        nll, correct = cross_entropy(logits, targets)
-        w = weights.astype(jnp.float32)
+        sums, targets, w = self.sums(model, batch, key, self.config.total_steps)
         maskable_unigram = jnp.where(jnp.isin(jnp.arange(unigram.shape[0]), jnp.asarray(self.tokenizer.special_ids)),
                                      -jnp.inf, unigram)
-        sums = {"nll": jnp.sum(nll * w), "correct": jnp.sum(correct * w), "count": jnp.sum(w)}
         sums.update(self.baseline_sums(jax.nn.log_softmax(maskable_unigram), targets, w))
         return sums
 
