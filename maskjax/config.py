@@ -49,12 +49,17 @@ def base_config() -> ml_collections.ConfigDict:
     c.mask = dict(kind="random", ratio=0.75, cell=2, min_patches=16, min_aspect=0.3,
                   filter="band", low=0.15, high=0.35,
                   # MLM: ratio schedule over training ('constant', 'linear', 'cosine') ending at final_ratio
-                  schedule="constant", final_ratio=0.15)
+                  schedule="constant", final_ratio=0.15,
+                  # MAE / video MAE: VideoMAE V2 dual masking, share of tokens the decoder drops (0 = off)
+                  decoder_ratio=0.0)
     # MLM: BERT's 80/10/10 replacement, static predicted positions per sequence, SpanBERT spans
     c.mlm = dict(replace=True, max_predictions=20, sparse=True, span_p=0.2, span_max=10)
     # Masked diffusion: alpha(t) schedule, t in [eps, 1], antithetic t, sampler steps
     c.diffusion = dict(schedule="loglinear", eps=1e-3, antithetic=True, sample_steps=128)
-    c.loss = dict(norm_pix=True)
+    # targets: 'pixels' or 'hog' (MaskFeat: hog_bins orientations per hog_cell x hog_cell pixels)
+    c.loss = dict(norm_pix=True, target="pixels", hog_cell=8, hog_bins=9)
+    # hard-patch mining (MAE): share of the mask from the predicted-hardest patches, 0 -> final_share
+    c.hpm = dict(enabled=False, final_share=0.5, weight=1.0)
     c.optim = dict(
         base_lr=1.5e-4, base_batch=256, b1=0.9, b2=0.95, weight_decay=0.05, warmup_steps=100,
         schedule="cosine", min_lr_ratio=0.0, clip_norm=0.0, grad_accum=1,

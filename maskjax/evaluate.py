@@ -90,7 +90,8 @@ def run(setup, params, workdir: str, step: int, writer=None) -> dict:
         results["raw_pixels"] = probe(train_px, train_y, test_px, test_y, k)
     if hasattr(setup.objective, "eval_step"):
         results["text"] = evaluate_text(setup, params)
-    if hasattr(setup.objective, "reconstruct") and config.eval.num_images:
+    if hasattr(setup.objective, "reconstruct") and getattr(setup.objective, "reconstructs", True) \
+            and config.eval.num_images:
         results["reconstruction_png"] = save_reconstructions(setup, params, workdir, step, writer)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "eval.json"), "w") as f:

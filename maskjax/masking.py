@@ -264,6 +264,42 @@ def filtered_noise_mask(
     return from_bool_mask(mask, keep)
 
 
+def running_cell_mask(key: jax.Array, batch: int, frames: int, grid: Sequence[int], ratio: float = 0.5) -> Mask:
+    """VideoMAE V2's decoder mask ("running cell"): the grid is tiled with 2x2 cells and each cell
+    hides ``round(4 * ratio)`` of its 4 tokens; the hidden pattern moves one slot per token frame, so
+    every frame hides the same share and each position is hidden in turn. A random start slot per
+    example. Returns the decoder's Mask (``mask`` True = dropped by the decoder)."""
+    height, width = _check_grid(grid)
+    _check_frames(frames)
+    check_ratio(ratio, "mask.decoder_ratio")
+    if height % 2 or width % 2:
+        raise ValueError(f"running-cell masks need an even token grid, got {height}x{width}")
+    hidden_per_cell = int(round(4 * ratio))
+    if hidden_per_cell < 1:
+        raise ValueError(f"mask.decoder_ratio={ratio} hides nothing in a 2x2 cell (use 0 to turn dual masking off)")
+    # slot of each token inside its cell: 0 1 / 3 2 (clockwise, so a run of slots is contiguous)
+    slot_of = jnp.array([[0, 1], [3, 2]], jnp.int32)
+    slots = jnp.tile(slot_of, (height // 2, width // 2)).reshape(1, 1, height * width)
+    start = jax.random.randint(key, (batch, 1, 1), 0, 4)
+    shift = (start + jnp.arange(frames, dtype=jnp.int32)[None, :, None]) % 4
+    mask = ((slots - shift) % 4 < hidden_per_cell).reshape(batch, frames * height * width)
+    return from_bool_mask(mask, frames * height * width * (4 - hidden_per_cell) // 4)
+
+
+def hard_patch_mask(key: jax.Array, scores: jax.Array, num_masked: int, hard_count) -> Mask:
+    """HPM's mask: the ``hard_count`` patches with the highest predicted loss (``scores`` [B, L]) are
+    hidden, and the rest of the ``num_masked`` hidden patches are drawn uniformly from the others.
+    ``hard_count`` may be traced (it grows over training); the hidden count stays ``num_masked``."""
+    batch, length = scores.shape
+    if not isinstance(num_masked, int) or not 0 <= num_masked < length:
+        raise ValueError(f"num_masked={num_masked!r} must be an int in [0, {length})")
+    hard_count = jnp.clip(jnp.asarray(hard_count, jnp.int32), 0, num_masked)
+    hard = _rank(-scores) < hard_count
+    noise = jnp.where(hard, jnp.inf, jax.random.uniform(key, (batch, length)))
+    rest = _rank(noise) < (num_masked - hard_count)
+    return from_bool_mask(hard | rest, length - num_masked)
+
+
 def random_bool_mask(key: jax.Array, shape: Sequence[int], ratio, eligible: jax.Array | None = None) -> jax.Array:
     """Hides exactly ``floor(ratio * n)`` of the ``n`` eligible positions per row; ``ratio`` may be a
     traced scalar (a schedule), since only a boolean mask of fixed shape comes out.

@@ -33,7 +33,7 @@ def test_mae_loss_unchanged_when_visible_targets_change():
     model = objective.build(nnx.Rngs(0))
     key = jax.random.key(3)
     batch = {"image": jax.random.normal(jax.random.key(4), (4, 16, 16, 1)), "label": jnp.zeros(4, jnp.int32)}
-    patches, mask, pred = objective.predict(model, batch, key)
+    patches, mask, _, pred = objective.predict(model, batch, key)
     target = vision.norm_pix(patches)
     changed = jnp.where(mask.mask[..., None], target, -target)
     assert float(mae.masked_mse(pred, target, mask.mask)) == pytest.approx(

@@ -1,8 +1,15 @@
 """MAE (He et al. 2021): the encoder sees only the visible patches; a light decoder fills in mask
-tokens, unshuffles with ``restore_idx`` and predicts pixels; MSE on the masked patches only.
+tokens, unshuffles with ``restore_idx`` and predicts the targets; MSE on the masked patches only.
 
 The same code trains video MAE (VideoMAE / MAE-ST): ``data.frames > 0`` gives 3D tubelets and
-``mask.kind`` 'tube' or 'spatiotemporal' picks the video masking.
+``mask.kind`` 'tube' or 'spatiotemporal' picks the video masking. Options:
+
+* ``loss.target='hog'``: MaskFeat's HOG features instead of pixels;
+* ``mask.decoder_ratio > 0``: VideoMAE V2 dual masking, the decoder sees the visible tokens plus
+  mask tokens only where a running-cell decoder mask keeps them, and the loss is on tokens masked
+  for the encoder and kept for the decoder;
+* ``hpm.enabled``: hard-patch mining (Wang et al. 2023): a head predicts each patch's loss, and a
+  share of the mask growing linearly to ``hpm.final_share`` is taken from the predicted-hardest patches.
 """
 from __future__ import annotations
 
@@ -10,10 +17,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from maskjax import objectives
+from maskjax import masking, objectives
 from maskjax.config import ConfigError
 from maskjax.models import layers, vit
-from maskjax.objectives.vision import VisionObjective, norm_pix
+from maskjax.objectives.vision import VisionObjective
 
 
 def masked_mse(pred: jax.Array, target: jax.Array, hidden: jax.Array) -> jax.Array:
@@ -24,12 +31,24 @@ def masked_mse(pred: jax.Array, target: jax.Array, hidden: jax.Array) -> jax.Arr
     return jnp.sum(per_patch * weight) / jnp.maximum(jnp.sum(weight), 1.0)
 
 
+def pairwise_rank_loss(pred: jax.Array, actual: jax.Array, valid: jax.Array) -> jax.Array:
+    """HPM's relative loss-prediction objective: for every pair (i, j) of valid patches, binary
+    cross-entropy of ``sigmoid(pred_i - pred_j)`` against ``actual_i > actual_j``. [B, L] inputs."""
+    logits = pred[:, :, None] - pred[:, None, :]
+    labels = (actual[:, :, None] > actual[:, None, :]).astype(jnp.float32)
+    pairs = (valid[:, :, None] & valid[:, None, :]) & ~jnp.eye(pred.shape[1], dtype=bool)[None]
+    bce = jnp.maximum(logits, 0) - logits * labels + jnp.log1p(jnp.exp(-jnp.abs(logits)))
+    weight = pairs.astype(jnp.float32)
+    return jnp.sum(bce * weight) / jnp.maximum(jnp.sum(weight), 1.0)
+
+
 class MAEDecoder(nnx.Module):
-    """latent [B, prefix + K, enc_width] + restore_idx [B, L] -> pixel predictions [B, L, patch_dim]."""
+    """Encoder latents -> hidden states at the decoded positions; ``pred`` maps them to targets and
+    the optional ``loss_pred`` (HPM) to a predicted reconstruction loss."""
 
     def __init__(self, *, enc_width: int, width: int, depth: int, heads: int, mlp_ratio: float,
-                 grid, patch_dim: int, num_prefix: int, dtype: str, remat: str, one_hot_gather: bool,
-                 rngs: nnx.Rngs):
+                 grid, target_dim: int, num_prefix: int, dtype: str, remat: str, one_hot_gather: bool,
+                 predict_loss: bool = False, rngs: nnx.Rngs):
         self.dtype = layers.compute_dtype(dtype)
         self.grid, self.width, self.num_prefix = tuple(grid), width, num_prefix
         self.embed = layers.Dense(enc_width, width, ("embed", "embed"), rngs=rngs, dtype=self.dtype)
@@ -37,18 +56,37 @@ class MAEDecoder(nnx.Module):
         self.blocks = layers.Stack(depth, width, heads, int(width * mlp_ratio), rngs=rngs,
                                    dtype=self.dtype, remat=remat)
         self.norm = layers.LayerNorm(width, rngs=rngs, dtype=self.dtype)
-        self.pred = layers.Dense(width, patch_dim, ("embed", "patch"), rngs=rngs, dtype=self.dtype)
+        self.pred = layers.Dense(width, target_dim, ("embed", "patch"), rngs=rngs, dtype=self.dtype)
+        self.loss_pred = layers.Dense(width, 1, ("embed", None), rngs=rngs, dtype=self.dtype) if predict_loss else None
         self.one_hot_gather = one_hot_gather
 
+    def _positions(self) -> jax.Array:
+        return jnp.asarray(vit.sincos_pos_embed(self.width, self.grid), self.dtype)
+
     def __call__(self, latent: jax.Array, restore_idx: jax.Array) -> jax.Array:
+        """latent [B, prefix + K, enc_width], restore_idx [B, L] -> hidden [B, L, width], grid order."""
         x = self.embed(latent)
         prefix, visible = x[:, : self.num_prefix], x[:, self.num_prefix:]
         batch, length = restore_idx.shape
         fill = jnp.broadcast_to(self.mask_token[...].astype(self.dtype), (batch, length - visible.shape[1], self.width))
         tokens = layers.gather_tokens(jnp.concatenate([visible, fill], axis=1), restore_idx, self.one_hot_gather)
-        tokens = tokens + jnp.asarray(vit.sincos_pos_embed(self.width, self.grid), self.dtype)[None]
+        tokens = tokens + self._positions()[None]
         x = self.norm(self.blocks(jnp.concatenate([prefix, tokens], axis=1)))
-        return self.pred(x[:, self.num_prefix:])
+        return x[:, self.num_prefix:]
+
+    def partial(self, latent: jax.Array, keep_idx: jax.Array, query_idx: jax.Array, query_valid: jax.Array
+                ) -> jax.Array:
+        """Dual masking: the visible tokens (at ``keep_idx`` [B, K]) plus mask tokens at ``query_idx``
+        [B, Q] only; invalid queries (``query_valid`` False) are hidden from attention. -> [B, Q, width]."""
+        pos = self._positions()
+        x = self.embed(latent)
+        prefix, visible = x[:, : self.num_prefix], x[:, self.num_prefix:]
+        visible = visible + jnp.take(pos, keep_idx, axis=0)
+        queries = self.mask_token[...].astype(self.dtype) + jnp.take(pos, query_idx, axis=0)
+        known = jnp.ones((x.shape[0], x.shape[1]), bool)
+        attend = jnp.concatenate([known, query_valid], axis=1)[:, None, None, :]
+        x = self.norm(self.blocks(jnp.concatenate([prefix, visible, queries], axis=1), attend))
+        return x[:, -query_idx.shape[1]:]
 
 
 class MAEModel(nnx.Module):
@@ -60,40 +98,117 @@ class MAEModel(nnx.Module):
 class MAE(VisionObjective):
     name = "mae"
 
+    @property
+    def dual(self) -> bool:
+        return self.config.mask.get("decoder_ratio", 0.0) > 0
+
+    @property
+    def hpm(self) -> bool:
+        return self.config.get("hpm", {}).get("enabled", False)
+
     def validate(self) -> None:
         super().validate()
         dec = self.config.decoder
         if dec.width % dec.heads:
             raise ConfigError("decoder.heads", f"{dec.heads} does not divide decoder.width={dec.width}")
+        if self.dual:
+            try:
+                self.decoder_masker()
+            except ValueError as err:
+                raise ConfigError("mask.decoder_ratio", str(err)) from None
+        if self.hpm:
+            if self.dual:
+                raise ConfigError("hpm.enabled", "hard-patch mining and dual masking (mask.decoder_ratio) "
+                                                 "cannot be combined")
+            share = self.config.hpm.final_share
+            if not 0.0 <= share <= 1.0:
+                raise ConfigError("hpm.final_share", f"must be in [0, 1], got {share}")
+
+    def decoder_masker(self):
+        t, h, w = self.token_grid
+        ratio = self.config.mask.decoder_ratio
+        fn = lambda key, batch: masking.running_cell_mask(key, batch, t, (h, w), ratio)
+        jax.eval_shape(lambda k: fn(k, 1), jax.random.key(0))
+        return fn
 
     def build(self, rngs: nnx.Rngs) -> MAEModel:
         m, dec = self.config.model, self.config.decoder
         encoder = vit.encoder_from_config(self.config, rngs)
         decoder = MAEDecoder(
             enc_width=m.width, width=dec.width, depth=dec.depth, heads=dec.heads, mlp_ratio=m.mlp_ratio,
-            grid=self.token_grid, patch_dim=self.patch_dim, num_prefix=encoder.num_prefix,
-            dtype=m.dtype, remat=m.remat, one_hot_gather=m.get("one_hot_gather", False), rngs=rngs,
+            grid=self.token_grid, target_dim=self.target_dim, num_prefix=encoder.num_prefix,
+            dtype=m.dtype, remat=m.remat, one_hot_gather=m.get("one_hot_gather", False),
+            predict_loss=self.hpm, rngs=rngs,
         )
         return MAEModel(encoder, decoder)
 
-    def predict(self, model: MAEModel, batch: dict, key: jax.Array):
-        """Returns (patches, mask, predictions [B, L, patch_dim] float32)."""
+    # ---------------------------------------------------------------- masks
+    def hard_count(self, step) -> jax.Array:
+        """HPM: hidden patches taken from the predicted-hardest, ``round(share(step) * masked)`` with
+        the share growing linearly from 0 to ``hpm.final_share`` over training."""
+        frac = jnp.clip(jnp.asarray(step, jnp.float32) / self.config.total_steps, 0.0, 1.0)
+        masked = self.num_tokens - self.num_kept
+        return jnp.round(self.config.hpm.final_share * frac * masked).astype(jnp.int32)
+
+    def predicted_difficulty(self, model: MAEModel, patches: jax.Array) -> jax.Array:
+        """HPM's loss predictor on the whole image (every patch visible), without gradient: [B, L]."""
+        batch, length = patches.shape[:2]
+        everything = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+        hidden = model.decoder(model.encoder(patches, everything), everything)
+        return jax.lax.stop_gradient(model.decoder.loss_pred(hidden)[..., 0].astype(jnp.float32))
+
+    def mask(self, model: MAEModel, patches: jax.Array, key: jax.Array, step) -> masking.Mask:
+        if not self.hpm:
+            return self.masker()(key, patches.shape[0])
+        scores = self.predicted_difficulty(model, patches)
+        return masking.hard_patch_mask(key, scores, self.num_tokens - self.num_kept, self.hard_count(step))
+
+    # ---------------------------------------------------------------- forward and loss
+    def predict(self, model: MAEModel, batch: dict, key: jax.Array, step=0):
+        """Full decode: (patches, mask, hidden [B, L, width], predictions [B, L, target_dim] float32)."""
         patches = self.patches(batch)
-        mask = self.masker()(key, patches.shape[0])
-        latent = model.encoder(patches, mask.keep_idx)
-        pred = model.decoder(latent, mask.restore_idx).astype(jnp.float32)
-        return patches, mask, pred
+        mask = self.mask(model, patches, key, step)
+        hidden = model.decoder(model.encoder(patches, mask.keep_idx), mask.restore_idx)
+        return patches, mask, hidden, model.decoder.pred(hidden).astype(jnp.float32)
 
     def loss(self, model: MAEModel, batch: dict, key: jax.Array, step: jax.Array):
-        patches, mask, pred = self.predict(model, batch, key)
-        target = norm_pix(patches) if self.config.loss.norm_pix else patches
+        norm = self.config.loss.norm_pix
+        if self.dual:
+            return self.dual_loss(model, batch, key, norm)
+        patches, mask, hidden, pred = self.predict(model, batch, key, step)
+        target = self.targets(batch, patches, norm)
         loss = masked_mse(pred, target, mask.mask)
-        return loss, {"loss": loss, "mask_ratio": jnp.mean(mask.mask.astype(jnp.float32))}
+        metrics = {"mask_ratio": jnp.mean(mask.mask.astype(jnp.float32))}
+        if self.hpm:
+            actual = jax.lax.stop_gradient(jnp.mean(jnp.square(pred - target), axis=-1))
+            predicted = model.decoder.loss_pred(hidden)[..., 0].astype(jnp.float32)
+            rank_loss = pairwise_rank_loss(predicted, actual, mask.mask)
+            metrics.update(reconstruction_loss=loss, loss_prediction=rank_loss,
+                           hard_count=self.hard_count(step).astype(jnp.float32))
+            loss = loss + self.config.hpm.weight * rank_loss
+        metrics["loss"] = loss
+        return loss, metrics
+
+    def dual_loss(self, model: MAEModel, batch: dict, key: jax.Array, norm: bool):
+        """VideoMAE V2: decode only the running-cell-kept positions; loss where encoder-masked too."""
+        enc_key, dec_key = jax.random.split(key)
+        patches = self.patches(batch)
+        mask = self.masker()(enc_key, patches.shape[0])
+        dec_mask = self.decoder_masker()(dec_key, patches.shape[0])
+        query_idx = dec_mask.keep_idx
+        valid = jnp.take_along_axis(mask.mask, query_idx, axis=1)  # encoder-masked and decoder-kept
+        hidden = model.decoder.partial(model.encoder(patches, mask.keep_idx), mask.keep_idx, query_idx, valid)
+        pred = model.decoder.pred(hidden).astype(jnp.float32)
+        target = jnp.take_along_axis(self.targets(batch, patches, norm), query_idx[..., None], axis=1)
+        loss = masked_mse(pred, target, valid)
+        return loss, {"loss": loss, "mask_ratio": jnp.mean(mask.mask.astype(jnp.float32)),
+                      "decoded_ratio": jnp.mean(valid.astype(jnp.float32)) * query_idx.shape[1] / self.num_tokens}
 
     def reconstruct(self, model: MAEModel, batch: dict, key: jax.Array) -> dict:
         """Images for a person: input, masked input (hidden patches grey), reconstruction with the
-        visible patches pasted back. In the normalised pixel space of ``batch['image']``."""
-        patches, mask, pred = self.predict(model, batch, key)
+        visible patches pasted back. In the normalised pixel space of ``batch['image']``. The decoder
+        predicts every position here, also when it was trained with dual masking."""
+        patches, mask, _, pred = self.predict(model, batch, key, self.config.total_steps)
         if self.config.loss.norm_pix:  # undo the per-patch standardisation with the true statistics
             mean = jnp.mean(patches, axis=-1, keepdims=True)
             std = jnp.sqrt(jnp.var(patches, axis=-1, keepdims=True) + 1e-6)
@@ -105,10 +220,16 @@ class MAE(VisionObjective):
         length = self.num_tokens
         kept = self.num_kept
         prefix = 1 if m.cls_token else 0
-        decoder = (
-            2 * b * (kept + prefix) * m.width * dec.width
-            + layers.transformer_flops(b, length + prefix, dec.width, dec.depth, int(dec.width * m.mlp_ratio))
-            + 2 * b * length * dec.width * self.patch_dim
-        )
-        return 3 * (self.encoder_flops(kept) + decoder)
+        decoded = length
+        if self.dual:
+            decoded = jax.eval_shape(lambda k: self.decoder_masker()(k, 1), jax.random.key(0)).keep_idx.shape[1] + kept
 
+        def decoder_flops(visible: int, tokens: int) -> int:
+            return (2 * b * (visible + prefix) * m.width * dec.width
+                    + layers.transformer_flops(b, tokens + prefix, dec.width, dec.depth, int(dec.width * m.mlp_ratio))
+                    + 2 * b * tokens * dec.width * self.target_dim)
+
+        train = 3 * (self.encoder_flops(kept) + decoder_flops(kept, decoded))
+        if self.hpm:  # the no-gradient pass over the whole image that ranks the patches
+            train += self.encoder_flops(length) + decoder_flops(length, length)
+        return train

@@ -1,5 +1,6 @@
 """SimMIM (Xie et al. 2022): the full token sequence goes through the encoder with a learned mask
 token in place of the hidden patches; a linear head predicts raw pixels; L1 on the hidden pixels.
+With ``loss.target='hog'`` it is MaskFeat (Wei et al. 2022): HOG targets and MSE.
 
 It is also the full-sequence baseline against which MAE's encoder saving is measured.
 """
@@ -15,10 +16,10 @@ from maskjax.objectives.vision import VisionObjective
 
 
 class SimMIMModel(nnx.Module):
-    def __init__(self, encoder: vit.ViTEncoder, patch_dim: int, rngs: nnx.Rngs):
+    def __init__(self, encoder: vit.ViTEncoder, target_dim: int, rngs: nnx.Rngs):
         self.encoder = encoder
         self.mask_token = layers.param(rngs, nnx.initializers.normal(0.02), (1, 1, encoder.width), (None, None, "embed"))
-        self.head = layers.Dense(encoder.width, patch_dim, ("embed", "patch"), rngs=rngs, dtype=encoder.dtype)
+        self.head = layers.Dense(encoder.width, target_dim, ("embed", "patch"), rngs=rngs, dtype=encoder.dtype)
 
     def __call__(self, patches: jax.Array, hidden: jax.Array) -> jax.Array:
         """patches [B, L, P], hidden [B, L] bool -> predictions [B, L, P] float32."""
@@ -34,7 +35,7 @@ class SimMIM(VisionObjective):
     name = "simmim"
 
     def build(self, rngs: nnx.Rngs) -> SimMIMModel:
-        return SimMIMModel(vit.encoder_from_config(self.config, rngs), self.patch_dim, rngs)
+        return SimMIMModel(vit.encoder_from_config(self.config, rngs), self.target_dim, rngs)
 
     def predict(self, model: SimMIMModel, batch: dict, key: jax.Array):
         patches = self.patches(batch)
@@ -43,8 +44,10 @@ class SimMIM(VisionObjective):
 
     def loss(self, model: SimMIMModel, batch: dict, key: jax.Array, step: jax.Array):
         patches, hidden, pred = self.predict(model, batch, key)
+        target = self.targets(batch, patches, norm=False)
+        error = jnp.abs(pred - target) if self.target == "pixels" else jnp.square(pred - target)
         weight = hidden[..., None].astype(jnp.float32)
-        loss = jnp.sum(jnp.abs(pred - patches) * weight) / (jnp.sum(weight) * patches.shape[-1])
+        loss = jnp.sum(error * weight) / (jnp.sum(weight) * target.shape[-1])
         return loss, {"loss": loss, "mask_ratio": jnp.mean(hidden.astype(jnp.float32))}
 
     def reconstruct(self, model: SimMIMModel, batch: dict, key: jax.Array) -> dict:
@@ -53,5 +56,5 @@ class SimMIM(VisionObjective):
 
     def flops(self) -> int:
         m, b = self.config.model, self.config.batch_size
-        head = 2 * b * self.num_tokens * m.width * self.patch_dim
+        head = 2 * b * self.num_tokens * m.width * self.target_dim
         return 3 * (self.encoder_flops(self.num_tokens) + head)

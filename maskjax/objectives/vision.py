@@ -1,5 +1,6 @@
-"""What every pixel-reconstruction objective (MAE, SimMIM, video MAE) shares: config checks, the
-batch layout, patch targets, the masker for the token grid, and frozen features for probes."""
+"""What every masked-image objective (MAE, SimMIM, video MAE, FLIP's image tower) shares: config
+checks, the batch layout, patch targets (pixels or HOG), the masker for the token grid, and frozen
+features for probes."""
 from __future__ import annotations
 
 import jax
@@ -15,6 +16,31 @@ def norm_pix(patches: jax.Array, eps: float = 1e-6) -> jax.Array:
     mean = jnp.mean(patches, axis=-1, keepdims=True)
     var = jnp.var(patches, axis=-1, keepdims=True)
     return (patches - mean) / jnp.sqrt(var + eps)
+
+
+TARGETS = ("pixels", "hog")
+
+
+def hog(images: jax.Array, cell: int = 8, bins: int = 9, eps: float = 1e-12) -> jax.Array:
+    """MaskFeat's HOG features (SlowFast ``HOGLayerC``, without its Gaussian window).
+
+    images [N, H, W, C] -> [N, H/cell, W/cell, C * bins]: Sobel gradients of each channel (reflect
+    padding), unsigned orientation in ``bins`` bins over 180 degrees, magnitude-weighted histograms
+    summed over ``cell x cell`` pixels, L2-normalised over the bins of each channel in each cell. A
+    constant image has zero gradients and so all-zero features.
+    """
+    n, h, w, c = images.shape
+    x = jnp.pad(images.astype(jnp.float32), ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
+    smooth = lambda a, b, d: a + 2.0 * b + d  # Sobel's [1, 2, 1] across the derivative direction
+    gx = smooth(x[:, :-2, :-2] - x[:, :-2, 2:], x[:, 1:-1, :-2] - x[:, 1:-1, 2:], x[:, 2:, :-2] - x[:, 2:, 2:])
+    gy = smooth(x[:, :-2, :-2] - x[:, 2:, :-2], x[:, :-2, 1:-1] - x[:, 2:, 1:-1], x[:, :-2, 2:] - x[:, 2:, 2:])
+    magnitude = jnp.sqrt(gx**2 + gy**2)
+    phase = jnp.arctan2(gx, gy) / jnp.pi * bins  # in [-bins, bins]; floor mod bins folds to 180 degrees
+    index = jnp.mod(jnp.floor(phase).astype(jnp.int32), bins)
+    votes = jax.nn.one_hot(index, bins, dtype=jnp.float32) * magnitude[..., None]  # [N, H, W, C, bins]
+    hist = votes.reshape(n, h // cell, cell, w // cell, cell, c, bins).sum(axis=(2, 4))
+    hist = hist / jnp.maximum(jnp.linalg.norm(hist, axis=-1, keepdims=True), eps)
+    return hist.reshape(n, h // cell, w // cell, c * bins)
 
 
 class VisionObjective:
@@ -40,6 +66,14 @@ class VisionObjective:
         objectives.check_transformer(model)
         if data.channels < 1:
             raise ConfigError("data.channels", f"must be >= 1, got {data.channels}")
+        target = self.config.loss.get("target", "pixels")
+        if target not in TARGETS:
+            raise ConfigError("loss.target", f"must be one of {TARGETS}, got {target!r}")
+        if target == "hog":
+            cell = self.config.loss.hog_cell
+            if not isinstance(cell, int) or cell < 1 or model.patch_size % cell:
+                raise ConfigError("loss.hog_cell", f"{cell!r} must be a positive int dividing model.patch_size="
+                                                   f"{model.patch_size}")
         try:
             self.masker()
         except ValueError as err:
@@ -71,6 +105,31 @@ class VisionObjective:
     def patches(self, batch: dict) -> jax.Array:
         return vit.patchify(batch["image"].astype(jnp.float32), self.config.model.patch_size, self.tubelet)
 
+    # ---------------------------------------------------------------- targets
+    @property
+    def target(self) -> str:
+        return self.config.loss.get("target", "pixels")
+
+    @property
+    def target_dim(self) -> int:
+        """Size of one patch's prediction target: pixels, or HOG cells x channels x bins."""
+        if self.target == "pixels":
+            return self.patch_dim
+        loss = self.config.loss
+        cells = (self.config.model.patch_size // loss.hog_cell) ** 2
+        return cells * self.config.data.channels * loss.hog_bins * self.tubelet
+
+    def targets(self, batch: dict, patches: jax.Array, norm: bool) -> jax.Array:
+        """[B, L, target_dim]: the patches themselves (standardised per patch when ``norm``: MAE's
+        norm_pix_loss), or MaskFeat's HOG features of each frame, grouped per patch / tubelet."""
+        if self.target == "pixels":
+            return norm_pix(patches) if norm else patches
+        loss, images = self.config.loss, batch["image"]
+        frames = images.reshape((-1,) + images.shape[-3:])  # video frames become images
+        maps = hog(frames, loss.hog_cell, loss.hog_bins)
+        maps = maps.reshape(images.shape[:-3] + maps.shape[1:])
+        return vit.patchify(maps, self.config.model.patch_size // loss.hog_cell, self.tubelet)
+
     @property
     def num_kept(self) -> int:
         """Static visible-token count of the configured masker (from shapes only)."""
@@ -79,6 +138,11 @@ class VisionObjective:
     def masker(self):
         t, h, w = self.token_grid
         return masking.make_masker(self.config.mask, t, (h, w))
+
+    @property
+    def reconstructs(self) -> bool:
+        """Whether predictions are pixels a person can look at (not HOG features)."""
+        return self.target == "pixels"
 
     def reconstruction_images(self, batch: dict, patches: jax.Array, hidden: jax.Array, pred: jax.Array) -> dict:
         """Images for a person: input, masked input (hidden patches at 0, the mean), and the
