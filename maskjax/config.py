@@ -46,6 +46,10 @@ def base_config() -> ml_collections.ConfigDict:
         max_len=512, positions="learned", pre_norm=True,
     )
     c.decoder = dict(width=64, depth=2, heads=4)
+    # FLIP: the text tower (dtype and remat follow model.*; its position table covers data.seq_len)
+    c.text_model = dict(width=64, depth=2, heads=4, mlp_ratio=4.0, positions="learned")
+    # FLIP: joint embedding size, learnable temperature (initial value, clip), text masking
+    c.flip = dict(embed_dim=64, init_temperature=0.07, max_logit_scale=100.0, text_mask_ratio=0.0)
     c.mask = dict(kind="random", ratio=0.75, cell=2, min_patches=16, min_aspect=0.3,
                   filter="band", low=0.15, high=0.35,
                   # MLM: ratio schedule over training ('constant', 'linear', 'cosine') ending at final_ratio
@@ -66,7 +70,9 @@ def base_config() -> ml_collections.ConfigDict:
     )
     c.mesh = dict(data=-1, fsdp=1, tensor=1)
     c.checkpoint = dict(every=500, keep=3, async_save=True)
-    c.eval = dict(probe=True, knn_k=20, num_images=8, batch_size=256, max_batches=0)
+    # zero_shot (FLIP): prompt templates ('{}' = class name) and class names ('' = the dataset's labels)
+    c.eval = dict(probe=True, knn_k=20, num_images=8, batch_size=256, max_batches=0,
+                  zero_shot=True, prompts=("a photo of a {}.",), class_names=())
     return c
 
 

@@ -90,6 +90,8 @@ def run(setup, params, workdir: str, step: int, writer=None) -> dict:
         results["raw_pixels"] = probe(train_px, train_y, test_px, test_y, k)
     if hasattr(setup.objective, "eval_step"):
         results["text"] = evaluate_text(setup, params)
+    if hasattr(setup.objective, "zero_shot_logits") and config.eval.get("zero_shot", False):
+        results["zero_shot"] = evaluate_zero_shot(setup, params)
     if hasattr(setup.objective, "reconstruct") and getattr(setup.objective, "reconstructs", True) \
             and config.eval.num_images:
         results["reconstruction_png"] = save_reconstructions(setup, params, workdir, step, writer)
@@ -97,7 +99,8 @@ def run(setup, params, workdir: str, step: int, writer=None) -> dict:
         with open(os.path.join(workdir, "eval.json"), "w") as f:
             json.dump(results, f, indent=2)
         if writer is not None:
-            flat = {f"eval/{group}/{name}": value for group in ("pretrained", "random_init", "raw_pixels", "text")
+            flat = {f"eval/{group}/{name}": value
+                    for group in ("pretrained", "random_init", "raw_pixels", "text", "zero_shot")
                     for name, value in results.get(group, {}).items()}
             writer.scalars(step, flat, jsonl=False)
     return results
@@ -125,6 +128,50 @@ def evaluate_text(setup, params) -> dict:
         for name, value in sums.items():
             totals[name] = totals.get(name, 0.0) + float(value)
     return objective.summarize(totals)
+
+
+def class_names(config) -> list[str]:
+    """``eval.class_names``, or the names of the eval dataset's ClassLabel ``data.label_key``."""
+    if config.eval.class_names:
+        return list(config.eval.class_names)
+    features = pipeline.builder(config.data).info.features
+    names = getattr(features[config.data.label_key], "names", None) if config.data.label_key in features.keys() else None
+    if not names:
+        raise pipeline.DataError(
+            f"dataset {config.data.name!r}: data.label_key={config.data.label_key!r} is not a ClassLabel with "
+            "names; set eval.class_names for zero-shot classification")
+    return list(names)
+
+
+def evaluate_zero_shot(setup, params) -> dict:
+    """Zero-shot accuracy on the eval split: every class name in every ``eval.prompts`` template
+    through the text tower, the class with the most similar embedding wins; chance is 1 / classes."""
+    config, objective = setup.config, setup.objective
+    names, templates = class_names(config), list(config.eval.prompts)
+    prompts = [template.format(name) for name in names for template in templates]
+    tokens = pipeline.caption_tokens(objective.tokenizer, prompts, config.data.seq_len)
+    replicated = sharding.replicated(setup.mesh)
+
+    def classes_fn(params, tokens):
+        with sharding.activation_mesh(setup.mesh):
+            return objective.class_embeddings(nnx.merge(setup.graphdef, params), tokens, len(names))
+
+    def logits_fn(params, batch, classes):
+        with sharding.activation_mesh(setup.mesh):
+            return objective.zero_shot_logits(nnx.merge(setup.graphdef, params), batch, classes)
+
+    classes = jax.jit(classes_fn, out_shardings=replicated)(params, jax.device_put(tokens, replicated))
+    logits = jax.jit(logits_fn, out_shardings=replicated)
+    correct = total = 0
+    for local, real in pipeline.eval_batches(config, config.data.eval_split, _eval_batch_size(setup),
+                                             jax.process_index(), jax.process_count()):
+        batch = setup.global_batch(local)
+        predicted = np.argmax(np.asarray(logits(params, batch, classes)), axis=1)[:real]
+        labels = np.asarray(multihost_utils.process_allgather(local["label"], tiled=True))[:real]
+        correct += int(np.sum(predicted == labels))
+        total += real
+    return {"accuracy": correct / total, "chance": 1.0 / len(names), "num_classes": len(names),
+            "num_prompts": len(templates), "num_examples": total}
 
 
 def save_reconstructions(setup, params, workdir: str, step: int, writer=None) -> str:
@@ -158,6 +205,9 @@ def summary_line(results: dict) -> str:
     parts = [f"eval @ step {results['step']}"]
     for name, value in results.get("text", {}).items():
         parts.append(f"{name} {value:.4g}" if isinstance(value, float) else f"{name} {value}")
+    if "zero_shot" in results:
+        z = results["zero_shot"]
+        parts.append(f"zero-shot {z['accuracy']:.3f} (chance {z['chance']:.3f})")
     for group in ("pretrained", "random_init", "raw_pixels"):
         if group in results:
             r = results[group]

@@ -4,11 +4,12 @@ from maskjax.data.tokenizer import TokenizerError
 
 
 def train_loader(config, process_index: int = 0, process_count: int = 1, kind: str = "image"):
-    """Endless local batches with ``get_state``/``set_state``: images (Grain) or packed text."""
+    """Endless local batches with ``get_state``/``set_state``: images or videos (Grain), images with
+    tokenized captions ('image_text'), or packed text."""
     if kind == "text":
         from maskjax.data import text
 
         return text.train_loader(config, process_index, process_count)
     from maskjax.data import pipeline
 
-    return pipeline.train_loader(config, process_index, process_count)
+    return pipeline.train_loader(config, process_index, process_count, captions=kind == "image_text")

@@ -18,10 +18,11 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from maskjax.data.digits import MaskjaxDigits
+from maskjax.data.digits import MaskjaxDigitCaptions, MaskjaxDigits, MaskjaxMovingDigits
 from maskjax.data.text_corpus import MaskjaxText
 
-EMBEDDED = {"maskjax_digits": MaskjaxDigits, "maskjax_text": MaskjaxText}
+EMBEDDED = {"maskjax_digits": MaskjaxDigits, "maskjax_digit_captions": MaskjaxDigitCaptions,
+            "maskjax_moving_digits": MaskjaxMovingDigits, "maskjax_text": MaskjaxText}
 
 
 class DataError(ValueError):
@@ -87,40 +88,63 @@ def _from_pil(img: Image.Image, channels: int) -> np.ndarray:
 
 
 class Preprocess:
-    """record -> {'image': float32 [S, S, C] normalised, 'label': int32}.
+    """record -> {'image': float32 [S, S, C] (or [T, S, S, C] for video) normalised, 'label': int32}.
 
     train: random resized crop (area in ``crop_scale``, aspect ratio in [3/4, 4/3]) and optional
     horizontal flip, with a NumPy generator seeded by (seed, global position); eval: plain resize.
+    Videos (``data.frames > 0``): a window of ``frames`` frames (random start in training, centred in
+    eval), the same crop and flip on every frame.
     """
 
     def __init__(self, data_config, train: bool, seed: int):
         self.cfg, self.train, self.seed = data_config, train, seed
         self.mean = np.asarray(data_config.mean, np.float32) * 255.0
         self.std = np.asarray(data_config.std, np.float32) * 255.0
+        self.frames = data_config.get("frames", 0)
 
     def __call__(self, item) -> dict:
         position, record = item
         cfg = self.cfg
-        image = np.asarray(record[cfg.image_key])
-        if image.ndim == 2:
-            image = image[..., None]
-        if image.ndim != 3 or image.shape[-1] != cfg.channels:
+        if cfg.image_key not in record:
+            raise DataError(f"record {position} of {cfg.name!r} has no field data.image_key={cfg.image_key!r}; "
+                            f"it has {sorted(record)}")
+        pixels = np.asarray(record[cfg.image_key])
+        if pixels.ndim == 2 + bool(self.frames):  # grey-scale without a channel axis
+            pixels = pixels[..., None]
+        expected = 4 if self.frames else 3
+        if pixels.ndim != expected or pixels.shape[-1] != cfg.channels:
+            what = "video [T, H, W, C]" if self.frames else "image [H, W, C]"
             raise DataError(
-                f"record {position} of {cfg.name!r}: image of shape {image.shape} does not have "
-                f"data.channels={cfg.channels} channels"
+                f"record {position} of {cfg.name!r}: {cfg.image_key!r} of shape {pixels.shape} is not a {what} "
+                f"with data.channels={cfg.channels} channels"
             )
-        size = cfg.image_size
-        img = _to_pil(image.astype(np.uint8))
+        rng = np.random.default_rng([self.seed, position]) if self.train else None
+        if self.frames:
+            if len(pixels) < self.frames:
+                raise DataError(f"record {position} of {cfg.name!r}: video of {len(pixels)} frames is shorter "
+                                f"than data.frames={self.frames}")
+            start = rng.integers(0, len(pixels) - self.frames + 1) if self.train else (len(pixels) - self.frames) // 2
+            pixels = pixels[start:start + self.frames]
+        frames = pixels if self.frames else pixels[None]
+        size = frames.shape[2], frames.shape[1]
+        box, flip = None, False
         if self.train:
-            rng = np.random.default_rng([self.seed, position])
-            box = _random_crop_box(rng, img.width, img.height, cfg.crop_scale)
+            box = _random_crop_box(rng, size[0], size[1], cfg.crop_scale)
+            flip = cfg.flip and rng.random() < 0.5
+        out = np.stack([self._frame(f, box, flip) for f in frames])
+        out = ((out - self.mean) / self.std).astype(np.float32)
+        return {"image": out if self.frames else out[0], "label": np.int32(record.get(cfg.label_key, -1))}
+
+    def _frame(self, frame: np.ndarray, box, flip: bool) -> np.ndarray:
+        size = self.cfg.image_size
+        img = _to_pil(frame.astype(np.uint8))
+        if box is not None:
             img = img.resize((size, size), Image.BILINEAR, box=box)
-            if cfg.flip and rng.random() < 0.5:
-                img = img.transpose(Image.FLIP_LEFT_RIGHT)
         elif img.size != (size, size):
             img = img.resize((size, size), Image.BILINEAR)
-        out = (_from_pil(img, cfg.channels) - self.mean) / self.std
-        return {"image": out.astype(np.float32), "label": np.int32(record.get(cfg.label_key, -1))}
+        if flip:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        return _from_pil(img, self.cfg.channels)
 
 
 def _random_crop_box(rng: np.random.Generator, width: int, height: int, scale) -> tuple[float, ...]:
@@ -134,6 +158,35 @@ def _random_crop_box(rng: np.random.Generator, width: int, height: int, scale) -
             x0, y0 = rng.uniform(0, width - w), rng.uniform(0, height - h)
             return (x0, y0, x0 + w, y0 + h)
     return (0.0, 0.0, float(width), float(height))
+
+
+def caption_tokens(tokenizer, texts, seq_len: int) -> np.ndarray:
+    """[len(texts), seq_len] int32: ``[CLS] ids [SEP]`` cut to ``seq_len`` (the [SEP] kept), then padded."""
+    out = np.full((len(texts), seq_len), tokenizer.pad_id, np.int32)
+    for row, ids in enumerate(tokenizer.encode_batch(list(texts))):
+        ids = [tokenizer.cls_id] + ids[: seq_len - 2] + [tokenizer.sep_id]
+        out[row, : len(ids)] = ids
+    return out
+
+
+class Captions:
+    """Adds ``text`` [b, seq_len] int32 (tokenized ``data.text_key`` of each record) to an image batch."""
+
+    def __init__(self, data_config):
+        from maskjax.data import text as text_data
+
+        self.tokenizer = text_data.load_tokenizer(data_config)
+        self.key, self.seq_len, self.name = data_config.text_key, data_config.seq_len, data_config.name
+
+    def __call__(self, positions, records) -> dict:
+        texts = []
+        for position, record in zip(positions, records):
+            if self.key not in record:
+                raise DataError(f"record {int(position)} of {self.name!r} has no caption field "
+                                f"data.text_key={self.key!r}; it has {sorted(record)}")
+            value = record[self.key]
+            texts.append(value.decode("utf-8") if isinstance(value, bytes) else str(value))
+        return {"text": caption_tokens(self.tokenizer, texts, self.seq_len)}
 
 
 # --------------------------------------------------------------------------- process sharding
@@ -167,13 +220,14 @@ class ProcessBatches:
     global positions ``s*B + p*B/P + [0, B/P)``, read together and preprocessed into one batch."""
 
     def __init__(self, src, order: GlobalOrder, preprocess: Preprocess, global_batch: int,
-                 process_index: int, process_count: int, num_batches: int):
+                 process_index: int, process_count: int, num_batches: int, captions: Captions | None = None):
         if global_batch % process_count:
             raise DataError(f"batch_size={global_batch} is not divisible by the {process_count} processes")
         self.src, self.order, self.preprocess = src, order, preprocess
         self.global_batch, self.local = global_batch, global_batch // process_count
         self.offset = process_index * self.local
         self.num_batches = num_batches
+        self.captions = captions
 
     def __len__(self) -> int:
         return self.num_batches
@@ -183,22 +237,27 @@ class ProcessBatches:
         indices = self.order(positions)
         records = self.src.__getitems__([int(i) for i in indices])
         examples = [self.preprocess((int(g), r)) for g, r in zip(positions, records)]
-        return {key: np.stack([e[key] for e in examples]) for key in examples[0]}
+        batch = {key: np.stack([e[key] for e in examples]) for key in examples[0]}
+        if self.captions is not None:
+            batch.update(self.captions(positions, records))
+        return batch
 
 
-def train_loader(config, process_index: int = 0, process_count: int = 1) -> "Loader":
-    """Endless, shuffled, augmented local batches: {'image': [b, ...], 'label': [b]}."""
+def train_loader(config, process_index: int = 0, process_count: int = 1, captions: bool = False) -> "Loader":
+    """Endless, shuffled, augmented local batches: {'image': [b, ...], 'label': [b]} (+ 'text' [b, S]
+    token ids of the caption with ``captions``)."""
     data = config.data
     src = source(data, data.train_split)
     batches = ProcessBatches(
         src, GlobalOrder(len(src), config.seed, shuffle=True), Preprocess(data, train=True, seed=config.seed),
         config.batch_size, process_index, process_count, num_batches=sys.maxsize // (2 * config.batch_size),
+        captions=Captions(data) if captions else None,
     )
     return Loader(grain.MapDataset.source(batches), data)
 
 
-def eval_batches(config, split: str, batch_size: int, process_index: int = 0, process_count: int = 1
-                 ) -> Iterator[tuple[dict, int]]:
+def eval_batches(config, split: str, batch_size: int, process_index: int = 0, process_count: int = 1,
+                 captions: bool = False) -> Iterator[tuple[dict, int]]:
     """One ordered pass over ``split``: yields (this process's rows of a padded global batch,
     number of real examples in that global batch). Padding rows repeat the last example."""
     data = config.data
@@ -207,6 +266,7 @@ def eval_batches(config, split: str, batch_size: int, process_index: int = 0, pr
     batches = ProcessBatches(
         src, GlobalOrder(total, 0, shuffle=False), Preprocess(data, train=False, seed=0),
         batch_size, process_index, process_count, num_batches=-(-total // batch_size),
+        captions=Captions(data) if captions else None,
     )
     for i in range(len(batches)):
         yield batches[i], min(batch_size, total - i * batch_size)

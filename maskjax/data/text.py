@@ -21,7 +21,7 @@ import numpy as np
 
 from maskjax.data import pipeline
 from maskjax.data import tokenizer as tokenizer_lib
-from maskjax.data.text_corpus import MaskjaxText, vocab_path
+from maskjax.data.text_corpus import vocab_path
 
 READ_CHUNK = 256  # documents read and tokenized together
 
@@ -30,7 +30,7 @@ def tokenizer_path(data_config) -> str:
     """``data.tokenizer`` when set; otherwise the vocabulary stored beside an embedded corpus."""
     if data_config.tokenizer:
         return data_config.tokenizer
-    if pipeline.EMBEDDED.get(data_config.name) is MaskjaxText:
+    if getattr(pipeline.EMBEDDED.get(data_config.name), "HAS_VOCAB", False):
         return vocab_path(pipeline.builder(data_config))
     raise pipeline.DataError(
         f"data.tokenizer is not set: dataset {data_config.name!r} needs a tokenizer file "

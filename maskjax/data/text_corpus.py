@@ -90,6 +90,7 @@ def is_validation(name: str) -> bool:
 class MaskjaxText(tfds.core.GeneratorBasedBuilder):
     """Python's help topics and standard-library docstrings: ``text`` and ``source`` (its name)."""
 
+    HAS_VOCAB = True  # vocab.txt beside the data (see vocab_path)
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "help topics + stdlib docstrings, 90/10 split by name hash, WordPiece 4096."}
 

@@ -29,7 +29,7 @@ class TextEncoder(nnx.Module):
 
     def __init__(self, *, vocab_size: int, max_len: int, width: int, depth: int, heads: int,
                  mlp_ratio: float = 4.0, positions: str = "learned", pre_norm: bool = True,
-                 dtype: str = "float32", remat: str = "none", rngs: nnx.Rngs):
+                 dtype: str = "float32", remat: str = "none", lm_head: bool = True, rngs: nnx.Rngs):
         if positions not in POSITIONS:
             raise ValueError(f"positions={positions!r} must be one of {POSITIONS}")
         self.dtype = layers.compute_dtype(dtype)
@@ -43,9 +43,10 @@ class TextEncoder(nnx.Module):
         self.blocks = layers.Stack(depth, width, heads, int(width * mlp_ratio), rngs=rngs, dtype=self.dtype,
                                    pre_norm=pre_norm, remat=remat)
         self.final_norm = layers.LayerNorm(width, rngs=rngs, dtype=self.dtype) if pre_norm else None
-        self.head_dense = layers.Dense(width, width, ("embed", "embed"), rngs=rngs, dtype=self.dtype)
-        self.head_norm = layers.LayerNorm(width, rngs=rngs, dtype=self.dtype)
-        self.output_bias = layers.param(rngs, layers.zeros, (vocab_size,), ("vocab",))
+        if lm_head:  # BERT's prediction head; a contrastive text tower (FLIP) has none
+            self.head_dense = layers.Dense(width, width, ("embed", "embed"), rngs=rngs, dtype=self.dtype)
+            self.head_norm = layers.LayerNorm(width, rngs=rngs, dtype=self.dtype)
+            self.output_bias = layers.param(rngs, layers.zeros, (vocab_size,), ("vocab",))
 
     def embed(self, tokens: jax.Array, positions: jax.Array) -> jax.Array:
         x = jnp.take(self.token_embed[...], tokens, axis=0)

@@ -12,7 +12,7 @@ and optionally ``features(model, batch)`` (frozen features for probes),
 ``reconstruct(model, batch, key)`` (images for the eval PNG), ``eval_step(model, batch, key,
 unigram)`` + ``summarize(totals)`` (held-out metrics summed over the eval split, next to a
 context-free baseline) and ``sample(model, key, num, steps)`` (generation). ``data_kind`` says which
-input pipeline feeds it ('image' or 'text'). Look-up is by ``config.objective``.
+input pipeline feeds it ('image', 'image_text' or 'text'). Look-up is by ``config.objective``.
 """
 from __future__ import annotations
 
@@ -44,20 +44,21 @@ def register(cls):
     return cls
 
 
-def check_transformer(model_config) -> None:
-    """Config checks every transformer shares: heads divide width, known dtype and remat policy."""
+def check_transformer(model_config, group: str = "model") -> None:
+    """Config checks every transformer shares: heads divide width, known dtype and remat policy
+    (where the group has them). ``group`` names the config group in errors."""
     from maskjax.models import layers
 
     m = model_config
     for key in ("width", "depth", "heads"):
         if not isinstance(m[key], int) or isinstance(m[key], bool) or m[key] < 1:
-            raise ConfigError(f"model.{key}", f"must be a positive int, got {m[key]!r}")
+            raise ConfigError(f"{group}.{key}", f"must be a positive int, got {m[key]!r}")
     if m.width % m.heads:
-        raise ConfigError("model.heads", f"{m.heads} does not divide model.width={m.width}")
-    if m.dtype not in layers.DTYPES:
-        raise ConfigError("model.dtype", f"must be one of {tuple(layers.DTYPES)}, got {m.dtype!r}")
-    if m.remat not in layers.REMAT_POLICIES:
-        raise ConfigError("model.remat", f"must be one of {tuple(layers.REMAT_POLICIES)}, got {m.remat!r}")
+        raise ConfigError(f"{group}.heads", f"{m.heads} does not divide {group}.width={m.width}")
+    if "dtype" in m and m.dtype not in layers.DTYPES:
+        raise ConfigError(f"{group}.dtype", f"must be one of {tuple(layers.DTYPES)}, got {m.dtype!r}")
+    if "remat" in m and m.remat not in layers.REMAT_POLICIES:
+        raise ConfigError(f"{group}.remat", f"must be one of {tuple(layers.REMAT_POLICIES)}, got {m.remat!r}")
 
 
 def get(config) -> Objective:
@@ -67,4 +68,4 @@ def get(config) -> Objective:
 
 
 # Registration happens on import; keep this list in sync with the files in this package.
-from maskjax.objectives import mae, mdlm, mlm, simmim  # noqa: E402,F401
+from maskjax.objectives import flip, mae, mdlm, mlm, simmim  # noqa: E402,F401

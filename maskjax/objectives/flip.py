@@ -1,0 +1,177 @@
+"""FLIP (Li et al. 2023, "Scaling Language-Image Pre-training via Masking"): CLIP with most image
+patches dropped before the image tower.
+
+Image tower: the ViT on the visible patches only (``mask.*``; FLIP uses random masking at 0.5),
+mean-pooled. Text tower: the text encoder (``text_model.*``) on the caption, optionally with a share
+``flip.text_mask_ratio`` of its words dropped, read at [CLS]. Linear projections to
+``flip.embed_dim``, L2 normalisation, a learnable temperature (``log`` of the logit scale, clipped at
+``flip.max_logit_scale``), and the symmetric InfoNCE loss over the **global** batch: the loss is
+written on global arrays inside the jitted step, so every image is contrasted with every caption of
+the whole batch on every device and host (the compiler gathers the embeddings; the logits stay
+sharded by rows). Unmasked tuning is the same config with ``mask.ratio=0``.
+
+Zero-shot classification (``eval.zero_shot``): each class name in each prompt template through the
+text tower, averaged per class; an image's class is its most similar class embedding.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from maskjax import masking, objectives, sharding
+from maskjax.config import ConfigError
+from maskjax.models import layers, text as text_model, vit
+from maskjax.objectives.vision import VisionObjective
+
+
+def normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+    x = x.astype(jnp.float32)
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
+def contrastive_loss(image: jax.Array, text: jax.Array, scale: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Symmetric InfoNCE of L2-normalised embeddings [B, E] whose row i are a pair; returns (loss,
+    image->text top-1 accuracy). On sharded inputs the logits are [B, B] over the global batch."""
+    logits = scale * jnp.einsum("ie,te->it", image, text)
+    logits = sharding.constrain(logits, ("batch", None))
+    labels = jnp.arange(logits.shape[0])
+    log_i2t = jax.nn.log_softmax(logits, axis=1)
+    log_t2i = jax.nn.log_softmax(logits, axis=0)
+    diag = lambda m: jnp.take_along_axis(m, labels[:, None], axis=1)[:, 0]
+    loss = -0.5 * (jnp.mean(diag(log_i2t)) + jnp.mean(diag(log_t2i.T)))
+    accuracy = jnp.mean(jnp.argmax(logits, axis=1) == labels)
+    return loss, accuracy
+
+
+class FLIPModel(nnx.Module):
+    def __init__(self, image: vit.ViTEncoder, text: text_model.TextEncoder, embed_dim: int,
+                 init_temperature: float, rngs: nnx.Rngs):
+        self.image, self.text = image, text
+        self.image_proj = layers.Dense(image.width, embed_dim, ("embed", None), rngs=rngs, dtype=image.dtype,
+                                       use_bias=False)
+        self.text_proj = layers.Dense(text.width, embed_dim, ("embed", None), rngs=rngs, dtype=text.dtype,
+                                      use_bias=False)
+        scale = math.log(1.0 / init_temperature)
+        self.log_scale = layers.param(rngs, nnx.initializers.constant(scale), (), ())
+
+    def embed_image(self, patches: jax.Array, keep_idx: jax.Array | None = None) -> jax.Array:
+        """[B, L, P] patches (only ``keep_idx`` tokens encoded) -> [B, E] unit vectors."""
+        out = self.image(patches, keep_idx)[:, self.image.num_prefix:]
+        return normalize(self.image_proj(jnp.mean(out.astype(jnp.float32), axis=1)))
+
+    def embed_text(self, tokens: jax.Array, segment_ids: jax.Array, positions: jax.Array) -> jax.Array:
+        """Token ids [B, S] (segment 0 = not attended) -> [B, E] unit vectors, read at position 0 ([CLS])."""
+        hidden = self.text(tokens, segment_ids, positions)
+        return normalize(self.text_proj(hidden[:, 0]))
+
+
+def drop_text_tokens(key: jax.Array, tokens: jax.Array, tokenizer, ratio: float
+                     ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """FLIP's text masking: hide ``floor(ratio * n)`` of each caption's ``n`` word pieces ([CLS],
+    [SEP] and padding are never hidden) and remove them, keeping original positions. Returns
+    (tokens, segment_ids, positions), cut to the longest possible kept length (static)."""
+    batch, length = tokens.shape
+    real = tokens != tokenizer.pad_id
+    positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), tokens.shape)
+    if ratio <= 0:
+        return tokens, real.astype(jnp.int32), positions
+    eligible = real & (tokens != tokenizer.cls_id) & (tokens != tokenizer.sep_id)
+    hidden = masking.random_bool_mask(key, tokens.shape, ratio, eligible)
+    keep = real & ~hidden
+    kept_len = length - int(math.floor(ratio * (length - 2)))
+    order = jnp.argsort(~keep, axis=-1, stable=True)[:, :kept_len].astype(jnp.int32)
+    take = lambda x: jnp.take_along_axis(x, order, axis=1)
+    return take(tokens), take(keep).astype(jnp.int32), order
+
+
+@objectives.register
+class FLIP(VisionObjective):
+    name = "flip"
+    data_kind = "image_text"
+
+    @functools.cached_property
+    def tokenizer(self):
+        from maskjax.data import text as text_data
+
+        return text_data.load_tokenizer(self.config.data)
+
+    def validate(self) -> None:
+        super().validate()
+        c = self.config
+        objectives.check_transformer(c.text_model, "text_model")
+        if c.text_model.positions not in text_model.POSITIONS:
+            raise ConfigError("text_model.positions", f"must be one of {text_model.POSITIONS}, "
+                                                      f"got {c.text_model.positions!r}")
+        if not isinstance(c.data.seq_len, int) or c.data.seq_len < 3:
+            raise ConfigError("data.seq_len", f"must be an int >= 3 ([CLS] word [SEP]), got {c.data.seq_len!r}")
+        if not isinstance(c.flip.embed_dim, int) or c.flip.embed_dim < 1:
+            raise ConfigError("flip.embed_dim", f"must be a positive int, got {c.flip.embed_dim!r}")
+        if not c.flip.init_temperature > 0 or not 1.0 / c.flip.init_temperature <= c.flip.max_logit_scale:
+            raise ConfigError("flip.init_temperature", f"{c.flip.init_temperature} must be > 0 with 1/temperature "
+                                                       f"<= flip.max_logit_scale={c.flip.max_logit_scale}")
+        try:
+            masking.check_ratio(c.flip.text_mask_ratio, "flip.text_mask_ratio")
+        except ValueError as err:
+            raise ConfigError("flip.text_mask_ratio", str(err)) from None
+        if c.optim.grad_accum != 1:
+            raise ConfigError("optim.grad_accum", "FLIP's contrastive loss needs the whole batch in one step "
+                                                  "(accumulating micro-batches would contrast within each only)")
+        self.tokenizer  # a missing or unusable tokenizer fails here
+
+    def build(self, rngs: nnx.Rngs) -> FLIPModel:
+        m, t = self.config.model, self.config.text_model
+        text = text_model.TextEncoder(
+            vocab_size=self.tokenizer.vocab_size, max_len=self.config.data.seq_len, width=t.width,
+            depth=t.depth, heads=t.heads, mlp_ratio=t.mlp_ratio, positions=t.positions, pre_norm=True,
+            dtype=m.dtype, remat=m.remat, lm_head=False, rngs=rngs,
+        )
+        return FLIPModel(vit.encoder_from_config(self.config, rngs), text, self.config.flip.embed_dim,
+                         self.config.flip.init_temperature, rngs)
+
+    def batch_spec(self) -> dict:
+        spec = super().batch_spec()
+        spec["text"] = ((self.config.batch_size, self.config.data.seq_len), jnp.int32)
+        return spec
+
+    def logit_scale(self, model: FLIPModel) -> jax.Array:
+        return jnp.minimum(jnp.exp(model.log_scale[...]), self.config.flip.max_logit_scale)
+
+    def loss(self, model: FLIPModel, batch: dict, key: jax.Array, step: jax.Array):
+        image_key, text_key = jax.random.split(key)
+        patches = self.patches(batch)
+        mask = self.masker()(image_key, patches.shape[0])
+        image = model.embed_image(patches, mask.keep_idx)
+        text = model.embed_text(*drop_text_tokens(text_key, batch["text"], self.tokenizer,
+                                                  self.config.flip.text_mask_ratio))
+        scale = self.logit_scale(model)
+        loss, accuracy = contrastive_loss(image, text, scale)
+        return loss, {"loss": loss, "batch_accuracy": accuracy, "logit_scale": scale,
+                      "mask_ratio": jnp.mean(mask.mask.astype(jnp.float32))}
+
+    # ---------------------------------------------------------------- eval hooks
+    def features(self, model: FLIPModel, batch: dict) -> jax.Array:
+        """Mean-pooled image-tower features of the unmasked image (for probes), before projection."""
+        return model.image.features(self.patches(batch))
+
+    def class_embeddings(self, model: FLIPModel, tokens: jax.Array, num_classes: int) -> jax.Array:
+        """Prompt tokens [C * T, S] (class-major) -> [C, E]: the mean of each class's prompt embeddings."""
+        emb = model.embed_text(*drop_text_tokens(None, tokens, self.tokenizer, 0.0))
+        return normalize(jnp.mean(emb.reshape(num_classes, -1, emb.shape[-1]), axis=1))
+
+    def zero_shot_logits(self, model: FLIPModel, batch: dict, classes: jax.Array) -> jax.Array:
+        """[B, C] similarity of each (unmasked) image to each class embedding."""
+        return model.embed_image(self.patches(batch)) @ classes.T
+
+    def flops(self) -> int:
+        c, b = self.config, self.config.batch_size
+        t, e = c.text_model, c.flip.embed_dim
+        length = c.data.seq_len
+        if c.flip.text_mask_ratio > 0:
+            length -= int(math.floor(c.flip.text_mask_ratio * (length - 2)))
+        text = layers.transformer_flops(b, length, t.width, t.depth, int(t.width * t.mlp_ratio))
+        heads = 2 * b * e * (c.model.width + t.width) + 2 * b * b * e  # projections + global logits
+        return 3 * (self.encoder_flops(self.num_kept) + text + heads)
