@@ -15,7 +15,7 @@ def get_config(arg: str = ""):
     c = base_config()
     c.objective = "flip"
     c.batch_size = 128
-    c.total_steps = 1500
+    c.total_steps = 1000
     c.log_every = 50
     c.data.update(name="maskjax_digit_captions", text_key="caption", seq_len=16,
                   crop_scale=(0.6, 1.0), flip=False)  # a flipped 2 is not a two

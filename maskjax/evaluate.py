@@ -174,8 +174,12 @@ def evaluate_zero_shot(setup, params) -> dict:
             "num_prompts": len(templates), "num_examples": total}
 
 
+VIDEO_CLIPS = 4  # clips shown in a video reconstruction PNG (3 rows of frames each)
+
+
 def save_reconstructions(setup, params, workdir: str, step: int, writer=None) -> str:
-    """Rows: input, masked input, reconstruction, for the first ``eval.num_images`` eval images."""
+    """Rows: input, masked input, reconstruction, for the first ``eval.num_images`` eval images;
+    for video, three rows of frames (input, masked, reconstruction) per clip, for up to 4 clips."""
     config = setup.config
     batch_size = _eval_batch_size(setup)
     local, _ = next(pipeline.eval_batches(config, config.data.eval_split, batch_size,
@@ -190,8 +194,8 @@ def save_reconstructions(setup, params, workdir: str, step: int, writer=None) ->
     out = jax.jit(images, out_shardings=sharding.replicated(setup.mesh))(params, batch)
     n = config.eval.num_images
     rows = [np.asarray(out[name])[:n] for name in ("input", "masked", "reconstruction")]
-    if rows[0].ndim == 5:  # video: show the first frame of each clip
-        rows = [r[:, 0] for r in rows]
+    if rows[0].ndim == 5:  # video: a strip per clip, rows input / masked / reconstructed frames
+        rows = [kind[i] for i in range(min(n, VIDEO_CLIPS)) for kind in rows]
     grid = metrics_lib.image_grid(rows, config.data.mean, config.data.std)
     path = os.path.join(workdir, "reconstructions", f"step_{step:07d}.png")
     if jax.process_index() == 0:

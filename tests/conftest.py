@@ -12,13 +12,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
-    """A TFDS data_dir with the embedded digits and text corpus prepared once for the whole session."""
+    """A TFDS data_dir with every embedded dataset prepared once for the whole session."""
     path = str(tmp_path_factory.mktemp("tensorflow_datasets"))
     os.environ["MASKJAX_DATA_DIR"] = path
     from maskjax.data import pipeline
 
-    for name in ("maskjax_digits", "maskjax_text"):
-        pipeline.EMBEDDED[name](data_dir=path, file_format="array_record").download_and_prepare()
+    for builder in pipeline.EMBEDDED.values():
+        builder(data_dir=path, file_format="array_record").download_and_prepare()
     return path
 
 

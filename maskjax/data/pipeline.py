@@ -19,10 +19,14 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from maskjax.data.digits import MaskjaxDigitCaptions, MaskjaxDigits, MaskjaxMovingDigits
+from maskjax.data.folder import MaskjaxImageTextFolder
 from maskjax.data.text_corpus import MaskjaxText
 
+# Built here from data that ships with Python and scikit-learn (prepared on first use).
 EMBEDDED = {"maskjax_digits": MaskjaxDigits, "maskjax_digit_captions": MaskjaxDigitCaptions,
             "maskjax_moving_digits": MaskjaxMovingDigits, "maskjax_text": MaskjaxText}
+# Built from the user's files in ``data.manual_dir`` (prepared on first use).
+LOCAL = {"maskjax_image_text_folder": MaskjaxImageTextFolder}
 
 
 class DataError(ValueError):
@@ -43,6 +47,19 @@ def builder(data_config) -> tfds.core.DatasetBuilder:
         b = EMBEDDED[name](data_dir=directory, file_format="array_record")
         if not b.is_prepared():
             b.download_and_prepare()
+        return b
+    if name in LOCAL:
+        b = LOCAL[name](data_dir=directory, file_format="array_record")
+        if not b.is_prepared():
+            manual = data_config.get("manual_dir", "")
+            if not manual or not os.path.isdir(os.path.expanduser(manual)):
+                raise DataError(f"dataset {name!r} is not prepared in {directory!r} and data.manual_dir={manual!r} "
+                                "is not a folder of image + caption files")
+            try:
+                b.download_and_prepare(download_config=tfds.download.DownloadConfig(
+                    manual_dir=os.path.expanduser(manual)))
+            except ValueError as err:
+                raise DataError(f"data.manual_dir={manual!r}: {err}") from None
         return b
     try:
         b = tfds.builder(name, data_dir=directory)
@@ -108,7 +125,10 @@ class Preprocess:
         if cfg.image_key not in record:
             raise DataError(f"record {position} of {cfg.name!r} has no field data.image_key={cfg.image_key!r}; "
                             f"it has {sorted(record)}")
-        pixels = np.asarray(record[cfg.image_key])
+        pixels = record[cfg.image_key]
+        if isinstance(pixels, bytes) or (isinstance(pixels, np.ndarray) and pixels.dtype == object):
+            pixels = _decode(pixels, cfg, position)
+        pixels = np.asarray(pixels)
         if pixels.ndim == 2 + bool(self.frames):  # grey-scale without a channel axis
             pixels = pixels[..., None]
         expected = 4 if self.frames else 3
@@ -145,6 +165,23 @@ class Preprocess:
         if flip:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
         return _from_pil(img, self.cfg.channels)
+
+
+def _decode(data, cfg, position) -> np.ndarray:
+    """Encoded image bytes (JPEG, PNG, ...) -> uint8 [H, W, data.channels]."""
+    import io
+
+    data = data.item() if isinstance(data, np.ndarray) else data
+    try:
+        img = Image.open(io.BytesIO(data))
+        img = img.convert("L" if cfg.channels == 1 else "RGB")
+    except Exception as err:  # Pillow raises several types for corrupt files
+        raise DataError(f"record {position} of {cfg.name!r}: {cfg.image_key!r} is not a readable image "
+                        f"({type(err).__name__}: {err})") from None
+    if cfg.channels not in (1, 3):
+        raise DataError(f"record {position} of {cfg.name!r}: encoded images decode to 1 or 3 channels, "
+                        f"not data.channels={cfg.channels}")
+    return np.asarray(img)
 
 
 def _random_crop_box(rng: np.random.Generator, width: int, height: int, scale) -> tuple[float, ...]:

@@ -30,7 +30,8 @@ def tokenizer_path(data_config) -> str:
     """``data.tokenizer`` when set; otherwise the vocabulary stored beside an embedded corpus."""
     if data_config.tokenizer:
         return data_config.tokenizer
-    if getattr(pipeline.EMBEDDED.get(data_config.name), "HAS_VOCAB", False):
+    builders = {**pipeline.EMBEDDED, **pipeline.LOCAL}
+    if getattr(builders.get(data_config.name), "HAS_VOCAB", False):
         return vocab_path(pipeline.builder(data_config))
     raise pipeline.DataError(
         f"data.tokenizer is not set: dataset {data_config.name!r} needs a tokenizer file "

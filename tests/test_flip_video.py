@@ -1,0 +1,280 @@
+"""FLIP (global-batch contrastive loss, text masking, zero-shot), video MAE (moving digits, tube and
+dual masking, PNG strips), HOG targets, hard-patch mining, and their bad inputs."""
+import glob
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from maskjax import config as config_lib
+from maskjax import masking, objectives, train
+from maskjax.data import DataError, pipeline
+from maskjax.data import digits as digits_data
+from maskjax.objectives import flip, mae, vision
+from tests.conftest import load_config
+
+# --------------------------------------------------------------------------- FLIP
+
+
+def flip_batch(setup, seed=0):
+    spec = setup.objective.batch_spec()
+    rng = np.random.default_rng(seed)
+    tok = setup.objective.tokenizer
+    text = rng.integers(5, tok.vocab_size, size=spec["text"][0]).astype(np.int32)
+    text[:, 0], text[:, -1] = tok.cls_id, tok.sep_id
+    text[::3, 6:] = tok.pad_id  # some short captions
+    text[::3, 5] = tok.sep_id
+    return {"image": rng.normal(size=spec["image"][0]).astype(np.float32),
+            "label": np.zeros(spec["label"][0], np.int32), "text": text}
+
+
+def test_contrastive_loss_is_over_the_global_batch(data_dir):
+    """8 devices give the loss of one device on the same global batch, and not the mean of the
+    per-device losses (which would only contrast within a device)."""
+    config = load_config("flip_digits.py:tiny", "mask.ratio=0.5", data_dir=data_dir)
+    one = train.build(config, devices=jax.devices()[:1])
+    eight = train.build(config, devices=jax.devices())
+    batch = flip_batch(one)
+    _, m1 = one.step_fn(one.init_fn(), one.global_batch(batch))
+    _, m8 = eight.step_fn(eight.init_fn(), eight.global_batch(batch))
+    assert float(m8["loss"]) == pytest.approx(float(m1["loss"]), abs=1e-5)
+
+    # The same embeddings contrasted within 4-example shards give a clearly different loss.
+    rng = np.random.default_rng(1)
+    image = flip.normalize(jnp.asarray(rng.normal(size=(32, 16))))
+    text = flip.normalize(jnp.asarray(rng.normal(size=(32, 16))) + image)
+    whole, _ = flip.contrastive_loss(image, text, jnp.float32(10.0))
+    shards = np.mean([float(flip.contrastive_loss(image[i:i + 4], text[i:i + 4], jnp.float32(10.0))[0])
+                      for i in range(0, 32, 4)])
+    assert abs(float(whole) - shards) > 0.1
+
+
+def test_contrastive_loss_matches_numpy():
+    rng = np.random.default_rng(0)
+    image = np.asarray(flip.normalize(jnp.asarray(rng.normal(size=(6, 5)))))
+    text = np.asarray(flip.normalize(jnp.asarray(rng.normal(size=(6, 5)))))
+    logits = 7.0 * image @ text.T
+
+    def ce(m):
+        m = m - m.max(1, keepdims=True)
+        return -np.mean(np.diag(m) - np.log(np.exp(m).sum(1)))
+
+    loss, accuracy = flip.contrastive_loss(jnp.asarray(image), jnp.asarray(text), jnp.float32(7.0))
+    assert float(loss) == pytest.approx(0.5 * (ce(logits) + ce(logits.T)), rel=1e-5)
+    assert float(accuracy) == pytest.approx(np.mean(logits.argmax(1) == np.arange(6)))
+
+
+def test_text_masking_drops_words_and_keeps_positions(data_dir):
+    config = load_config("flip_digits.py:tiny", data_dir=data_dir)
+    tok = objectives.get(config).tokenizer
+    tokens = jnp.asarray(pipeline.caption_tokens(tok, ["a scan of a handwritten seven.", "a one."], 16))
+    out, segments, positions = flip.drop_text_tokens(jax.random.key(0), tokens, tok, 0.5)
+    assert out.shape == (2, 16 - 7)  # 16 - floor(0.5 * 14)
+    for row in range(2):
+        real = np.asarray(tokens[row] != tok.pad_id)
+        eligible = int(real.sum()) - 2
+        kept = np.asarray(segments[row]).astype(bool)
+        assert kept.sum() == real.sum() - eligible // 2
+        # kept tokens are the original tokens at their original positions, [CLS] first
+        np.testing.assert_array_equal(np.asarray(out[row])[kept], np.asarray(tokens[row])[np.asarray(positions[row])[kept]])
+        assert int(out[row, 0]) == tok.cls_id and tok.sep_id in np.asarray(out[row])[kept]
+
+
+def test_captioned_digits_and_flip_train_with_zero_shot_eval(data_dir, tmp_path):
+    b = pipeline.builder(load_config("flip_digits.py", data_dir=data_dir).data)
+    assert b.info.features["label"].names == list(digits_data.CLASS_NAMES)
+    record = b.as_data_source("train")[0]
+    assert digits_data.CLASS_NAMES[record["label"]] in record["caption"].decode()
+
+    config = load_config("flip_digits.py:tiny,textmask", data_dir=data_dir)
+    summary = train.train(config, str(tmp_path), quiet=True)
+    zero_shot = summary["eval"]["zero_shot"]
+    assert zero_shot["num_classes"] == 10 and zero_shot["num_examples"] == 360
+    assert 0.0 <= zero_shot["accuracy"] <= 1.0 and zero_shot["chance"] == pytest.approx(0.1)
+    assert "pretrained" in summary["eval"]  # the image tower is probed like any encoder
+    assert json.load(open(tmp_path / "eval.json"))["zero_shot"] == zero_shot
+
+
+# --------------------------------------------------------------------------- video
+
+
+def test_moving_digits_clips_and_video_preprocessing(data_dir):
+    config = load_config("videomae_digits.py", data_dir=data_dir)
+    src = pipeline.source(config.data, "train")
+    clip = src[0]["video"]
+    assert clip.shape == (16, 32, 32, 1) and clip.dtype == np.uint8
+    assert (clip.reshape(16, -1).sum(1) == clip[0].sum()).all()  # the whole digit is on every frame
+    assert not np.array_equal(clip[0], clip[1])  # and it moves
+    np.testing.assert_array_equal(digits_data.moving_clip(clip[0, 0:1, 0:1, 0], 3),
+                                  digits_data.moving_clip(clip[0, 0:1, 0:1, 0], 3))
+    loader = pipeline.train_loader(config)
+    batch = next(loader)
+    assert batch["image"].shape == (32, 8, 32, 32, 1)
+
+
+def test_running_cell_decoder_mask():
+    m = masking.running_cell_mask(jax.random.key(0), 3, 4, (4, 4), 0.5)
+    mask = np.asarray(m.mask).reshape(3, 4, 2, 2, 2, 2).transpose(0, 1, 2, 4, 3, 5).reshape(3, 4, 4, 4)
+    assert (mask.sum(-1) == 2).all()  # every 2x2 cell of every frame hides exactly 2 tokens
+    assert (mask[:, 1:] != mask[:, :-1]).any(-1).all()  # the pattern moves from frame to frame
+    assert m.num_kept == 32
+
+
+def test_dual_masking_loss_only_on_encoder_masked_decoder_kept(data_dir):
+    config = load_config("videomae_digits.py:tiny,dual", data_dir=data_dir)
+    objective = objectives.get(config)
+    objective.validate()
+    model = objective.build(nnx.Rngs(0))
+    spec = objective.batch_spec()
+    batch = {"image": jax.random.normal(jax.random.key(1), spec["image"][0]), "label": jnp.zeros(8, jnp.int32)}
+    key = jax.random.key(2)
+    target_shape = (8, objective.num_tokens, objective.target_dim)
+
+    def loss_of(target):
+        objective.targets = lambda *args, **kwargs: target
+        return objective.dual_loss(model, batch, key, norm=True)[0]
+
+    grad = np.asarray(jax.grad(loss_of)(jnp.zeros(target_shape)))
+    del objective.targets
+    enc_key, dec_key = jax.random.split(key)
+    hidden = np.asarray(objective.masker()(enc_key, 8).mask)
+    decoder_dropped = np.asarray(objective.decoder_masker()(dec_key, 8).mask)
+    expected = hidden & ~decoder_dropped
+    assert expected.any() and (~expected).any()
+    np.testing.assert_array_equal(np.abs(grad).sum(-1) > 0, expected)
+
+
+def test_videomae_trains_and_writes_a_frame_strip(data_dir, tmp_path):
+    config = load_config("videomae_digits.py:tiny", "total_steps=12", "optim.base_lr=0.005", data_dir=data_dir)
+    summary = train.train(config, str(tmp_path), quiet=True)
+    assert summary["losses"][-1][1] < summary["losses"][0][1]
+    pngs = glob.glob(str(tmp_path / "reconstructions" / "*.png"))
+    assert len(pngs) == 1
+    from PIL import Image
+
+    strip = np.asarray(Image.open(pngs[0]))
+    # 4 clips x 3 rows (input, masked, reconstruction) of 4 frames, 16 px x 8 enlarged + 2 px gaps
+    assert strip.shape[:2] == (12 * 130 + 2, 4 * 130 + 2)
+
+
+# --------------------------------------------------------------------------- HOG
+
+
+def hog_reference(image: np.ndarray, cell: int, bins: int) -> np.ndarray:
+    """Straight loops over pixels: Sobel, unsigned orientation bins, cell histograms, L2 norm."""
+    h, w, c = image.shape
+    padded = np.pad(image.astype(np.float64), ((1, 1), (1, 1), (0, 0)), mode="reflect")
+    kx = np.array([[1, 0, -1], [2, 0, -2], [1, 0, -1]], np.float64)
+    out = np.zeros((h // cell, w // cell, c, bins))
+    for ch in range(c):
+        for y in range(h):
+            for x in range(w):
+                window = padded[y:y + 3, x:x + 3, ch]
+                gx, gy = (window * kx).sum(), (window * kx.T).sum()
+                b = int(np.floor(np.arctan2(gx, gy) / np.pi * bins)) % bins
+                out[y // cell, x // cell, ch, b] += np.hypot(gx, gy)
+    norm = np.maximum(np.linalg.norm(out, axis=-1, keepdims=True), 1e-12)
+    return (out / norm).reshape(h // cell, w // cell, c * bins)
+
+
+def test_hog_matches_numpy_and_is_zero_on_constant_images():
+    rng = np.random.default_rng(0)
+    images = rng.uniform(size=(2, 16, 16, 3)).astype(np.float32)
+    got = np.asarray(vision.hog(jnp.asarray(images), cell=8, bins=9))
+    assert got.shape == (2, 2, 2, 27)
+    for i in range(2):
+        np.testing.assert_allclose(got[i], hog_reference(images[i], 8, 9), atol=1e-4)
+    np.testing.assert_array_equal(np.asarray(vision.hog(jnp.full((1, 16, 16, 3), 0.7), 8, 9)), 0.0)
+
+
+@pytest.mark.parametrize("name", ["mae_digits.py:tiny", "simmim_digits.py:tiny"])
+def test_hog_targets_train(name):
+    config = load_config(name, "loss.target=hog", "loss.hog_cell=2", "optim.base_lr=0.01",
+                         "optim.warmup_steps=0", "optim.schedule=constant")
+    setup = train.build(config)
+    assert setup.objective.target_dim == 4 * 9  # 2x2 cells of one channel per 4-pixel patch
+    rng = np.random.default_rng(0)
+    batch = setup.global_batch({"image": rng.normal(size=(32, 16, 16, 1)).astype(np.float32),
+                                "label": np.zeros(32, np.int32)})
+    state = setup.init_fn()
+    losses = []
+    for _ in range(10):
+        state, m = setup.step_fn(state, batch)
+        losses.append(float(m["loss"]))
+    assert np.isfinite(losses).all() and losses[-1] < losses[0]
+
+
+# --------------------------------------------------------------------------- HPM
+
+
+def test_hard_patch_mask_takes_the_hardest_then_random():
+    scores = jax.random.normal(jax.random.key(0), (4, 16))
+    m = masking.hard_patch_mask(jax.random.key(1), scores, num_masked=12, hard_count=5)
+    mask, order = np.asarray(m.mask), np.argsort(-np.asarray(scores), axis=1)
+    assert (mask.sum(1) == 12).all() and m.num_kept == 4
+    assert all(mask[b, order[b, :5]].all() for b in range(4))
+
+
+def test_hpm_hard_share_follows_its_schedule():
+    config = load_config("mae_digits.py:tiny", "hpm.enabled=true", "hpm.final_share=0.5", "total_steps=100")
+    objective = objectives.get(config)
+    objective.validate()
+    masked = objective.num_tokens - objective.num_kept  # 12 of 16
+    counts = [int(objective.hard_count(s)) for s in (0, 25, 50, 100, 200)]
+    assert counts == [0, round(0.125 * masked), round(0.25 * masked), round(0.5 * masked), round(0.5 * masked)]
+    model = objective.build(nnx.Rngs(0))
+    batch = {"image": jax.random.normal(jax.random.key(1), (4, 16, 16, 1)), "label": jnp.zeros(4, jnp.int32)}
+    patches = objective.patches(batch)
+    scores = np.asarray(objective.predicted_difficulty(model, patches))
+    m = objective.mask(model, patches, jax.random.key(2), 100)
+    hardest = np.argsort(-scores, axis=1)[:, :6]
+    assert all(np.asarray(m.mask)[b, hardest[b]].all() for b in range(4))
+    loss, metrics = objective.loss(model, batch, jax.random.key(2), jnp.int32(100))
+    assert float(metrics["hard_count"]) == 6 and float(metrics["loss_prediction"]) > 0
+    assert float(loss) == pytest.approx(float(metrics["reconstruction_loss"] + metrics["loss_prediction"]), rel=1e-5)
+
+
+def test_pairwise_rank_loss_rewards_the_right_order():
+    actual = jnp.array([[1.0, 2.0, 3.0, 0.0]])
+    valid = jnp.array([[True, True, True, False]])
+    right = mae.pairwise_rank_loss(5 * actual, actual, valid)
+    wrong = mae.pairwise_rank_loss(-5 * actual, actual, valid)
+    assert float(right) < 0.05 < 2.0 < float(wrong)
+    assert float(mae.pairwise_rank_loss(5 * actual, actual.at[0, 3].set(100.0), valid)) == pytest.approx(float(right))
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("name,overrides,key", [
+    ("videomae_digits.py:tiny", ["data.frames=1"], "data.frames"),  # shorter than one tubelet
+    ("mae_digits.py:tiny", ["mask.ratio=0.99"], "mask"),  # no visible token left
+    ("flip_digits.py:tiny", ["mask.ratio=0.97"], "mask"),
+    ("flip_digits.py:tiny", ["flip.text_mask_ratio=1.0"], "flip.text_mask_ratio"),
+    ("flip_digits.py:tiny", ["text_model.heads=3"], "text_model.heads"),
+    ("flip_digits.py:tiny", ["optim.grad_accum=2"], "optim.grad_accum"),
+    ("mae_digits.py:tiny", ["loss.target=hog", "loss.hog_cell=3"], "loss.hog_cell"),
+    ("mae_digits.py:tiny", ["loss.target=edges"], "loss.target"),
+    ("videomae_digits.py:tiny", ["mask.decoder_ratio=0.1"], "mask.decoder_ratio"),
+    ("videomae_digits.py:tiny,dual", ["hpm.enabled=true"], "hpm.enabled"),
+])
+def test_config_errors_name_the_key(data_dir, name, overrides, key):
+    with pytest.raises(config_lib.ConfigError) as err:
+        config_lib.validate(load_config(name, *overrides, data_dir=data_dir), num_devices=8)
+    assert err.value.key == key
+
+
+def test_data_errors_name_the_record_and_field(data_dir):
+    config = load_config("flip_digits.py:tiny", "data.text_key=title", data_dir=data_dir)
+    with pytest.raises(DataError, match=r"record \d+ of 'maskjax_digit_captions' has no caption field data.text_key='title'"):
+        next(pipeline.train_loader(config, captions=True))
+    config = load_config("videomae_digits.py:tiny", "data.frames=20", "model.tubelet=2", data_dir=data_dir)
+    with pytest.raises(DataError, match=r"video of 16 frames is shorter than data.frames=20"):
+        next(pipeline.train_loader(config))
+    config = load_config("videomae_digits.py:tiny", "data.image_key=image", data_dir=data_dir)
+    with pytest.raises(DataError, match=r"no field data.image_key='image'"):
+        next(pipeline.train_loader(config))
