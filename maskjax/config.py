@@ -33,7 +33,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.log_every = 50
     c.eval_every = 0  # 0: evaluate at the end only
     c.data = dict(
-        name="maskjax_digits", data_dir="", manual_dir="", image_size=16, channels=1, frames=0,
+        name="maskjax_digits", data_dir="", manual_dir="", image_size=16, channels=1, frames=0, frame_stride=1,
         train_split="train", eval_split="test", image_key="image", label_key="label",
         crop_scale=(0.2, 1.0), flip=True, mean=(0.5,), std=(0.5,), num_threads=2, prefetch=4,
         # text: tokenizer file ("" = the vocabulary stored beside an embedded corpus), packed length

@@ -273,8 +273,62 @@ def test_data_errors_name_the_record_and_field(data_dir):
     with pytest.raises(DataError, match=r"record \d+ of 'maskjax_digit_captions' has no caption field data.text_key='title'"):
         next(pipeline.train_loader(config, captions=True))
     config = load_config("videomae_digits.py:tiny", "data.frames=20", "model.tubelet=2", data_dir=data_dir)
-    with pytest.raises(DataError, match=r"video of 16 frames is shorter than data.frames=20"):
+    with pytest.raises(DataError, match=r"video of 16 frames is shorter than data.frames=20 x data.frame_stride=1"):
         next(pipeline.train_loader(config))
     config = load_config("videomae_digits.py:tiny", "data.image_key=image", data_dir=data_dir)
     with pytest.raises(DataError, match=r"no field data.image_key='image'"):
         next(pipeline.train_loader(config))
+
+
+# --------------------------------------------------------------------------- recipes
+
+
+def test_recipes_follow_the_papers(data_dir):
+    vocab = os.path.join(pipeline.builder(load_config("flip_digits.py", data_dir=data_dir).data).data_dir, "vocab.txt")
+    c = load_config("flip_laion.py:vit_l16", f"data.tokenizer={vocab}", data_dir=data_dir)
+    config_lib.validate(c, num_devices=8)
+    assert (c.model.width, c.model.depth, c.model.patch_size, c.mask.ratio) == (1024, 24, 16, 0.5)
+    assert c.batch_size == 32768 and config_lib.lr(c) == pytest.approx(4e-6 * 32768 / 256)
+    assert (c.optim.b1, c.optim.b2, c.optim.weight_decay) == (0.9, 0.95, 0.2)
+    assert load_config("flip_laion.py:vit_b16,unmasked").mask.ratio == 0.0
+
+    v = load_config("videomae_k400.py:vit_b", data_dir=data_dir)
+    config_lib.validate(v, num_devices=8)
+    objective = objectives.get(v)
+    assert objective.token_grid == (8, 14, 14) and objective.num_kept == 8 * int(196 * 0.1)
+    assert (v.decoder.depth, v.decoder.width, v.mask.kind, v.loss.norm_pix) == (4, 384, "tube", True)
+    dual = load_config("videomae_k400.py:vit_l,dual", data_dir=data_dir)
+    config_lib.validate(dual, num_devices=8)
+    assert dual.mask.decoder_ratio == 0.5 and dual.model.width == 1024
+    with pytest.raises(config_lib.ConfigError, match="unknown variant"):
+        load_config("videomae_k400.py:vit_h")
+
+
+def test_image_text_folder_builder(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "pairs"
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 10), ("validation", 3)):
+        (folder / split).mkdir(parents=True)
+        for i in range(count):
+            Image.fromarray(rng.integers(0, 255, (20 + i, 24, 3), dtype=np.uint8)).save(folder / split / f"{i}.png")
+            (folder / split / f"{i}.txt").write_text(f"a random picture number {i}\n")
+    config = load_config("flip_digits.py:tiny", "data.name=maskjax_image_text_folder", f"data.manual_dir={folder}",
+                         "data.channels=3", "data.mean=(0.5, 0.5, 0.5)", "data.std=(0.5, 0.5, 0.5)",
+                         "batch_size=8", "data.eval_split=validation", data_dir=str(tmp_path / "tfds"))
+    batch = next(pipeline.train_loader(config, captions=True))
+    assert batch["image"].shape == (8, 16, 16, 3) and batch["text"].shape == (8, 16)
+    assert len(pipeline.source(config.data, "validation")) == 3
+
+    (folder / "train" / "broken.png").write_bytes(b"not a png")
+    (folder / "train" / "broken.txt").write_text("broken")
+    corrupt = load_config("flip_digits.py:tiny", "data.name=maskjax_image_text_folder", f"data.manual_dir={folder}",
+                          "data.channels=3", "data.mean=(0.5, 0.5, 0.5)", "data.std=(0.5, 0.5, 0.5)",
+                          data_dir=str(tmp_path / "tfds2"))
+    with pytest.raises(DataError, match=r"record \d+ of 'maskjax_image_text_folder': 'image' is not a readable image"):
+        list(pipeline.eval_batches(corrupt, "train", 16))
+    (folder / "train" / "lonely.png").write_bytes(b"x")
+    with pytest.raises(DataError, match="lonely.png' has no caption file"):
+        pipeline.builder(load_config("flip_digits.py:tiny", "data.name=maskjax_image_text_folder",
+                                     f"data.manual_dir={folder}", data_dir=str(tmp_path / "tfds3")).data)

@@ -109,8 +109,8 @@ class Preprocess:
 
     train: random resized crop (area in ``crop_scale``, aspect ratio in [3/4, 4/3]) and optional
     horizontal flip, with a NumPy generator seeded by (seed, global position); eval: plain resize.
-    Videos (``data.frames > 0``): a window of ``frames`` frames (random start in training, centred in
-    eval), the same crop and flip on every frame.
+    Videos (``data.frames > 0``): ``frames`` frames ``data.frame_stride`` apart (window start random in
+    training, centred in eval), the same crop and flip on every frame.
     """
 
     def __init__(self, data_config, train: bool, seed: int):
@@ -140,11 +140,13 @@ class Preprocess:
             )
         rng = np.random.default_rng([self.seed, position]) if self.train else None
         if self.frames:
-            if len(pixels) < self.frames:
+            stride = cfg.get("frame_stride", 1)
+            span = (self.frames - 1) * stride + 1
+            if len(pixels) < span:
                 raise DataError(f"record {position} of {cfg.name!r}: video of {len(pixels)} frames is shorter "
-                                f"than data.frames={self.frames}")
-            start = rng.integers(0, len(pixels) - self.frames + 1) if self.train else (len(pixels) - self.frames) // 2
-            pixels = pixels[start:start + self.frames]
+                                f"than data.frames={self.frames} x data.frame_stride={stride} ({span} frames)")
+            start = rng.integers(0, len(pixels) - span + 1) if self.train else (len(pixels) - span) // 2
+            pixels = pixels[start:start + span:stride]
         frames = pixels if self.frames else pixels[None]
         size = frames.shape[2], frames.shape[1]
         box, flip = None, False

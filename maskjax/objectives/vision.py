@@ -66,6 +66,9 @@ class VisionObjective:
         objectives.check_transformer(model)
         if data.channels < 1:
             raise ConfigError("data.channels", f"must be >= 1, got {data.channels}")
+        stride = data.get("frame_stride", 1)
+        if not isinstance(stride, int) or stride < 1:
+            raise ConfigError("data.frame_stride", f"must be a positive int, got {stride!r}")
         target = self.config.loss.get("target", "pixels")
         if target not in TARGETS:
             raise ConfigError("loss.target", f"must be one of {TARGETS}, got {target!r}")

@@ -1,0 +1,50 @@
+"""VideoMAE on Kinetics-400 (Tong et al. 2022), ViT-B or ViT-L, 16 frames at stride 4, 224 pixels.
+
+maskjax train --config configs/videomae_k400.py:vit_b --workdir gs://BUCKET/videomae_b
+Variants: vit_b (default), vit_l; ``,st`` for MAE-ST (spatiotemporal random masking at 0.9,
+decoder 4 x 512); ``,dual`` for VideoMAE V2's dual masking (the decoder keeps 50% of the tokens).
+
+Data: ``data.name`` must be a TFDS video dataset prepared as array_record whose ``video`` field
+decodes to uint8 [T, H, W, 3] (e.g. a Kinetics-400 builder of your own; clips shorter than
+16 x 4 frames are an error naming the record).
+
+From the paper: tubelets 2x16x16, tube masking 0.9, decoder 4 blocks x 384, normalised-pixel MSE,
+lr 1.5e-4 x batch / 256, AdamW (0.9, 0.95), weight decay 0.05, 40 warm-up epochs, 800 epochs
+(1600 for the best numbers), multi-scale crop + flip. Ours: the batch of 512 and random resized
+crop (0.5, 1) in place of the multi-scale crop.
+"""
+from maskjax.config import base_config, steps_for_epochs, variants
+
+K400_TRAIN = 240_436
+SIZES = {"vit_b": dict(width=768, depth=12, heads=12), "vit_l": dict(width=1024, depth=24, heads=16)}
+
+
+def get_config(arg: str = "vit_b"):
+    chosen = variants(arg or "vit_b", tuple(SIZES) + ("st", "dual"))
+    sizes = [v for v in chosen if v in SIZES] or ["vit_b"]
+    if len(sizes) > 1:
+        raise ValueError(f"choose one model size of {sorted(SIZES)}")
+    c = base_config()
+    c.objective = "mae"
+    c.batch_size = 512
+    epochs, warmup_epochs = 800, 40
+    c.total_steps = steps_for_epochs(epochs, K400_TRAIN, c.batch_size)
+    c.log_every = 100
+    c.data.update(name="kinetics400", image_key="video", frames=16, frame_stride=4, image_size=224, channels=3,
+                  train_split="train", eval_split="validation", crop_scale=(0.5, 1.0), flip=True,
+                  mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), num_threads=32, prefetch=4)
+    c.model.update(patch_size=16, tubelet=2, mlp_ratio=4.0, cls_token=False, dtype="bfloat16", remat="dots",
+                   **SIZES[sizes[0]])
+    c.decoder.update(width=384, depth=4, heads=6)
+    c.mask.update(kind="tube", ratio=0.9)
+    c.loss.norm_pix = True
+    c.optim.update(base_lr=1.5e-4, base_batch=256, b1=0.9, b2=0.95, weight_decay=0.05,
+                   warmup_steps=steps_for_epochs(warmup_epochs, K400_TRAIN, c.batch_size), schedule="cosine")
+    c.checkpoint.update(every=1000, keep=3)
+    c.eval.update(probe=False, num_images=4, batch_size=64)
+    if "st" in chosen:
+        c.mask.kind = "spatiotemporal"
+        c.decoder.update(width=512, depth=4, heads=16)
+    if "dual" in chosen:
+        c.mask.decoder_ratio = 0.5
+    return c
