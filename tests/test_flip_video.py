@@ -338,3 +338,20 @@ def test_image_text_folder_builder(tmp_path):
     with pytest.raises(DataError, match="lonely.png' has no caption file"):
         pipeline.builder(load_config("flip_digits.py:tiny", "data.name=maskjax_image_text_folder",
                                      f"data.manual_dir={folder}", data_dir=str(tmp_path / "tfds3")).data)
+
+
+@pytest.mark.parametrize("name,overrides", [
+    ("flip_digits.py:tiny", ["mask.kind=block", "mask.min_patches=2"]),
+    ("flip_digits.py:tiny", ["mask.kind=filtered_noise"]),
+    ("simmim_digits.py:tiny", ["mask.kind=block", "mask.min_patches=2"]),
+    ("mae_digits.py:tiny", ["mask.kind=filtered_noise", "mask.filter=low"]),
+])
+def test_block_and_filtered_noise_masks_for_every_image_objective(data_dir, name, overrides):
+    config = load_config(name, *overrides, data_dir=data_dir)
+    objective = objectives.get(config)
+    objective.validate()
+    model = objective.build(nnx.Rngs(0))
+    spec = objective.batch_spec()
+    batch = {k: jnp.ones(shape, dtype) for k, (shape, dtype) in spec.items()}
+    loss, metrics = objective.loss(model, batch, jax.random.key(0), jnp.int32(0))
+    assert np.isfinite(float(loss)) and 0.0 < float(metrics["mask_ratio"]) < 1.0

@@ -133,10 +133,10 @@ class Preprocess:
             pixels = pixels[..., None]
         expected = 4 if self.frames else 3
         if pixels.ndim != expected or pixels.shape[-1] != cfg.channels:
-            what = "video [T, H, W, C]" if self.frames else "image [H, W, C]"
+            what = "a video [T, H, W, C] (data.frames > 0)" if self.frames else "an image [H, W, C]"
             raise DataError(
-                f"record {position} of {cfg.name!r}: {cfg.image_key!r} of shape {pixels.shape} is not a {what} "
-                f"with data.channels={cfg.channels} channels"
+                f"record {position} of {cfg.name!r}: {cfg.image_key!r} of shape {pixels.shape} does not have "
+                f"data.channels={cfg.channels} channels or is not {what}"
             )
         rng = np.random.default_rng([self.seed, position]) if self.train else None
         if self.frames:
