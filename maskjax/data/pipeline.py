@@ -148,10 +148,10 @@ class Preprocess:
             start = rng.integers(0, len(pixels) - span + 1) if self.train else (len(pixels) - span) // 2
             pixels = pixels[start:start + span:stride]
         frames = pixels if self.frames else pixels[None]
-        size = frames.shape[2], frames.shape[1]
+        height, width = frames.shape[1:3]
         box, flip = None, False
         if self.train:
-            box = _random_crop_box(rng, size[0], size[1], cfg.crop_scale)
+            box = _random_crop_box(rng, width, height, cfg.crop_scale)
             flip = cfg.flip and rng.random() < 0.5
         out = np.stack([self._frame(f, box, flip) for f in frames])
         out = ((out - self.mean) / self.std).astype(np.float32)
@@ -173,6 +173,9 @@ def _decode(data, cfg, position) -> np.ndarray:
     """Encoded image bytes (JPEG, PNG, ...) -> uint8 [H, W, data.channels]."""
     import io
 
+    if cfg.channels not in (1, 3):
+        raise DataError(f"record {position} of {cfg.name!r}: encoded images decode to 1 or 3 channels, "
+                        f"not data.channels={cfg.channels}")
     data = data.item() if isinstance(data, np.ndarray) else data
     try:
         img = Image.open(io.BytesIO(data))
@@ -180,9 +183,6 @@ def _decode(data, cfg, position) -> np.ndarray:
     except Exception as err:  # Pillow raises several types for corrupt files
         raise DataError(f"record {position} of {cfg.name!r}: {cfg.image_key!r} is not a readable image "
                         f"({type(err).__name__}: {err})") from None
-    if cfg.channels not in (1, 3):
-        raise DataError(f"record {position} of {cfg.name!r}: encoded images decode to 1 or 3 channels, "
-                        f"not data.channels={cfg.channels}")
     return np.asarray(img)
 
 
@@ -295,8 +295,8 @@ def train_loader(config, process_index: int = 0, process_count: int = 1, caption
     return Loader(grain.MapDataset.source(batches), data)
 
 
-def eval_batches(config, split: str, batch_size: int, process_index: int = 0, process_count: int = 1,
-                 captions: bool = False) -> Iterator[tuple[dict, int]]:
+def eval_batches(config, split: str, batch_size: int, process_index: int = 0, process_count: int = 1
+                 ) -> Iterator[tuple[dict, int]]:
     """One ordered pass over ``split``: yields (this process's rows of a padded global batch,
     number of real examples in that global batch). Padding rows repeat the last example."""
     data = config.data
@@ -305,7 +305,6 @@ def eval_batches(config, split: str, batch_size: int, process_index: int = 0, pr
     batches = ProcessBatches(
         src, GlobalOrder(total, 0, shuffle=False), Preprocess(data, train=False, seed=0),
         batch_size, process_index, process_count, num_batches=-(-total // batch_size),
-        captions=Captions(data) if captions else None,
     )
     for i in range(len(batches)):
         yield batches[i], min(batch_size, total - i * batch_size)

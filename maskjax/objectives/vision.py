@@ -69,10 +69,9 @@ class VisionObjective:
         stride = data.get("frame_stride", 1)
         if not isinstance(stride, int) or stride < 1:
             raise ConfigError("data.frame_stride", f"must be a positive int, got {stride!r}")
-        target = self.config.loss.get("target", "pixels")
-        if target not in TARGETS:
-            raise ConfigError("loss.target", f"must be one of {TARGETS}, got {target!r}")
-        if target == "hog":
+        if self.target not in TARGETS:
+            raise ConfigError("loss.target", f"must be one of {TARGETS}, got {self.target!r}")
+        if self.target == "hog":
             cell = self.config.loss.hog_cell
             if not isinstance(cell, int) or cell < 1 or model.patch_size % cell:
                 raise ConfigError("loss.hog_cell", f"{cell!r} must be a positive int dividing model.patch_size="
