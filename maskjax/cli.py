@@ -3,6 +3,10 @@
     maskjax train  --config configs/mae_digits.py[:variant] --workdir DIR [--config.KEY=VALUE ...]
     maskjax eval   --workdir DIR [--config FILE] [--config.KEY=VALUE ...]
     maskjax sample --workdir DIR [--steps K] [--num N] [--out FILE]     (masked diffusion runs)
+    maskjax compile-check --config FILE [--mesh data=8,fsdp=4] [--devices N] [--device_memory 16GiB]
+
+Multi-process runs (TPU pods, SLURM, Kubernetes, launch/local_multiprocess.py): every process runs the
+same command; see ``maskjax.distributed``.
 
 Bad input (config, dataset, file, flag) is one line on stderr naming the offending thing and exit
 status 2; ``--debug`` shows the traceback instead.
@@ -27,6 +31,18 @@ def _parser() -> argparse.ArgumentParser:
                        help="config file and optional variant: path/to/file.py[:variant]")
         p.add_argument("--workdir", required=True, help="run directory: checkpoints, metrics, plots")
         p.add_argument("--debug", action="store_true", help="show tracebacks")
+        multi = p.add_argument_group(
+            "multi-process runs", "one process per host or GPU; detected on TPU VMs, SLURM and Open MPI, "
+            "or given here / as JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID")
+        multi.add_argument("--coordinator", default=None, help="host:port of process 0")
+        multi.add_argument("--num_processes", type=int, default=None)
+        multi.add_argument("--process_id", type=int, default=None)
+        multi.add_argument("--distributed", default="auto", choices=("auto", "on", "off"),
+                           help="auto: join a multi-process run when one is given or detected")
+        multi.add_argument("--heartbeat_timeout", type=int, default=100,
+                           help="seconds after which a silent process counts as dead and the run stops")
+        multi.add_argument("--init_timeout", type=int, default=300,
+                           help="seconds to wait for all processes to join")
 
     train = sub.add_parser("train", help="pretrain (resumes from the newest checkpoint in --workdir)",
                            epilog="Override any config field with --config.KEY=VALUE, e.g. --config.model.depth=12")
@@ -45,6 +61,18 @@ def _parser() -> argparse.ArgumentParser:
     sample.add_argument("--num", type=int, default=4, help="number of sequences")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--out", default=None, help="also write the samples to this text file")
+    check = sub.add_parser(
+        "compile-check", help="compile the train step for a config and mesh without running it: memory and FLOPs "
+                              "per device, and whether it fits (exit 4 when it does not)",
+        epilog="Override any config field with --config.KEY=VALUE")
+    check.add_argument("--config", required=True, help="config file and optional variant: path/to/file.py[:variant]")
+    check.add_argument("--mesh", default=None, help="mesh sizes, e.g. data=16,fsdp=16,tensor=1 (axes left out are 1)")
+    check.add_argument("--devices", type=int, default=None,
+                       help="compile for this many virtual CPU devices (to check a pod-sized mesh on one machine)")
+    check.add_argument("--device_memory", default=None,
+                       help="memory per device to check against, e.g. 16GiB (default: what the device reports)")
+    check.add_argument("--json", default=None, help="also write the report to this JSON file")
+    check.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 
 
@@ -86,7 +114,18 @@ def load_config(spec: str | None, workdir: str, overrides: list[str]):
     return config_lib.override(config, overrides)
 
 
+def _join(args) -> None:
+    """Joins a multi-process run (before any other JAX call) when one is given or detected."""
+    from maskjax import distributed
+
+    distributed.initialize(distributed.options(
+        args.coordinator, args.num_processes, args.process_id, args.distributed,
+        args.heartbeat_timeout, args.init_timeout))
+
+
 def _train(args, overrides) -> int:
+    import jax
+
     from maskjax import train
 
     config = load_config(args.config, args.workdir, overrides)
@@ -95,16 +134,17 @@ def _train(args, overrides) -> int:
         raise UsageError(f"--stop_at {args.stop_at} must be >= 1")
     summary = train.train(config, args.workdir, stop_at=args.stop_at, evaluate=not args.no_eval)
     losses = summary["losses"]
-    if losses:
+    if losses and jax.process_index() == 0:
         print(f"done: step {summary['end_step']}, loss {losses[0][1]:.4f} -> {losses[-1][1]:.4f}; workdir {args.workdir}")
     return 0
 
 
 def _restore(args, overrides):
     """(setup, params, step) of the run in ``--workdir`` at ``--step`` (default: newest checkpoint)."""
-    from maskjax import checkpoint, train
+    from maskjax import checkpoint, distributed, train
 
     config = load_config(args.config, args.workdir, overrides)
+    distributed.check_same(config)
     setup = train.build(config)
     ckpt = checkpoint.Checkpointer(args.workdir, keep=config.checkpoint.keep)
     step = args.step if args.step is not None else ckpt.latest_step()
@@ -159,6 +199,45 @@ def _sample(args, overrides) -> int:
     return 0
 
 
+def _compile_check(args, overrides) -> int:
+    if args.devices is not None:
+        if args.devices < 1:
+            raise UsageError(f"--devices {args.devices} must be >= 1")
+        # Read by XLA when the CPU backend starts, which has not happened yet.
+        import re
+
+        flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={args.devices}".strip()
+        os.environ["JAX_PLATFORMS"] = "cpu"
+    from maskjax import aot, config as config_lib, train
+    from maskjax.sharding import MESH_AXES
+
+    capacity = None
+    if args.device_memory is not None:
+        try:
+            capacity = aot.parse_bytes(args.device_memory)
+        except ValueError as err:
+            raise UsageError(f"--device_memory: {err}") from None
+    if args.mesh is not None:
+        sizes = {}
+        for item in filter(None, args.mesh.split(",")):
+            axis, sep, value = item.partition("=")
+            if not sep or axis.strip() not in MESH_AXES:
+                raise UsageError(f"--mesh {args.mesh!r}: expected AXIS=SIZE items with AXIS in {MESH_AXES}")
+            sizes[axis.strip()] = value.strip()
+        overrides = [f"mesh.{axis}={sizes.get(axis, 1)}" for axis in MESH_AXES] + overrides
+    config = config_lib.load(args.config)
+    config = config_lib.override(config, overrides)
+    report = aot.check(train.build(config), capacity)
+    print(aot.format_report(report))
+    if args.json:
+        import json
+
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+    return 0 if report["fits"] is not False else aot.EXIT_DOES_NOT_FIT
+
+
 def _check_workdir(workdir: str) -> None:
     parent = os.path.abspath(workdir)
     while not os.path.exists(parent):
@@ -177,7 +256,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rest, overrides = _split_overrides(argv)
         args = _parser().parse_args(rest)
-        return {"train": _train, "eval": _eval, "sample": _sample}[args.command](args, overrides)
+        if hasattr(args, "coordinator"):
+            _join(args)
+        commands = {"train": _train, "eval": _eval, "sample": _sample, "compile-check": _compile_check}
+        return commands[args.command](args, overrides)
     except KeyboardInterrupt:
         print("maskjax: interrupted", file=sys.stderr)
         return 130
@@ -187,10 +269,17 @@ def main(argv: list[str] | None = None) -> int:
         from maskjax.config import ConfigError
         from maskjax.data.pipeline import DataError
         from maskjax.data.tokenizer import TokenizerError
+        from maskjax.distributed import DistributedError
 
         known = (ConfigError, DataError, TokenizerError, UsageError, FileNotFoundError, PermissionError,
-                 FloatingPointError)
+                 FloatingPointError, DistributedError)
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        from maskjax.distributed import EXIT_PEER_LOST, PeerLost
+
+        if isinstance(err, PeerLost):
+            print(f"maskjax: error: {message}", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(EXIT_PEER_LOST)  # skip JAX's shutdown barrier: it would wait for the dead process
         if not isinstance(err, known):
             message = f"{type(err).__name__}: {message} (rerun with --debug for the traceback)"
         print(f"maskjax: error: {message}", file=sys.stderr)

@@ -69,6 +69,9 @@ def base_config() -> ml_collections.ConfigDict:
         schedule="cosine", min_lr_ratio=0.0, clip_norm=0.0, grad_accum=1,
     )
     c.mesh = dict(data=-1, fsdp=1, tensor=1)
+    # multi-slice TPU / multi-node GPU: the part of each mesh axis that crosses slices or nodes (the
+    # slow network); the rest of the axis stays inside one. Product = number of slices (or processes).
+    c.mesh_dcn = dict(data=1, fsdp=1, tensor=1)
     c.checkpoint = dict(every=500, keep=3, async_save=True)
     # zero_shot (FLIP): prompt templates ('{}' = class name) and class names ('' = the dataset's labels)
     c.eval = dict(probe=True, knn_k=20, num_images=8, batch_size=256, max_batches=0,
@@ -230,6 +233,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
             shape = sharding.mesh_shape(dict(config.mesh), num_devices)
         except sharding.MeshError as err:
             raise ConfigError("mesh", str(err)) from None
+        try:
+            sharding.dcn_shape(shape, dict(config.get("mesh_dcn", {})))
+        except sharding.MeshError as err:
+            raise ConfigError("mesh_dcn", str(err)) from None
         shards = shape[0] * shape[1]
         micro = config.batch_size // optim.grad_accum
         if micro % shards:

@@ -45,15 +45,25 @@ def extract(setup, fn, params_by_name: dict, split: str) -> tuple[dict, np.ndarr
     batch_size = _eval_batch_size(setup)
     feats = {name: [] for name in params_by_name}
     labels, pixels = [], []
-    for local, real in pipeline.eval_batches(setup.config, split, batch_size, jax.process_index(), jax.process_count()):
+    rows = setup.rows(batch_size)
+    for local, real in pipeline.eval_batches(setup.config, split, batch_size, rows):
         batch = setup.global_batch(local)
         for name, params in params_by_name.items():
             feats[name].append(np.asarray(fn(params, batch))[:real])
         # Every process fits the probes, so it needs the whole batch's labels and pixels.
-        rows = multihost_utils.process_allgather({"label": local["label"], "image": local["image"]}, tiled=True)
-        labels.append(np.asarray(rows["label"])[:real])
-        pixels.append(np.asarray(rows["image"]).reshape(len(rows["image"]), -1)[:real])
+        whole = gather_rows({"label": local["label"], "image": local["image"]}, rows)
+        labels.append(whole["label"][:real])
+        pixels.append(whole["image"].reshape(len(whole["image"]), -1)[:real])
     return {name: np.concatenate(f) for name, f in feats.items()}, np.concatenate(labels), np.concatenate(pixels)
+
+
+def gather_rows(local: dict, rows: np.ndarray) -> dict:
+    """This process's ``rows`` of a global batch -> the whole batch in row order, on every process."""
+    if jax.process_count() == 1:
+        return {k: np.asarray(v) for k, v in local.items()}
+    gathered = multihost_utils.process_allgather({"rows": rows, **local}, tiled=True)
+    _, first = np.unique(np.asarray(gathered["rows"]), return_index=True)  # replicas hold the same rows
+    return {k: np.asarray(gathered[k])[first] for k in local}
 
 
 def probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, k: int) -> dict:
@@ -121,8 +131,9 @@ def evaluate_text(setup, params) -> dict:
     fn = jax.jit(step, out_shardings=sharding.replicated(setup.mesh))
     base_key = jax.random.key(config.seed + 3)
     totals: dict[str, float] = {}
-    batches = text_data.eval_batches(config, config.data.eval_split, _eval_batch_size(setup), jax.process_index(),
-                                     jax.process_count(), config.eval.get("max_batches", 0))
+    batch_size = _eval_batch_size(setup)
+    batches = text_data.eval_batches(config, config.data.eval_split, batch_size, setup.rows(batch_size),
+                                     config.eval.get("max_batches", 0))
     for i, (local, _) in enumerate(batches):
         sums = jax.device_get(fn(params, setup.global_batch(local), jax.random.fold_in(base_key, i), unigram))
         for name, value in sums.items():
@@ -163,11 +174,12 @@ def evaluate_zero_shot(setup, params) -> dict:
     classes = jax.jit(classes_fn, out_shardings=replicated)(params, jax.device_put(tokens, replicated))
     logits = jax.jit(logits_fn, out_shardings=replicated)
     correct = total = 0
-    for local, real in pipeline.eval_batches(config, config.data.eval_split, _eval_batch_size(setup),
-                                             jax.process_index(), jax.process_count()):
+    batch_size = _eval_batch_size(setup)
+    rows = setup.rows(batch_size)
+    for local, real in pipeline.eval_batches(config, config.data.eval_split, batch_size, rows):
         batch = setup.global_batch(local)
         predicted = np.argmax(np.asarray(logits(params, batch, classes)), axis=1)[:real]
-        labels = np.asarray(multihost_utils.process_allgather(local["label"], tiled=True))[:real]
+        labels = gather_rows({"label": local["label"]}, rows)["label"][:real]
         correct += int(np.sum(predicted == labels))
         total += real
     return {"accuracy": correct / total, "chance": 1.0 / len(names), "num_classes": len(names),
@@ -182,8 +194,7 @@ def save_reconstructions(setup, params, workdir: str, step: int, writer=None) ->
     for video, three rows of frames (input, masked, reconstruction) per clip, for up to 4 clips."""
     config = setup.config
     batch_size = _eval_batch_size(setup)
-    local, _ = next(pipeline.eval_batches(config, config.data.eval_split, batch_size,
-                                          jax.process_index(), jax.process_count()))
+    local, _ = next(pipeline.eval_batches(config, config.data.eval_split, batch_size, setup.rows(batch_size)))
     batch = setup.global_batch(local)
     key = jax.random.key(config.seed + 2)
 

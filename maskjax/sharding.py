@@ -71,13 +71,69 @@ def mesh_shape(sizes: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def make_mesh(sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A Mesh over (data, fsdp, tensor) with Auto axis types (plain Flax layers reject Explicit)."""
+def dcn_shape(shape: Sequence[int], dcn: Mapping[str, int] | None) -> tuple[int, ...]:
+    """The part of each mesh axis that spans slices / nodes (DCN); 1 everywhere when ``dcn`` is empty.
+    ``shape`` is the whole mesh; each ``dcn`` size must divide its axis."""
+    dcn = dict(dcn or {})
+    unknown = [k for k in dcn if k not in MESH_AXES]
+    if unknown:
+        raise MeshError(f"mesh_dcn.{unknown[0]} is not a mesh axis; axes are {MESH_AXES}")
+    out = tuple(int(dcn.get(axis, 1)) for axis in MESH_AXES)
+    for axis, size, whole in zip(MESH_AXES, out, shape):
+        if size < 1 or whole % size:
+            raise MeshError(f"mesh_dcn.{axis}={size} must be a positive divisor of mesh.{axis}={whole}")
+    return out
+
+
+def _granules(devices: Sequence[jax.Device], wanted: int) -> tuple[str, int]:
+    """How devices group across the slow network: by ``slice_index`` (multi-slice TPU) when that
+    gives ``wanted`` groups, else by process (multi-node GPU, CPU processes)."""
+    counts = {attr: len({getattr(d, attr, None) for d in devices}) for attr in ("slice_index", "process_index")}
+    for attr in ("slice_index", "process_index"):
+        if counts[attr] == wanted:
+            return attr, wanted
+    return "process_index", counts["process_index"]
+
+
+def make_mesh(sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = None,
+              dcn: Mapping[str, int] | None = None) -> Mesh:
+    """A Mesh over (data, fsdp, tensor) with Auto axis types (plain Flax layers reject Explicit).
+
+    ``sizes`` are whole-mesh sizes; ``dcn`` (optional) says how much of each axis crosses the slow
+    network between TPU slices or GPU nodes: the mesh is then built by
+    ``mesh_utils.create_hybrid_device_mesh`` so that the rest of each axis stays inside a slice/node.
+    """
     devices = list(jax.devices() if devices is None else devices)
     shape = mesh_shape(sizes, len(devices))
+    types = (AxisType.Auto,) * len(MESH_AXES)
+    outer = dcn_shape(shape, dcn)
+    if math.prod(outer) > 1:
+        attr, granules = _granules(devices, math.prod(outer))
+        if math.prod(outer) != granules:
+            raise MeshError(f"mesh_dcn {dict(zip(MESH_AXES, outer))} spans {math.prod(outer)} slices/nodes, but the "
+                            f"devices form {granules} (slices, else processes)")
+        from jax.experimental import mesh_utils
+
+        inner = tuple(s // d for s, d in zip(shape, outer))
+        grid = mesh_utils.create_hybrid_device_mesh(
+            inner, outer, devices, process_is_granule=attr == "process_index")
+        return Mesh(grid, MESH_AXES, axis_types=types)
     if devices == list(jax.devices()):
-        return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
-    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+        return jax.make_mesh(shape, MESH_AXES, axis_types=types)
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=types)
+
+
+def process_rows(mesh: Mesh, batch_size: int, process_index: int | None = None) -> np.ndarray:
+    """The global batch rows whose shards live on this process's devices, ascending: what this
+    process must load so that ``jax.make_array_from_process_local_data`` places each row where the
+    mesh wants it (on TPU the device order follows the torus, so rows need not be one block)."""
+    process_index = jax.process_index() if process_index is None else process_index
+    spec = batch_sharding(mesh, 1)
+    rows: set[int] = set()
+    for device, index in spec.devices_indices_map((batch_size,)).items():
+        if device.process_index == process_index:
+            rows.update(range(*index[0].indices(batch_size)))
+    return np.asarray(sorted(rows), np.int64)
 
 
 def logical_to_spec(

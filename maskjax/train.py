@@ -22,7 +22,7 @@ from flax import nnx
 from maskjax import checkpoint as ckpt_lib
 from maskjax import config as config_lib
 from maskjax import metrics as metrics_lib
-from maskjax import objectives, sharding
+from maskjax import distributed, objectives, sharding
 from maskjax import data
 
 # =========================================================================== 1. setup
@@ -103,13 +103,20 @@ class Setup:
             for k, v in local_batch.items() if k in self.batch_shardings
         }
 
+    def rows(self, batch_size: int):
+        """The rows of a global batch of ``batch_size`` this process loads (``sharding.process_rows``)."""
+        return sharding.process_rows(self.mesh, batch_size)
+
 
 def build(config, devices=None) -> Setup:
     """Validates ``config`` against the devices and builds the sharded, jitted training functions."""
     devices = list(jax.devices() if devices is None else devices)
     config_lib.validate(config, num_devices=len(devices))
     objective = objectives.get(config)
-    mesh = sharding.make_mesh(dict(config.mesh), devices)
+    try:
+        mesh = sharding.make_mesh(dict(config.mesh), devices, dict(config.get("mesh_dcn", {})))
+    except sharding.MeshError as err:
+        raise config_lib.ConfigError("mesh_dcn", str(err)) from None
     seed_key = jax.random.key(config.seed)
     init_key, train_key = jax.random.split(seed_key)
 
@@ -207,10 +214,11 @@ def train(config, workdir: str, *, stop_at: int | None = None, devices=None, eva
     stop_at: leave after this step (with a checkpoint), as if interrupted; for resume tests.
     Returns a summary: first/last logged loss, steps run, eval results.
     """
+    distributed.check_same(config)  # every process: same config, same code
     setup = build(config, devices)  # validation happens here, before anything is written
     process = jax.process_index()
     is_writer = process == 0
-    loader = data.train_loader(config, process, jax.process_count(), kind=setup.objective.data_kind)
+    loader = data.train_loader(config, setup.rows(config.batch_size), kind=setup.objective.data_kind)
     os.makedirs(workdir, exist_ok=True)
     checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
     writer = metrics_lib.Writer(workdir, enabled=is_writer)
@@ -232,25 +240,32 @@ def train(config, workdir: str, *, stop_at: int | None = None, devices=None, eva
         progress.message(f"resumed from step {start} in {checkpointer.directory}")
     pending: list[dict] = []
     summary: dict = {"start_step": start, "losses": []}
-    for step in range(start, end):
-        batch = setup.global_batch(next(loader))
-        state, step_metrics = setup.step_fn(state, batch)
-        pending.append(step_metrics)
-        done = step + 1
-        if done % config.log_every == 0 or done == end:
-            values = {k: float(np.mean([float(m[k]) for m in jax.device_get(pending)])) for k in pending[0]}
-            pending = []
-            if not np.isfinite(values["loss"]):
-                raise FloatingPointError(f"non-finite loss {values['loss']} at step {done}")
-            examples_per_sec, seconds_per_step = progress.rate(done)
-            values.update(examples_per_sec=examples_per_sec, seconds_per_step=seconds_per_step)
-            writer.scalars(done, values)
-            progress.show(done, values["loss"], examples_per_sec, seconds_per_step)
-            summary["losses"].append((done, values["loss"]))
-        if done % config.checkpoint.every == 0 or done == end:
-            checkpointer.save(done, state, loader.get_state())
-        if evaluate and config.eval_every and done % config.eval_every == 0 and done != config.total_steps:
-            _evaluate(setup, state["params"], workdir, done, writer, progress)
+    step = start
+    try:
+        for step in range(start, end):
+            batch = setup.global_batch(next(loader))
+            state, step_metrics = setup.step_fn(state, batch)
+            pending.append(step_metrics)
+            done = step + 1
+            if done % config.log_every == 0 or done == end:
+                values = {k: float(np.mean([float(m[k]) for m in jax.device_get(pending)])) for k in pending[0]}
+                pending = []
+                if not np.isfinite(values["loss"]):
+                    raise FloatingPointError(f"non-finite loss {values['loss']} at step {done}")
+                examples_per_sec, seconds_per_step = progress.rate(done)
+                values.update(examples_per_sec=examples_per_sec, seconds_per_step=seconds_per_step)
+                writer.scalars(done, values)
+                progress.show(done, values["loss"], examples_per_sec, seconds_per_step)
+                summary["losses"].append((done, values["loss"]))
+            if done % config.checkpoint.every == 0 or done == end:
+                checkpointer.save(done, state, loader.get_state())
+            if evaluate and config.eval_every and done % config.eval_every == 0 and done != config.total_steps:
+                _evaluate(setup, state["params"], workdir, done, writer, progress)
+    except jax.errors.JaxRuntimeError as err:
+        if jax.process_count() == 1:
+            raise
+        # A cross-process collective failed: on CPU (gloo) and GPU (NCCL) a dead peer surfaces here.
+        raise distributed.PeerLost(step + 1, checkpointer.latest_step(), err) from err
     progress.close()
     loader.close()
     checkpointer.close()

@@ -152,7 +152,7 @@ def test_text_loader_resumes_exactly_and_splits_rows_by_process(data_dir):
         for key in want:
             np.testing.assert_array_equal(got[key], want[key])
     resumed.close()
-    halves = [text_data.train_loader(config, p, 2) for p in range(2)]
+    halves = [text_data.train_loader(config, pipeline.block_rows(config.batch_size, p, 2)) for p in range(2)]
     whole = text_data.train_loader(config)
     for _ in range(2):
         parts, full = [next(h) for h in halves], next(whole)

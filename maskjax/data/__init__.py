@@ -3,13 +3,14 @@ from maskjax.data.pipeline import DataError, Loader, builder, eval_batches, sour
 from maskjax.data.tokenizer import TokenizerError
 
 
-def train_loader(config, process_index: int = 0, process_count: int = 1, kind: str = "image"):
+def train_loader(config, rows=None, kind: str = "image"):
     """Endless local batches with ``get_state``/``set_state``: images or videos (Grain), images with
-    tokenized captions ('image_text'), or packed text."""
+    tokenized captions ('image_text'), or packed text. ``rows``: this process's rows of each global
+    batch (``sharding.process_rows``; default all)."""
     if kind == "text":
         from maskjax.data import text
 
-        return text.train_loader(config, process_index, process_count)
+        return text.train_loader(config, rows)
     from maskjax.data import pipeline
 
-    return pipeline.train_loader(config, process_index, process_count, captions=kind == "image_text")
+    return pipeline.train_loader(config, rows, captions=kind == "image_text")

@@ -3,7 +3,7 @@
 Order is defined on the *global* stream: the dataset is shuffled once per epoch with the run's seed,
 and global batch ``s`` is elements ``[s*B, (s+1)*B)`` of that stream. A Grain element is a whole
 local batch (read with one ``__getitems__``), which keeps Grain's per-element overhead off the host. Process ``p`` of ``P`` reads
-rows ``[p*B/P, (p+1)*B/P)`` of every global batch, and the augmentation of an element is seeded by
+the rows of every global batch that its devices hold (``sharding.process_rows``), and the augmentation of an element is seeded by
 its global position. So the data (and hence the losses) do not depend on how many processes share
 the work, and the loader position is one integer that the checkpoint stores.
 """
@@ -254,17 +254,24 @@ class GlobalOrder:
         return out
 
 
+def block_rows(batch_size: int, process_index: int = 0, process_count: int = 1) -> np.ndarray:
+    """Process ``p`` of ``P`` holding rows ``[p*B/P, (p+1)*B/P)`` of every global batch (the layout of
+    a mesh whose devices are ordered by process; the trainer asks the mesh: ``sharding.process_rows``)."""
+    if batch_size % process_count:
+        raise DataError(f"batch_size={batch_size} is not divisible by the {process_count} processes")
+    local = batch_size // process_count
+    return np.arange(process_index * local, (process_index + 1) * local)
+
+
 class ProcessBatches:
     """Random-access source whose element ``s`` is this process's rows of global batch ``s``:
-    global positions ``s*B + p*B/P + [0, B/P)``, read together and preprocessed into one batch."""
+    global positions ``s*B + rows``, read together and preprocessed into one batch."""
 
     def __init__(self, src, order: GlobalOrder, preprocess: Preprocess, global_batch: int,
-                 process_index: int, process_count: int, num_batches: int, captions: Captions | None = None):
-        if global_batch % process_count:
-            raise DataError(f"batch_size={global_batch} is not divisible by the {process_count} processes")
+                 rows: np.ndarray | None, num_batches: int, captions: Captions | None = None):
         self.src, self.order, self.preprocess = src, order, preprocess
-        self.global_batch, self.local = global_batch, global_batch // process_count
-        self.offset = process_index * self.local
+        self.global_batch = global_batch
+        self.rows = block_rows(global_batch) if rows is None else np.asarray(rows)
         self.num_batches = num_batches
         self.captions = captions
 
@@ -272,7 +279,7 @@ class ProcessBatches:
         return self.num_batches
 
     def __getitem__(self, step: int) -> dict:
-        positions = step * self.global_batch + self.offset + np.arange(self.local)
+        positions = step * self.global_batch + self.rows
         indices = self.order(positions)
         records = self.src.__getitems__([int(i) for i in indices])
         examples = [self.preprocess((int(g), r)) for g, r in zip(positions, records)]
@@ -282,29 +289,30 @@ class ProcessBatches:
         return batch
 
 
-def train_loader(config, process_index: int = 0, process_count: int = 1, captions: bool = False) -> "Loader":
+def train_loader(config, rows: np.ndarray | None = None, captions: bool = False) -> "Loader":
     """Endless, shuffled, augmented local batches: {'image': [b, ...], 'label': [b]} (+ 'text' [b, S]
-    token ids of the caption with ``captions``)."""
+    token ids of the caption with ``captions``). ``rows``: this process's rows of each global batch
+    (default: all of them)."""
     data = config.data
     src = source(data, data.train_split)
     batches = ProcessBatches(
         src, GlobalOrder(len(src), config.seed, shuffle=True), Preprocess(data, train=True, seed=config.seed),
-        config.batch_size, process_index, process_count, num_batches=sys.maxsize // (2 * config.batch_size),
+        config.batch_size, rows, num_batches=sys.maxsize // (2 * config.batch_size),
         captions=Captions(data) if captions else None,
     )
     return Loader(grain.MapDataset.source(batches), data)
 
 
-def eval_batches(config, split: str, batch_size: int, process_index: int = 0, process_count: int = 1
+def eval_batches(config, split: str, batch_size: int, rows: np.ndarray | None = None
                  ) -> Iterator[tuple[dict, int]]:
-    """One ordered pass over ``split``: yields (this process's rows of a padded global batch,
+    """One ordered pass over ``split``: yields (this process's ``rows`` of a padded global batch,
     number of real examples in that global batch). Padding rows repeat the last example."""
     data = config.data
     src = source(data, split)
     total = len(src)
     batches = ProcessBatches(
         src, GlobalOrder(total, 0, shuffle=False), Preprocess(data, train=False, seed=0),
-        batch_size, process_index, process_count, num_batches=-(-total // batch_size),
+        batch_size, rows, num_batches=-(-total // batch_size),
     )
     for i in range(len(batches)):
         yield batches[i], min(batch_size, total - i * batch_size)

@@ -124,13 +124,11 @@ def _documents(config, split: str, shuffle: bool) -> Documents:
 class TextLoader:
     """Endless packed local batches with ``get_state``/``set_state``; a thread packs ahead."""
 
-    def __init__(self, config, process_index: int, process_count: int):
-        if config.batch_size % process_count:
-            raise pipeline.DataError(f"batch_size={config.batch_size} is not divisible by the {process_count} processes")
+    def __init__(self, config, rows: np.ndarray | None = None):
         self.docs = _documents(config, config.data.train_split, shuffle=True)
         self.docs[0]  # a bad text field or an empty corpus fails here, before a run writes anything
-        self.global_batch, self.local = config.batch_size, config.batch_size // process_count
-        self.rows = slice(process_index * self.local, (process_index + 1) * self.local)
+        self.global_batch = config.batch_size
+        self.rows = pipeline.block_rows(config.batch_size) if rows is None else np.asarray(rows)
         self.seq_len, self.prefetch = config.data.seq_len, max(1, config.data.prefetch)
         self._state = {"document": 0, "offset": 0}
         self._thread = None
@@ -144,7 +142,8 @@ class TextLoader:
         def produce():
             try:
                 while not self._stop.is_set():
-                    rows = [packer.row() for _ in range(self.global_batch)][self.rows]
+                    packed = [packer.row() for _ in range(self.global_batch)]
+                    rows = [packed[i] for i in self.rows]
                     item = (make_batch(rows, self.docs.tok), {"document": packer.document, "offset": packer.offset})
                     while not self._stop.is_set():
                         try:
@@ -188,22 +187,22 @@ class TextLoader:
         self._halt()
 
 
-def train_loader(config, process_index: int = 0, process_count: int = 1) -> TextLoader:
-    return TextLoader(config, process_index, process_count)
+def train_loader(config, rows: np.ndarray | None = None) -> TextLoader:
+    return TextLoader(config, rows)
 
 
-def eval_batches(config, split: str, batch_size: int, process_index: int = 0, process_count: int = 1,
+def eval_batches(config, split: str, batch_size: int, rows: np.ndarray | None = None,
                  max_batches: int = 0) -> Iterator[tuple[dict, int]]:
     """One ordered pass over ``split`` packed into rows: yields (this process's rows of a global
     batch, number of rows holding any real token). Rows after the end are all padding."""
     docs = _documents(config, split, shuffle=False)
     packer = Packer(docs, config.data.seq_len, limit=len(docs.src))
-    local = batch_size // process_count
+    rows = pipeline.block_rows(batch_size) if rows is None else rows
     count = 0
     while not packer.exhausted() and (not max_batches or count < max_batches):
-        rows = [packer.row() for _ in range(batch_size)]
-        real = sum(int(r[1].any()) for r in rows)
-        yield make_batch(rows[process_index * local:(process_index + 1) * local], docs.tok), real
+        packed = [packer.row() for _ in range(batch_size)]
+        real = sum(int(r[1].any()) for r in packed)
+        yield make_batch([packed[i] for i in rows], docs.tok), real
         count += 1
 
 
