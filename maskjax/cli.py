@@ -164,7 +164,8 @@ def _eval(args, overrides) -> int:
     writer = metrics.Writer(args.workdir, enabled=jax.process_index() == 0)
     results = evaluate.run(setup, params, args.workdir, step, writer)
     writer.close()
-    print(evaluate.summary_line(results))
+    if jax.process_index() == 0:
+        print(evaluate.summary_line(results))
     return 0
 
 
