@@ -4,6 +4,7 @@
     maskjax eval   --workdir DIR [--config FILE] [--config.KEY=VALUE ...]
     maskjax sample --workdir DIR [--steps K] [--num N] [--out FILE]     (masked diffusion runs)
     maskjax compile-check --config FILE [--mesh data=8,fsdp=4] [--devices N] [--device_memory 16GiB]
+    maskjax bench  --config FILE [--steps N] [--warmup W] [--sweep mask_ratio=0,0.75] [--json OUT]
 
 Multi-process runs (TPU pods, SLURM, Kubernetes, launch/local_multiprocess.py): every process runs the
 same command; see ``maskjax.distributed``.
@@ -73,6 +74,18 @@ def _parser() -> argparse.ArgumentParser:
                        help="memory per device to check against, e.g. 16GiB (default: what the device reports)")
     check.add_argument("--json", default=None, help="also write the report to this JSON file")
     check.add_argument("--debug", action="store_true", help="show tracebacks")
+    bench = sub.add_parser(
+        "bench", help="time the real train step: step time, examples/s, tokens/s, data wait, FLOPs, MFU",
+        epilog="Override any config field with --config.KEY=VALUE; --sweep KEY=V1,V2 (repeatable: a grid) "
+               "with KEY a config key or mask_ratio, batch, depth, width")
+    bench.add_argument("--config", required=True, help="config file and optional variant: path/to/file.py[:variant]")
+    bench.add_argument("--steps", type=int, default=20, help="timed steps")
+    bench.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    bench.add_argument("--data", default="real", choices=("real", "synthetic"),
+                       help="real: the config's dataset through the input pipeline; synthetic: random arrays")
+    bench.add_argument("--sweep", action="append", default=[], help="KEY=V1,V2,...: one row per value")
+    bench.add_argument("--json", default=None, help="write all results to this JSON file")
+    bench.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 
 
@@ -239,6 +252,24 @@ def _compile_check(args, overrides) -> int:
     return 0 if report["fits"] is not False else aot.EXIT_DOES_NOT_FIT
 
 
+def _bench(args, overrides) -> int:
+    from maskjax import bench, config as config_lib
+
+    sweeps = bench.parse_sweeps(args.sweep)
+    config_fn = lambda: config_lib.override(config_lib.load(args.config), list(overrides))
+    config_fn()  # a bad config or override fails before anything is compiled
+    rows = bench.sweep(config_fn, sweeps, args.steps, args.warmup, args.data, progress=True)
+    keys = [k for k, _ in sweeps]
+    print(bench.report(rows, keys))
+    if args.json:
+        import json
+
+        with open(args.json, "w") as f:
+            json.dump({"config": args.config, "overrides": list(overrides), "sweep": dict(sweeps),
+                       "environment": bench.environment(), "results": rows}, f, indent=2)
+    return 0
+
+
 def _check_workdir(workdir: str) -> None:
     parent = os.path.abspath(workdir)
     while not os.path.exists(parent):
@@ -259,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
         args = _parser().parse_args(rest)
         if hasattr(args, "coordinator"):
             _join(args)
-        commands = {"train": _train, "eval": _eval, "sample": _sample, "compile-check": _compile_check}
+        commands = {"train": _train, "eval": _eval, "sample": _sample, "compile-check": _compile_check,
+                    "bench": _bench}
         return commands[args.command](args, overrides)
     except KeyboardInterrupt:
         print("maskjax: interrupted", file=sys.stderr)
@@ -270,10 +302,11 @@ def main(argv: list[str] | None = None) -> int:
         from maskjax.config import ConfigError
         from maskjax.data.pipeline import DataError
         from maskjax.data.tokenizer import TokenizerError
+        from maskjax.bench import BenchError
         from maskjax.distributed import DistributedError
 
         known = (ConfigError, DataError, TokenizerError, UsageError, FileNotFoundError, PermissionError,
-                 FloatingPointError, DistributedError)
+                 FloatingPointError, DistributedError, BenchError)
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
         from maskjax.distributed import EXIT_PEER_LOST, PeerLost
 

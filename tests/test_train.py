@@ -39,14 +39,20 @@ def test_resume_is_exact(data_dir, tmp_path):
     assert [r["start_step"] for r in runs] == [0, 5]
 
 
-@pytest.mark.parametrize("mesh", [(2, 4, 1), (2, 2, 2)])
-def test_same_losses_on_every_mesh(data_dir, tmp_path, mesh):
+@pytest.fixture(scope="module")
+def data_parallel_losses(data_dir, tmp_path_factory):
     reference = tiny(data_dir, "total_steps=3", "mesh.data=8", "mesh.fsdp=1", "mesh.tensor=1")
-    train.train(reference, str(tmp_path / "ref"), evaluate=False, quiet=True)
+    workdir = tmp_path_factory.mktemp("data_parallel")
+    train.train(reference, str(workdir), evaluate=False, quiet=True)
+    return losses(workdir)
+
+
+@pytest.mark.parametrize("mesh", [(2, 4, 1), (2, 2, 2)])
+def test_same_losses_on_every_mesh(data_dir, tmp_path, mesh, data_parallel_losses):
     d, f, t = mesh
     config = tiny(data_dir, "total_steps=3", f"mesh.data={d}", f"mesh.fsdp={f}", f"mesh.tensor={t}")
     train.train(config, str(tmp_path / "mesh"), evaluate=False, quiet=True)
-    ref, got = losses(tmp_path / "ref"), losses(tmp_path / "mesh")
+    ref, got = data_parallel_losses, losses(tmp_path / "mesh")
     assert [s for s, _ in got] == [1, 2, 3]
     np.testing.assert_allclose([l for _, l in got], [l for _, l in ref], rtol=0, atol=1e-5)
 

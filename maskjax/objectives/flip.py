@@ -20,6 +20,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from maskjax import masking, objectives, sharding
@@ -136,6 +137,14 @@ class FLIP(VisionObjective):
         spec = super().batch_spec()
         spec["text"] = ((self.config.batch_size, self.config.data.seq_len), jnp.int32)
         return spec
+
+    def synthetic_batch(self, rng: np.random.Generator) -> dict:
+        batch = super().synthetic_batch(rng)
+        tok, (b, n) = self.tokenizer, (self.config.batch_size, self.config.data.seq_len)
+        text = rng.integers(max(tok.special_ids) + 1, tok.vocab_size, (b, n), dtype=np.int32)
+        text[:, 0], text[:, -1] = tok.cls_id, tok.sep_id
+        batch["text"] = text
+        return batch
 
     def logit_scale(self, model: FLIPModel) -> jax.Array:
         return jnp.minimum(jnp.exp(model.log_scale[...]), self.config.flip.max_logit_scale)

@@ -6,6 +6,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from maskjax import objectives
 from maskjax.config import ConfigError
@@ -79,6 +80,18 @@ class TextObjective:
         shape = (self.config.batch_size, self.seq_len)
         return {"tokens": (shape, jnp.int32), "segment_ids": (shape, jnp.int32), "positions": (shape, jnp.int32),
                 "word_start": (shape, jnp.bool_), "maskable": (shape, jnp.bool_)}
+
+    def synthetic_batch(self, rng: np.random.Generator) -> dict:
+        """A global batch of random word pieces, one document per row (benchmarks without input data)."""
+        b, n = self.config.batch_size, self.seq_len
+        tok = self.tokenizer
+        tokens = rng.integers(max(tok.special_ids) + 1, tok.vocab_size, (b, n), dtype=np.int32)
+        tokens[:, 0], tokens[:, -1] = tok.cls_id, tok.sep_id
+        maskable = np.ones((b, n), bool)
+        maskable[:, [0, -1]] = False
+        return {"tokens": tokens, "segment_ids": np.ones((b, n), np.int32),
+                "positions": np.broadcast_to(np.arange(n, dtype=np.int32), (b, n)).copy(),
+                "word_start": np.ones((b, n), bool), "maskable": maskable}
 
     def encode(self, model: text_model.TextEncoder, batch: dict, tokens: jax.Array) -> jax.Array:
         """Hidden states [B, L, width] of ``tokens`` (the corrupted input) in ``batch``'s packing."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from maskjax import masking, objectives
 from maskjax.config import ConfigError
@@ -103,6 +104,12 @@ class VisionObjective:
     def batch_spec(self) -> dict:
         b = self.config.batch_size
         return {"image": ((b,) + self.image_shape(), jnp.float32), "label": ((b,), jnp.int32)}
+
+    def synthetic_batch(self, rng: np.random.Generator) -> dict:
+        """A global batch of random normalised images (benchmarks without input data)."""
+        b = self.config.batch_size
+        return {"image": rng.standard_normal((b,) + self.image_shape(), np.float32),
+                "label": rng.integers(0, 10, (b,), dtype=np.int32)}
 
     def patches(self, batch: dict) -> jax.Array:
         return vit.patchify(batch["image"].astype(jnp.float32), self.config.model.patch_size, self.tubelet)

@@ -1,0 +1,239 @@
+"""``maskjax bench``: the real train step (the trainer's own ``Setup``), timed step by step.
+
+Per run: compile time (lower + compile, apart from the steps), median and min step time, examples/s
+and tokens/s, time waiting for input, peak device memory where the backend reports it, analytic
+model FLOPs per step (``objective.flops()``, written once per objective and tested against XLA's
+cost analysis), achieved TFLOP/s per device and MFU against the device's peak. On CPU the peak is
+measured in the same run with a large float32 matmul on every device at once.
+
+Each step is timed from asking for the batch to the new state being ready, so the input pipeline's
+share is in the number (and reported separately as ``data_wait``).
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import statistics
+import time
+from typing import Any, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from maskjax import aot, config as config_lib, train
+from maskjax import data as data_lib
+
+# Dense peak FLOP/s per JAX device: (bfloat16, float32). TPU v2/v3 devices are single cores; v4 and
+# later are chips. GPU float32 is the TF32 tensor-core rate that JAX's default matmul precision uses.
+PEAK_FLOPS = {
+    "TPU v2": (22.5e12, None), "TPU v3": (61.5e12, None), "TPU v4": (275e12, None),
+    "TPU v5 lite": (197e12, None), "TPU v5e": (197e12, None), "TPU v5p": (459e12, None), "TPU v5": (459e12, None),
+    "TPU v6 lite": (918e12, None), "TPU v6e": (918e12, None),
+    "NVIDIA H100 PCIe": (756e12, 378e12), "NVIDIA H100": (989e12, 494e12), "NVIDIA H200": (989e12, 494e12),
+    "NVIDIA A100": (312e12, 156e12), "NVIDIA L4": (121e12, 60e12),
+}
+
+# Short names accepted by --sweep.
+SWEEP_ALIASES = {"mask_ratio": "mask.ratio", "batch": "batch_size", "depth": "model.depth", "width": "model.width"}
+
+
+class BenchError(ValueError):
+    """A bad benchmark flag; the message names it."""
+
+
+def table_peak(device: jax.Device, dtype: str) -> float | None:
+    for kind, peaks in sorted(PEAK_FLOPS.items(), key=lambda kv: -len(kv[0])):
+        if device.device_kind.startswith(kind):
+            return peaks[0] if dtype == "bfloat16" else peaks[1]
+    return None
+
+
+def measure_matmul_peak(devices, size: int = 1024, repeats: int = 5) -> float:
+    """Best float32 FLOP/s per device of one ``size``-square matmul on every device at once."""
+    mesh = jax.sharding.Mesh(np.asarray(devices), ("d",))
+    spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("d"))
+    n = len(devices)
+    a = jax.device_put(jnp.ones((n, size, size), jnp.float32), spec)
+    b = jax.device_put(jnp.ones((n, size, size), jnp.float32) * 0.5, spec)
+    fn = jax.jit(lambda x, y: jnp.einsum("dij,djk->dik", x, y), out_shardings=spec)
+    fn(a, b).block_until_ready()
+    best = math.inf
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn(a, b).block_until_ready()
+        best = min(best, time.perf_counter() - started)
+    return 2.0 * size ** 3 / best
+
+
+def device_peak(setup) -> tuple[float | None, str]:
+    """(peak FLOP/s per device, where it comes from) for the run's compute dtype."""
+    device = setup.mesh.devices.flat[0]
+    dtype = setup.config.model.dtype
+    peak = table_peak(device, dtype)
+    if peak is not None:
+        return peak, f"{device.device_kind} {dtype} spec"
+    if device.platform == "cpu":
+        return measure_matmul_peak(list(setup.mesh.devices.flat)), "measured float32 matmul on these devices"
+    return None, "unknown"
+
+
+def synthetic_batches(setup, seed: int = 0) -> Iterator[dict]:
+    """Endless local batches of the objective's own synthetic data (``objective.synthetic_batch``)."""
+    rows = setup.rows(setup.config.batch_size)
+    pool = [setup.objective.synthetic_batch(np.random.default_rng([seed, i])) for i in range(2)]
+    pool = [{k: v[rows] for k, v in batch.items()} for batch in pool]
+    return itertools.cycle(pool)
+
+
+def tokens_per_example(objective) -> int:
+    """Input tokens an example carries: patches (all frames) for vision, sequence length for text."""
+    if hasattr(objective, "num_tokens"):
+        return int(objective.num_tokens)
+    return int(objective.seq_len)
+
+
+def peak_memory(setup) -> int | None:
+    values = []
+    for device in setup.mesh.local_mesh.devices.flat if hasattr(setup.mesh, "local_mesh") else setup.mesh.devices.flat:
+        try:
+            stats = device.memory_stats() or {}
+        except Exception:  # noqa: BLE001 - CPU raises or returns None
+            stats = {}
+        if "peak_bytes_in_use" in stats:
+            values.append(int(stats["peak_bytes_in_use"]))
+    return max(values) if values else None
+
+
+def run(config, steps: int, warmup: int, data: str = "real", peak: tuple | None = None,
+        progress: bool = True) -> dict:
+    """Benchmarks ``config``'s train step; returns one result row (all times in seconds)."""
+    if steps < 1:
+        raise BenchError(f"--steps {steps} must be >= 1")
+    if warmup < 0:
+        raise BenchError(f"--warmup {warmup} must be >= 0")
+    if data not in ("real", "synthetic"):
+        raise BenchError(f"--data {data!r} must be real or synthetic")
+    setup = train.build(config)
+    state = setup.init_fn()
+    compiled, lower_s, compile_s = aot.compile_step(setup)
+    if data == "real":
+        loader = data_lib.train_loader(config, setup.rows(config.batch_size), kind=setup.objective.data_kind)
+    else:
+        loader = synthetic_batches(setup, config.seed)
+    step_times, waits = [], []
+    try:
+        for i in range(warmup + steps):
+            started = time.perf_counter()
+            local = next(loader)
+            got = time.perf_counter()
+            state, metrics = compiled(state, setup.global_batch(local))
+            jax.block_until_ready(state)
+            ended = time.perf_counter()
+            if i >= warmup:
+                step_times.append(ended - started)
+                waits.append(got - started)
+            if progress:
+                print(f"\rbench step {i + 1}/{warmup + steps} ({'warm-up' if i < warmup else 'timed'}) "
+                      f"{1000 * (ended - started):.0f} ms", end="", flush=True)
+        loss = float(metrics["loss"])
+    finally:
+        if hasattr(loader, "close"):
+            loader.close()
+        if progress:
+            print("\r" + " " * 60 + "\r", end="", flush=True)
+    median, best = statistics.median(step_times), min(step_times)
+    devices = int(setup.mesh.size)
+    flops = float(setup.objective.flops())
+    peak_flops, peak_source = peak if peak is not None else device_peak(setup)
+    achieved = flops / median / devices
+    batch = config.batch_size
+    return {
+        "objective": config.objective, "batch_size": batch, "mask_ratio": float(config.mask.ratio),
+        "devices": devices, "device_kind": setup.mesh.devices.flat[0].device_kind, "mesh": dict(setup.mesh.shape),
+        "dtype": config.model.dtype, "data": data, "steps": steps, "warmup": warmup,
+        "compile_seconds": lower_s + compile_s, "lower_seconds": lower_s,
+        "step_seconds_median": median, "step_seconds_min": best,
+        "examples_per_second": batch / median, "examples_per_second_per_device": batch / median / devices,
+        "tokens_per_second": batch * tokens_per_example(setup.objective) / median,
+        "tokens_per_second_per_device": batch * tokens_per_example(setup.objective) / median / devices,
+        "data_wait_seconds_median": statistics.median(waits), "data_wait_fraction": sum(waits) / sum(step_times),
+        "peak_memory_bytes": peak_memory(setup),
+        "model_flops_per_step": flops, "achieved_tflops_per_device": achieved / 1e12,
+        "peak_tflops_per_device": None if peak_flops is None else peak_flops / 1e12, "peak_source": peak_source,
+        "mfu": None if peak_flops is None else achieved / peak_flops,
+        "final_loss": loss,
+    }
+
+
+def parse_sweeps(items: list[str]) -> list[tuple[str, list[str]]]:
+    """``['mask_ratio=0,0.75', 'batch=64,128']`` -> [('mask.ratio', ['0', '0.75']), ('batch_size', [...])]."""
+    out = []
+    for item in items:
+        key, sep, values = item.partition("=")
+        key = SWEEP_ALIASES.get(key.strip(), key.strip())
+        values_list = [v.strip() for v in values.split(",") if v.strip()]
+        if not sep or not key or not values_list:
+            raise BenchError(f"--sweep {item!r}: expected KEY=V1,V2,... (KEY a config key or one of "
+                             f"{sorted(SWEEP_ALIASES)})")
+        out.append((key, values_list))
+    return out
+
+
+def sweep(config_fn, sweeps: list[tuple[str, list[str]]], steps: int, warmup: int, data: str,
+          progress: bool = True) -> list[dict]:
+    """One row per point of the grid of ``sweeps``; ``config_fn()`` gives a fresh config each time."""
+    keys = [k for k, _ in sweeps]
+    rows: list[dict] = []
+    peak = None
+    for values in itertools.product(*[v for _, v in sweeps]) if sweeps else [()]:
+        config = config_lib.override(config_fn(), [f"{k}={v}" for k, v in zip(keys, values)])
+        row = run(config, steps, warmup, data, peak=peak, progress=progress)
+        peak = (row["peak_tflops_per_device"] and row["peak_tflops_per_device"] * 1e12, row["peak_source"])
+        row["point"] = dict(zip(keys, values))
+        rows.append(row)
+        if progress:
+            if len(rows) == 1:
+                print(header(keys), flush=True)
+            print(format_row(row, keys), flush=True)
+    return rows
+
+
+COLUMNS = [  # (header, key, format)
+    ("compile s", "compile_seconds", "{:.1f}"), ("median ms", "step_seconds_median", "{:.0f}"),
+    ("min ms", "step_seconds_min", "{:.0f}"), ("ex/s", "examples_per_second", "{:.1f}"),
+    ("tok/s/dev", "tokens_per_second_per_device", "{:.0f}"), ("data %", "data_wait_fraction", "{:.1f}"),
+    ("GFLOP/step", "model_flops_per_step", "{:.1f}"), ("TFLOP/s/dev", "achieved_tflops_per_device", "{:.3f}"),
+    ("MFU %", "mfu", "{:.1f}"), ("peak mem GiB", "peak_memory_bytes", "{:.2f}"),
+]
+SCALE = {"step_seconds_median": 1e3, "step_seconds_min": 1e3, "data_wait_fraction": 100.0,
+         "model_flops_per_step": 1e-9, "mfu": 100.0, "peak_memory_bytes": 1 / 2 ** 30}
+
+
+def header(keys: list[str]) -> str:
+    return " | ".join([f"{k:>12}" for k in keys] + [f"{h:>12}" for h, _, _ in COLUMNS])
+
+
+def format_row(row: dict, keys: list[str]) -> str:
+    cells = [f"{row['point'].get(k, ''):>12}" for k in keys]
+    for _, key, fmt in COLUMNS:
+        value = row.get(key)
+        cells.append(f"{'-':>12}" if value is None else f"{fmt.format(value * SCALE.get(key, 1.0)):>12}")
+    return " | ".join(cells)
+
+
+def report(rows: list[dict], keys: list[str]) -> str:
+    first = rows[0]
+    lines = [f"{first['objective']} on {first['devices']} x {first['device_kind']} ({first['dtype']}, {first['data']} "
+             f"data, {first['steps']} timed steps after {first['warmup']} warm-up); peak "
+             f"{first['peak_tflops_per_device'] or 0:.3f} TFLOP/s per device ({first['peak_source']})",
+             header(keys)]
+    lines += [format_row(row, keys) for row in rows]
+    return "\n".join(lines)
+
+
+def environment() -> dict[str, Any]:
+    import platform
+
+    return {"jax": jax.__version__, "backend": jax.default_backend(), "device_count": jax.device_count(),
+            "process_count": jax.process_count(), "host": platform.node(), "cpu_count": __import__("os").cpu_count()}
