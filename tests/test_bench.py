@@ -1,0 +1,121 @@
+"""``maskjax bench``: analytic FLOPs against XLA's count, the JSON fields, sweeps and bad flags.
+Speed targets are measured with the benchmark and written in docs/performance.md, never asserted."""
+import json
+import math
+import os
+
+import jax
+import pytest
+
+from maskjax import aot, bench, cli, config as config_lib, train
+from tests.conftest import ROOT, load_config
+
+WIDE = 256  # wide enough that matmuls dominate: norms, GELU, softmax and Adam are O(width) per token
+
+
+@pytest.mark.parametrize("name,overrides", [
+    ("mae_digits.py:tiny", [f"decoder.width={WIDE}", "decoder.depth=1"]),
+    ("simmim_digits.py:tiny", []),
+    ("flip_digits.py:tiny", [f"text_model.width={WIDE}", "text_model.depth=1"]),
+])
+def test_analytic_flops_match_xla_cost_analysis(data_dir, name, overrides):
+    """One layer per stack (XLA counts a scanned loop body once): the analytic count (matmuls and
+    attention only, 3x forward) is within 5% of XLA's whole-step count and never above it. Text: below."""
+    config = load_config(name, f"model.width={WIDE}", "model.depth=1", "mesh.data=1", *overrides, data_dir=data_dir)
+    setup = train.build(config, devices=jax.devices()[:1])
+    compiled, _, _ = aot.compile_step(setup)
+    xla, analytic = aot.compiled_flops(compiled), float(setup.objective.flops())
+    assert 0.95 * xla <= analytic <= xla, (analytic, xla)
+
+
+def test_sparse_mlm_head_saves_the_flops_the_count_says(data_dir):
+    """MLM with a sparse and a dense head (MDLM's count is the dense one): each within 5% of XLA, and
+    the FLOPs the sparse head saves match XLA's difference within 5%."""
+    counts = {}
+    for sparse in (True, False):
+        config = load_config("mlm_text.py:tiny", f"mlm.sparse={sparse}", f"model.width={WIDE}", "model.depth=1", "mesh.data=1",
+                             data_dir=data_dir)
+        setup = train.build(config, devices=jax.devices()[:1])
+        counts[sparse] = (aot.compiled_flops(aot.compile_step(setup)[0]), float(setup.objective.flops()))
+        assert 0.95 * counts[sparse][0] <= counts[sparse][1] <= counts[sparse][0], counts
+    xla_saved, analytic_saved = counts[False][0] - counts[True][0], counts[False][1] - counts[True][1]
+    assert analytic_saved > 0 and abs(analytic_saved - xla_saved) <= 0.05 * xla_saved
+
+
+FIELDS = ["compile_seconds", "step_seconds_median", "step_seconds_min", "examples_per_second",
+          "examples_per_second_per_device", "tokens_per_second", "tokens_per_second_per_device",
+          "data_wait_seconds_median", "data_wait_fraction", "model_flops_per_step", "achieved_tflops_per_device",
+          "peak_tflops_per_device", "mfu"]
+
+
+def test_bench_mae_digits_writes_every_field(data_dir, tmp_path, capsys):
+    out = tmp_path / "out.json"
+    code = cli.main(["bench", "--config", os.path.join(ROOT, "configs", "mae_digits.py"), "--steps", "4",
+                     "--warmup", "1", "--json", str(out), f"--config.data.data_dir={data_dir}"])
+    text = capsys.readouterr().out
+    assert code == 0, text
+    result = json.loads(out.read_text())
+    assert result["environment"]["device_count"] == 8
+    (row,) = result["results"]
+    for field in FIELDS:
+        assert isinstance(row[field], float) and math.isfinite(row[field]) and row[field] >= 0, field
+    assert row["step_seconds_min"] <= row["step_seconds_median"]
+    assert row["examples_per_second"] == pytest.approx(128 / row["step_seconds_median"])
+    assert row["tokens_per_second"] == pytest.approx(row["examples_per_second"] * 16)  # 16x16 image, patch 4
+    assert 0 < row["data_wait_fraction"] < 1 and row["data"] == "real"
+    assert row["peak_source"] == "measured float32 matmul on these devices" and row["mfu"] > 0
+    assert row["mfu"] == pytest.approx(row["achieved_tflops_per_device"] / row["peak_tflops_per_device"])
+    assert row["peak_memory_bytes"] is None  # XLA:CPU keeps no allocator statistics
+    assert "MFU %" in text and "median ms" in text
+
+
+def test_mask_ratio_sweep_rows(data_dir, tmp_path, capsys):
+    out = tmp_path / "sweep.json"
+    code = cli.main(["bench", "--config", os.path.join(ROOT, "configs", "mae_digits.py:tiny"), "--steps", "2",
+                     "--warmup", "1", "--data", "synthetic", "--sweep", "mask_ratio=0,0.75", "--json", str(out),
+                     f"--config.data.data_dir={data_dir}"])
+    text = capsys.readouterr().out
+    assert code == 0, text
+    rows = json.loads(out.read_text())["results"]
+    assert [r["point"] for r in rows] == [{"mask.ratio": "0"}, {"mask.ratio": "0.75"}]
+    assert [r["mask_ratio"] for r in rows] == [0.0, 0.75]
+    assert rows[0]["model_flops_per_step"] > 1.5 * rows[1]["model_flops_per_step"]  # encoder on 16 vs 4 tokens
+    assert rows[0]["data_wait_fraction"] < 0.5 and rows[0]["data"] == "synthetic"
+    lines = text.replace("\r", "\n").splitlines()
+    assert sum(line.strip().startswith("0.75 |") for line in lines) == 2  # as it ran, and in the final table
+
+
+def test_synthetic_batches_match_the_batch_spec(data_dir):
+    import numpy as np
+
+    for name in ("mae_digits.py:tiny", "mlm_text.py:tiny", "flip_digits.py:tiny", "videomae_digits.py:tiny"):
+        objective = train.build(load_config(name, data_dir=data_dir)).objective
+        batch = objective.synthetic_batch(np.random.default_rng(0))
+        for key, (shape, dtype) in objective.batch_spec().items():
+            assert batch[key].shape == shape and batch[key].dtype == np.dtype(dtype), (name, key)
+        if "tokens" in batch:
+            assert batch["tokens"].max() < objective.tokenizer.vocab_size
+
+
+def test_bench_bad_flags(capsys):
+    path = os.path.join(ROOT, "configs", "mae_digits.py")
+    for args, message in [
+        (["--sweep", "mask_ratio"], "--sweep 'mask_ratio': expected KEY=V1,V2"),
+        (["--sweep", "model.nope=1,2"], "config.model.nope: unknown key"),
+        (["--steps", "0"], "--steps 0 must be >= 1"),
+        (["--config.batch_size=abc"], "config.batch_size: cannot parse 'abc' as int"),
+    ]:
+        assert cli.main(["bench", "--config", path] + args) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_peak_table_and_parse():
+    class Device:
+        device_kind, platform = "NVIDIA H100 80GB HBM3", "gpu"
+
+    assert bench.table_peak(Device, "bfloat16") == 989e12
+    Device.device_kind = "TPU v5 lite"
+    assert bench.table_peak(Device, "bfloat16") == 197e12
+    assert bench.parse_sweeps(["batch=64,128"]) == [("batch_size", ["64", "128"])]
+    config = config_lib.override(load_config("mae_digits.py:tiny"), ["mask.ratio=0.5"])
+    assert config.mask.ratio == 0.5
