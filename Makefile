@@ -20,7 +20,7 @@ demo: $(STAMP)
 	JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu} $(VENV)/bin/maskjax train --config configs/mae_digits.py --workdir $(WORKDIR)
 
 test: $(STAMP)
-	$(CPU_ENV) $(PY) -m pytest -x -q tests
+	$(CPU_ENV) $(PY) -m pytest -x -q -n 2 tests
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -33,7 +33,7 @@ setup(
     packages=find_packages(include=["maskjax", "maskjax.*"]),
     install_requires=INSTALL_REQUIRES,
     extras_require={
-        "test": ["pytest", "hypothesis"],
+        "test": ["pytest", "pytest-xdist", "hypothesis"],
         "tf": ["tensorflow-cpu"],
         "cuda": ["jax[cuda12]==0.10.2"],
         "tpu": ["jax[tpu]==0.10.2"],
