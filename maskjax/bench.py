@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from maskjax import aot, config as config_lib, train
+from maskjax import aot, config as config_lib, distributed, train
 from maskjax import data as data_lib
 
 # Dense peak FLOP/s per JAX device: (bfloat16, float32). TPU v2/v3 devices are single cores; v4 and
@@ -96,8 +96,11 @@ def tokens_per_example(objective) -> int:
 
 
 def peak_memory(setup) -> int | None:
+    """Largest ``peak_bytes_in_use`` over this process's devices (None where the backend keeps none)."""
     values = []
-    for device in setup.mesh.local_mesh.devices.flat if hasattr(setup.mesh, "local_mesh") else setup.mesh.devices.flat:
+    for device in setup.mesh.devices.flat:
+        if device.process_index != jax.process_index():
+            continue
         try:
             stats = device.memory_stats() or {}
         except Exception:  # noqa: BLE001 - CPU raises or returns None
@@ -116,6 +119,7 @@ def run(config, steps: int, warmup: int, data: str = "real", peak: tuple | None 
         raise BenchError(f"--warmup {warmup} must be >= 0")
     if data not in ("real", "synthetic"):
         raise BenchError(f"--data {data!r} must be real or synthetic")
+    distributed.check_same(config)
     setup = train.build(config)
     state = setup.init_fn()
     compiled, lower_s, compile_s = aot.compile_step(setup)
@@ -190,11 +194,11 @@ def sweep(config_fn, sweeps: list[tuple[str, list[str]]], steps: int, warmup: in
     peak = None
     for values in itertools.product(*[v for _, v in sweeps]) if sweeps else [()]:
         config = config_lib.override(config_fn(), [f"{k}={v}" for k, v in zip(keys, values)])
-        row = run(config, steps, warmup, data, peak=peak, progress=progress)
+        row = run(config, steps, warmup, data, peak=peak, progress=progress and jax.process_index() == 0)
         peak = (row["peak_tflops_per_device"] and row["peak_tflops_per_device"] * 1e12, row["peak_source"])
         row["point"] = dict(zip(keys, values))
         rows.append(row)
-        if progress:
+        if progress and jax.process_index() == 0:
             if len(rows) == 1:
                 print(header(keys), flush=True)
             print(format_row(row, keys), flush=True)

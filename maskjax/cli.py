@@ -23,6 +23,21 @@ class UsageError(ValueError):
     pass
 
 
+def multi_process_flags(p: argparse.ArgumentParser) -> None:
+    multi = p.add_argument_group(
+        "multi-process runs", "one process per host or GPU; detected on TPU VMs, SLURM and Open MPI, "
+        "or given here / as JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID")
+    multi.add_argument("--coordinator", default=None, help="host:port of process 0")
+    multi.add_argument("--num_processes", type=int, default=None)
+    multi.add_argument("--process_id", type=int, default=None)
+    multi.add_argument("--distributed", default="auto", choices=("auto", "on", "off"),
+                       help="auto: join a multi-process run when one is given or detected")
+    multi.add_argument("--heartbeat_timeout", type=int, default=100,
+                       help="seconds after which a silent process counts as dead and the run stops")
+    multi.add_argument("--init_timeout", type=int, default=300,
+                       help="seconds to wait for all processes to join")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="maskjax", description="Masked pretraining in JAX/Flax.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -32,18 +47,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="config file and optional variant: path/to/file.py[:variant]")
         p.add_argument("--workdir", required=True, help="run directory: checkpoints, metrics, plots")
         p.add_argument("--debug", action="store_true", help="show tracebacks")
-        multi = p.add_argument_group(
-            "multi-process runs", "one process per host or GPU; detected on TPU VMs, SLURM and Open MPI, "
-            "or given here / as JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID")
-        multi.add_argument("--coordinator", default=None, help="host:port of process 0")
-        multi.add_argument("--num_processes", type=int, default=None)
-        multi.add_argument("--process_id", type=int, default=None)
-        multi.add_argument("--distributed", default="auto", choices=("auto", "on", "off"),
-                           help="auto: join a multi-process run when one is given or detected")
-        multi.add_argument("--heartbeat_timeout", type=int, default=100,
-                           help="seconds after which a silent process counts as dead and the run stops")
-        multi.add_argument("--init_timeout", type=int, default=300,
-                           help="seconds to wait for all processes to join")
+        multi_process_flags(p)
 
     train = sub.add_parser("train", help="pretrain (resumes from the newest checkpoint in --workdir)",
                            epilog="Override any config field with --config.KEY=VALUE, e.g. --config.model.depth=12")
@@ -86,6 +90,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--sweep", action="append", default=[], help="KEY=V1,V2,...: one row per value")
     bench.add_argument("--json", default=None, help="write all results to this JSON file")
     bench.add_argument("--debug", action="store_true", help="show tracebacks")
+    multi_process_flags(bench)
     return parser
 
 
@@ -260,6 +265,10 @@ def _bench(args, overrides) -> int:
     config_fn()  # a bad config or override fails before anything is compiled
     rows = bench.sweep(config_fn, sweeps, args.steps, args.warmup, args.data, progress=True)
     keys = [k for k, _ in sweeps]
+    import jax
+
+    if jax.process_index() != 0:
+        return 0
     print(bench.report(rows, keys))
     if args.json:
         import json
