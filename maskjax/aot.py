@@ -38,17 +38,30 @@ def parse_bytes(text: str) -> int:
     return int(float(match.group(1)) * 1024 ** " KMGT".index(unit or " "))
 
 
+def by_device_kind(table: dict, device_kind: str) -> tuple[str, Any] | None:
+    """(kind, value) of the longest key of ``table`` that ``device_kind`` starts with, or None."""
+    for kind in sorted(table, key=len, reverse=True):
+        if device_kind.startswith(kind):
+            return kind, table[kind]
+    return None
+
+
+def memory_stats(device: jax.Device) -> dict:
+    """The allocator statistics of ``device``; empty where the backend keeps none (CPU)."""
+    try:
+        return device.memory_stats() or {}
+    except Exception:  # noqa: BLE001 - backends without memory stats raise
+        return {}
+
+
 def device_memory(device: jax.Device) -> tuple[int | None, str]:
     """(bytes per device, where the number comes from)."""
-    try:
-        stats = device.memory_stats() or {}
-    except Exception:  # noqa: BLE001 - backends without memory stats raise
-        stats = {}
+    stats = memory_stats(device)
     if stats.get("bytes_limit"):
         return int(stats["bytes_limit"]), f"{device.device_kind} runtime limit"
-    for kind, size in sorted(KNOWN_MEMORY.items(), key=lambda kv: -len(kv[0])):
-        if device.device_kind.startswith(kind):
-            return size, f"{kind} HBM"
+    known = by_device_kind(KNOWN_MEMORY, device.device_kind)
+    if known is not None:
+        return known[1], f"{known[0]} HBM"
     if device.platform == "cpu":
         import os
 

@@ -11,8 +11,10 @@ share is in the number (and reported separately as ``data_wait``).
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import math
+import os
 import statistics
 import time
 from typing import Any, Iterator
@@ -43,10 +45,17 @@ class BenchError(ValueError):
 
 
 def table_peak(device: jax.Device, dtype: str) -> float | None:
-    for kind, peaks in sorted(PEAK_FLOPS.items(), key=lambda kv: -len(kv[0])):
-        if device.device_kind.startswith(kind):
-            return peaks[0] if dtype == "bfloat16" else peaks[1]
-    return None
+    known = aot.by_device_kind(PEAK_FLOPS, device.device_kind)
+    if known is None:
+        return None
+    bf16, fp32 = known[1]
+    return bf16 if dtype == "bfloat16" else fp32
+
+
+@functools.lru_cache(maxsize=None)
+def measured_peak(devices: tuple) -> float:
+    """:func:`measure_matmul_peak` once per set of devices in a process (every point of a sweep)."""
+    return measure_matmul_peak(list(devices))
 
 
 def measure_matmul_peak(devices, size: int | None = None, repeats: int = 10) -> float:
@@ -76,7 +85,7 @@ def device_peak(setup) -> tuple[float | None, str]:
     if peak is not None:
         return peak, f"{device.device_kind} {dtype} spec"
     if device.platform == "cpu":
-        return measure_matmul_peak(list(setup.mesh.devices.flat)), "measured float32 matmul on these devices"
+        return measured_peak(tuple(setup.mesh.devices.flat)), "measured float32 matmul on these devices"
     return None, "unknown"
 
 
@@ -101,17 +110,13 @@ def peak_memory(setup) -> int | None:
     for device in setup.mesh.devices.flat:
         if device.process_index != jax.process_index():
             continue
-        try:
-            stats = device.memory_stats() or {}
-        except Exception:  # noqa: BLE001 - CPU raises or returns None
-            stats = {}
+        stats = aot.memory_stats(device)
         if "peak_bytes_in_use" in stats:
             values.append(int(stats["peak_bytes_in_use"]))
     return max(values) if values else None
 
 
-def run(config, steps: int, warmup: int, data: str = "real", peak: tuple | None = None,
-        progress: bool = True) -> dict:
+def run(config, steps: int, warmup: int, data: str = "real", progress: bool = True) -> dict:
     """Benchmarks ``config``'s train step; returns one result row (all times in seconds)."""
     if steps < 1:
         raise BenchError(f"--steps {steps} must be >= 1")
@@ -151,7 +156,7 @@ def run(config, steps: int, warmup: int, data: str = "real", peak: tuple | None 
     median, best = statistics.median(step_times), min(step_times)
     devices = int(setup.mesh.size)
     flops = float(setup.objective.flops())
-    peak_flops, peak_source = peak if peak is not None else device_peak(setup)
+    peak_flops, peak_source = device_peak(setup)
     achieved = flops / median / devices
     batch = config.batch_size
     return {
@@ -191,11 +196,9 @@ def sweep(config_fn, sweeps: list[tuple[str, list[str]]], steps: int, warmup: in
     """One row per point of the grid of ``sweeps``; ``config_fn()`` gives a fresh config each time."""
     keys = [k for k, _ in sweeps]
     rows: list[dict] = []
-    peak = None
     for values in itertools.product(*[v for _, v in sweeps]) if sweeps else [()]:
         config = config_lib.override(config_fn(), [f"{k}={v}" for k, v in zip(keys, values)])
-        row = run(config, steps, warmup, data, peak=peak, progress=progress and jax.process_index() == 0)
-        peak = (row["peak_tflops_per_device"] and row["peak_tflops_per_device"] * 1e12, row["peak_source"])
+        row = run(config, steps, warmup, data, progress=progress and jax.process_index() == 0)
         row["point"] = dict(zip(keys, values))
         rows.append(row)
         if progress and jax.process_index() == 0:
@@ -242,4 +245,4 @@ def environment() -> dict[str, Any]:
     import platform
 
     return {"jax": jax.__version__, "backend": jax.default_backend(), "device_count": jax.device_count(),
-            "process_count": jax.process_count(), "host": platform.node(), "cpu_count": __import__("os").cpu_count()}
+            "process_count": jax.process_count(), "host": platform.node(), "cpu_count": os.cpu_count()}

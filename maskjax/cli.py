@@ -258,6 +258,8 @@ def _compile_check(args, overrides) -> int:
 
 
 def _bench(args, overrides) -> int:
+    import jax
+
     from maskjax import bench, config as config_lib
 
     sweeps = bench.parse_sweeps(args.sweep)
@@ -265,8 +267,6 @@ def _bench(args, overrides) -> int:
     config_fn()  # a bad config or override fails before anything is compiled
     rows = bench.sweep(config_fn, sweeps, args.steps, args.warmup, args.data, progress=True)
     keys = [k for k, _ in sweeps]
-    import jax
-
     if jax.process_index() != 0:
         return 0
     print(bench.report(rows, keys))
@@ -312,13 +312,11 @@ def main(argv: list[str] | None = None) -> int:
         from maskjax.data.pipeline import DataError
         from maskjax.data.tokenizer import TokenizerError
         from maskjax.bench import BenchError
-        from maskjax.distributed import DistributedError
+        from maskjax.distributed import EXIT_PEER_LOST, DistributedError, PeerLost
 
         known = (ConfigError, DataError, TokenizerError, UsageError, FileNotFoundError, PermissionError,
                  FloatingPointError, DistributedError, BenchError)
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
-        from maskjax.distributed import EXIT_PEER_LOST, PeerLost
-
         if isinstance(err, PeerLost):
             print(f"maskjax: error: {message}", file=sys.stderr, flush=True)
             sys.stdout.flush()
