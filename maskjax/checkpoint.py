@@ -1,34 +1,179 @@
-"""Orbax checkpoints of the train state together with the data loader position.
+"""Orbax checkpoints of the train state together with the data loader position, verified on restore.
 
-Layout: ``workdir/checkpoints/<step>/{state,data}``. Saves are asynchronous (the host only waits for
-the device-to-host copy); Orbax writes into a temporary directory and renames it when complete, so
-``latest_step`` never names a half-written checkpoint.
+Layout: ``workdir/checkpoints/<step>/{state,data,maskjax_checksums.json}``. Saves are asynchronous (the
+host only waits for the device-to-host copy). Orbax writes into ``<step>.orbax-checkpoint-tmp-*`` and
+renames it when complete, so a step directory is never half-written; an interrupted temporary
+directory is removed on the next start. Before the rename, process 0 records the size and SHA-256 of
+every file in ``maskjax_checksums.json``, so a checkpoint damaged later (truncated, bit-flipped,
+files lost) is caught before it is restored: :meth:`Checkpointer.restore_newest` moves it to
+``workdir/checkpoints_corrupt/`` with a warning that names it and falls back to the previous one.
+A checkpoint whose shapes differ from the config (another model) is a :class:`CheckpointError` naming
+the first mismatched parameter, never a partial restore.
 """
 from __future__ import annotations
 
+import glob
+import hashlib
+import json
 import os
-from typing import Any
+import shutil
+import sys
+import time
+from typing import Any, Callable
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+
+CHECKSUMS = "maskjax_checksums.json"
+_CONTENT = ("state", "data")  # the items whose files are checksummed
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used with this config, or cannot be written; names it."""
+
+
+def checksums(step_dir: str) -> dict[str, list]:
+    """``{relative path: [size, sha256]}`` of every file of the checkpoint's items."""
+    out = {}
+    for item in _CONTENT:
+        for path in sorted(glob.glob(os.path.join(step_dir, item, "**"), recursive=True)):
+            if os.path.isfile(path):
+                digest = hashlib.sha256()
+                with open(path, "rb") as f:
+                    for block in iter(lambda: f.read(1 << 22), b""):
+                        digest.update(block)
+                out[os.path.relpath(path, step_dir)] = [os.path.getsize(path), digest.hexdigest()]
+    return out
+
+
+def verify(step_dir: str) -> str | None:
+    """None when every file matches ``maskjax_checksums.json`` (or there is none), else what is wrong."""
+    manifest = os.path.join(step_dir, CHECKSUMS)
+    if not os.path.exists(manifest):
+        return None  # written before checksums existed, or synchronously and killed before they were
+    try:
+        with open(manifest) as f:
+            expected = json.load(f)["files"]
+    except (OSError, ValueError, KeyError) as err:
+        return f"{CHECKSUMS} is unreadable ({type(err).__name__})"
+    for rel, (size, sha) in expected.items():
+        path = os.path.join(step_dir, rel)
+        if not os.path.isfile(path):
+            return f"file {rel} is missing"
+        if os.path.getsize(path) != size:
+            return f"file {rel} has {os.path.getsize(path)} bytes, {size} were written"
+    found = checksums(step_dir)
+    for rel, (size, sha) in expected.items():
+        if found[rel][1] != sha:
+            return f"file {rel} does not match its checksum"
+    return None
+
+
+def _path_str(path) -> str:
+    """'params/encoder/.../kernel': dict keys, sequence indices and attribute names alike (Orbax stores
+    optimizer-state named tuples as dicts)."""
+    parts = []
+    for k in path:
+        for attr in ("key", "idx", "name"):
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+        else:
+            parts.append(str(k))
+    return "/".join(parts)
+
+
+def shape_mismatch(saved: Any, abstract: Any) -> str | None:
+    """The first difference between a checkpoint's array metadata and the state this config builds."""
+    have = {_path_str(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(saved)[0]}
+    want = {_path_str(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(abstract)[0]}
+    for name in want:
+        if name in have and have[name] != want[name]:
+            return f"{name} has shape {have[name]} in the checkpoint and {want[name]} in this config"
+    missing = [n for n in want if n not in have]
+    if missing:
+        return f"{missing[0]} is not in the checkpoint ({len(missing)} arrays of this config are missing)"
+    extra = [n for n in have if n not in want]
+    if extra:
+        return f"the checkpoint has {extra[0]}, which this config does not ({len(extra)} such arrays)"
+    return None
+
+
+def _agree(ok: bool) -> bool:
+    """True when ``ok`` on every process (all processes take the same restore decision)."""
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
+
+
+def warn(message: str) -> None:
+    if jax.process_index() == 0:
+        print(f"maskjax: warning: {message}", file=sys.stderr, flush=True)
 
 
 class Checkpointer:
-    def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
-        self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    def __init__(self, workdir: str, keep: int = 3, async_save: bool = True, checksum: bool = True):
+        self.workdir = os.path.abspath(workdir)
+        self.directory = os.path.join(self.workdir, "checkpoints")
+        self.checksum = checksum
+        self._saving: int | None = None
+        async_options = ocp.AsyncOptions(post_finalization_callback=self._record_checksums) \
+            if async_save and checksum else None
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
+            max_to_keep=keep, enable_async_checkpointing=async_save, create=True, cleanup_tmp_directories=True,
+            async_options=async_options,
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
+        self._async = async_save
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
     def save(self, step: int, state: Any, loader_state: dict) -> None:
-        self.manager.save(
-            step,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(loader_state)),
-        )
+        """Starts saving ``step``; an earlier save still in flight is finished first. A write failure
+        (disk full, permissions) is a :class:`CheckpointError` naming the step; older checkpoints stay."""
+        from maskjax import faults
+
+        self._saving = step
+        try:
+            self.manager.save(
+                step,
+                args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(loader_state)),
+            )
+        except Exception as err:
+            raise self._write_error(step, err) from err
+        if not self._async and self.checksum:
+            self._record_checksums(os.path.join(self.directory, str(step)))
+        faults.point("checkpoint", step)
+
+    def _write_error(self, step, err: Exception) -> CheckpointError:
+        text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        return CheckpointError(f"could not write checkpoint step {step} in {self.directory}: "
+                               f"{type(err).__name__}: {text[:300]}; earlier checkpoints are kept")
+
+    def _record_checksums(self, step_dir: str | None = None) -> None:
+        """Runs on Orbax's commit thread after the files are written and before the directory is
+        renamed to its step (so a committed checkpoint always has its checksums), on process 0."""
+        if jax.process_index() != 0:
+            return
+        if step_dir is None:
+            # Orbax finishes one save before it starts the next, and removed older leftovers at start.
+            pending = glob.glob(os.path.join(self.directory, "*.orbax-checkpoint-tmp*"))
+            if len(pending) != 1:
+                warn(f"no checksums for the checkpoint being committed in {self.directory}: {len(pending)} "
+                     "temporary directories")
+                return
+            step_dir = pending[0]
+        tmp = os.path.join(step_dir, CHECKSUMS + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump({"created": time.time(), "files": checksums(step_dir)}, f)
+        os.replace(tmp, os.path.join(step_dir, CHECKSUMS))
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
         """Restores ``state`` onto the shardings carried by ``abstract_state`` (ShapeDtypeStructs)."""
@@ -39,14 +184,63 @@ class Checkpointer:
         return restored.state, restored.data
 
     def restore_state(self, step: int, abstract_state: Any) -> Any:
+        self.check_compatible(step, abstract_state)
         restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
         return restored.state
 
+    def check_compatible(self, step: int, abstract_state: Any, describe: Callable[[], str] = lambda: "") -> None:
+        """Raises :class:`CheckpointError` when checkpoint ``step`` holds other shapes than ``abstract_state``."""
+        try:
+            saved = ocp.StandardCheckpointer().metadata(os.path.join(self.directory, str(step), "state")).item_metadata
+        except Exception:  # unreadable metadata: the restore itself reports it (and falls back)
+            return
+        problem = shape_mismatch(saved, abstract_state)
+        if problem:
+            raise CheckpointError(f"checkpoint step {step} in {self.directory} does not fit this config: "
+                                  f"{problem}{describe()}")
+
+    def restore_newest(self, abstract_state: Any, describe: Callable[[], str] = lambda: ""
+                       ) -> tuple[int, Any, dict] | None:
+        """(step, state, loader state) of the newest checkpoint that verifies and restores, or None.
+
+        A damaged checkpoint is moved to ``checkpoints_corrupt/`` with a warning and the previous one is
+        tried. One from another config is an error (``describe()`` adds what changed), never skipped.
+        """
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            problem = verify(os.path.join(self.directory, str(step))) if self.checksum else None
+            if _agree(problem is None):
+                self.check_compatible(step, abstract_state, describe)
+                try:
+                    state, data = self.restore(step, abstract_state)
+                except Exception as err:  # truncated or unreadable files without checksums
+                    problem = f"restore failed: {str(err).strip().splitlines()[0][:200]}"
+            if _agree(problem is None):
+                return step, state, data
+            self._quarantine(step, problem or "damaged on another process")
+        return None
+
+    def _quarantine(self, step: int, problem: str) -> None:
+        target = os.path.join(self.workdir, "checkpoints_corrupt", f"{step}-{int(time.time())}")
+        if jax.process_index() == 0:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            shutil.move(os.path.join(self.directory, str(step)), target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"maskjax_quarantine_{step}")
+        self.manager.reload()
+        older = [s for s in self.manager.all_steps() if s < step]
+        fallback = f"falling back to step {max(older)}" if older else "no older checkpoint: starting from scratch"
+        warn(f"checkpoint step {step} in {self.directory} is damaged ({problem}); moved it to {target}; {fallback}")
+
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        try:
+            self.manager.wait_until_finished()
+        except Exception as err:
+            raise self._write_error(self._saving, err) from err
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
+        self.wait()
         self.manager.close()
 
 

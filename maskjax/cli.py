@@ -9,8 +9,8 @@
 Multi-process runs (TPU pods, SLURM, Kubernetes, launch/local_multiprocess.py): every process runs the
 same command; see ``maskjax.distributed``.
 
-Bad input (config, dataset, file, flag) is one line on stderr naming the offending thing and exit
-status 2; ``--debug`` shows the traceback instead.
+Bad input (config, dataset, file, flag, checkpoint) is one line on stderr naming the offending thing and
+exit status 2; ``--debug`` shows the traceback instead. Other statuses: ``maskjax.faults``.
 """
 from __future__ import annotations
 
@@ -312,19 +312,29 @@ def main(argv: list[str] | None = None) -> int:
         from maskjax.data.pipeline import DataError
         from maskjax.data.tokenizer import TokenizerError
         from maskjax.bench import BenchError
+        from maskjax.checkpoint import CheckpointError
         from maskjax.distributed import EXIT_PEER_LOST, DistributedError, PeerLost
+        from maskjax.faults import EXIT_NONFINITE, EXIT_PREEMPTED, FaultSpecError, NonFiniteError, Preempted
 
         known = (ConfigError, DataError, TokenizerError, UsageError, FileNotFoundError, PermissionError,
-                 FloatingPointError, DistributedError, BenchError)
+                 DistributedError, BenchError, CheckpointError, FaultSpecError)
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
         if isinstance(err, PeerLost):
             print(f"maskjax: error: {message}", file=sys.stderr, flush=True)
             sys.stdout.flush()
             os._exit(EXIT_PEER_LOST)  # skip JAX's shutdown barrier: it would wait for the dead process
-        if not isinstance(err, known):
+        if isinstance(err, Preempted):
+            print(f"maskjax: {message}", file=sys.stderr, flush=True)
+            return EXIT_PREEMPTED
+        if isinstance(err, NonFiniteError):
+            print(f"maskjax: error: {message}", file=sys.stderr, flush=True)
+            return EXIT_NONFINITE
+        if isinstance(err, OSError) and not isinstance(err, known) and err.filename:
+            message = f"{err.filename}: {err.strerror or message}"  # e.g. a full disk or a read-only folder
+        elif not isinstance(err, known):
             message = f"{type(err).__name__}: {message} (rerun with --debug for the traceback)"
         print(f"maskjax: error: {message}", file=sys.stderr)
-        return 2 if isinstance(err, known) else 1
+        return 2 if isinstance(err, (known, OSError)) else 1
 
 
 if __name__ == "__main__":

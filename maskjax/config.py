@@ -72,7 +72,13 @@ def base_config() -> ml_collections.ConfigDict:
     # multi-slice TPU / multi-node GPU: the part of each mesh axis that crosses slices or nodes (the
     # slow network); the rest of the axis stays inside one. Product = number of slices (or processes).
     c.mesh_dcn = dict(data=1, fsdp=1, tensor=1)
-    c.checkpoint = dict(every=500, keep=3, async_save=True)
+    # checksum: record SHA-256 of every checkpoint file and verify before restoring (falls back past damage)
+    c.checkpoint = dict(every=500, keep=3, async_save=True, checksum=True)
+    # nonfinite: what a step with a non-finite loss, gradient or update does: 'stop' (save the last good
+    # state, exit 5) or 'skip' (leave the state as it was, count it; stop after max_skipped_steps, 0 = never).
+    # bad_records: a record that cannot be decoded: 'stop' (error naming it) or 'skip' (count it; its
+    # batch slot repeats another example of the batch, every other record keeps its place).
+    c.faults = dict(nonfinite="stop", max_skipped_steps=100, bad_records="stop")
     # zero_shot (FLIP): prompt templates ('{}' = class name) and class names ('' = the dataset's labels)
     c.eval = dict(probe=True, knn_k=20, num_images=8, batch_size=256, max_batches=0,
                   zero_shot=True, prompts=("a photo of a {}.",), class_names=())
@@ -226,6 +232,13 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
             raise ConfigError(key, f"must be in [0, 1), got {lookup(config, key)}")
     if optim.schedule not in ("cosine", "constant", "linear"):
         raise ConfigError("optim.schedule", f"must be cosine, linear or constant, got {optim.schedule!r}")
+    faults = config.get("faults")
+    if faults is not None:
+        for key, allowed in (("nonfinite", ("stop", "skip")), ("bad_records", ("stop", "skip"))):
+            if faults.get(key) not in allowed:
+                raise ConfigError(f"faults.{key}", f"must be one of {allowed}, got {faults.get(key)!r}")
+        if not isinstance(faults.max_skipped_steps, int) or faults.max_skipped_steps < 0:
+            raise ConfigError("faults.max_skipped_steps", f"must be an int >= 0, got {faults.max_skipped_steps!r}")
     if config.batch_size % optim.grad_accum:
         raise ConfigError("optim.grad_accum", f"must divide batch_size={config.batch_size}")
     if num_devices is not None:

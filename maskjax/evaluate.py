@@ -83,6 +83,9 @@ def probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: 
 
 def run(setup, params, workdir: str, step: int, writer=None) -> dict:
     """Probes (pretrained vs random init vs raw pixels) and the reconstruction PNG; writes eval.json."""
+    from maskjax import faults
+
+    faults.point("eval")
     config = setup.config
     results: dict[str, Any] = {"step": int(step), "objective": config.objective,
                                "train_split": config.data.train_split, "eval_split": config.data.eval_split}

@@ -29,10 +29,11 @@ class Writer:
         resumed run's history is the uninterrupted run's history."""
         if not self.enabled or not os.path.exists(self.path):
             return
-        with open(self.path) as f:
-            kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
-        with open(self.path, "w") as f:
+        kept = [json.dumps(r) + "\n" for r in read_jsonl(self.path) if r.get("step", 0) <= step]
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
             f.writelines(kept)
+        os.replace(tmp, self.path)
 
     def scalars(self, step: int, values: dict, jsonl: bool = True) -> None:
         """One record per call; ``jsonl=False`` writes TensorBoard only (eval scalars)."""
@@ -61,8 +62,17 @@ def _plain(value):
 
 
 def read_jsonl(path: str) -> list[dict]:
+    """The records of a JSON-lines file; a last line cut short by a killed writer is left out."""
+    records = []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = [line for line in f if line.strip()]
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if i != len(lines) - 1:
+                raise
+    return records
 
 
 class Progress:

@@ -113,7 +113,7 @@ def test_moving_digits_clips_and_video_preprocessing(data_dir):
     np.testing.assert_array_equal(digits_data.moving_clip(digit, 3), digits_data.moving_clip(digit, 3))
     assert not np.array_equal(digits_data.moving_clip(digit, 3), digits_data.moving_clip(digit, 4))
     # eval: the centred window of 4 frames 2 apart (frames 4, 6, 8, 10), no crop at full size
-    out = pipeline.Preprocess(config.data, train=False, seed=0)((0, src[0]))["image"]
+    out = pipeline.Preprocess(config.data, train=False, seed=0)((0, 0, src[0]))["image"]
     np.testing.assert_allclose(out, (clip[4:11:2].astype(np.float32) / 255.0 - 0.5) / 0.5, atol=1e-6)
     batch = next(pipeline.train_loader(config))
     assert batch["image"].shape == (16, 4, 32, 32, 1)

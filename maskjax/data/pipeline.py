@@ -120,14 +120,15 @@ class Preprocess:
         self.frames = data_config.get("frames", 0)
 
     def __call__(self, item) -> dict:
-        position, record = item
+        """item: (global stream position (seeds the augmentation), record index, record)."""
+        position, index, record = item
         cfg = self.cfg
         if cfg.image_key not in record:
-            raise DataError(f"record {position} of {cfg.name!r} has no field data.image_key={cfg.image_key!r}; "
+            raise DataError(f"record {index} of {cfg.name!r} has no field data.image_key={cfg.image_key!r}; "
                             f"it has {sorted(record)}")
         pixels = record[cfg.image_key]
         if isinstance(pixels, bytes) or (isinstance(pixels, np.ndarray) and pixels.dtype == object):
-            pixels = _decode(pixels, cfg, position)
+            pixels = _decode(pixels, cfg, index)
         pixels = np.asarray(pixels)
         if pixels.ndim == 2 + bool(self.frames):  # grey-scale without a channel axis
             pixels = pixels[..., None]
@@ -135,7 +136,7 @@ class Preprocess:
         if pixels.ndim != expected or pixels.shape[-1] != cfg.channels:
             what = "a video [T, H, W, C] (data.frames > 0)" if self.frames else "an image [H, W, C]"
             raise DataError(
-                f"record {position} of {cfg.name!r}: {cfg.image_key!r} of shape {pixels.shape} does not have "
+                f"record {index} of {cfg.name!r}: {cfg.image_key!r} of shape {pixels.shape} does not have "
                 f"data.channels={cfg.channels} channels or is not {what}"
             )
         rng = np.random.default_rng([self.seed, position]) if self.train else None
@@ -143,7 +144,7 @@ class Preprocess:
             stride = cfg.get("frame_stride", 1)
             span = (self.frames - 1) * stride + 1
             if len(pixels) < span:
-                raise DataError(f"record {position} of {cfg.name!r}: video of {len(pixels)} frames is shorter "
+                raise DataError(f"record {index} of {cfg.name!r}: video of {len(pixels)} frames is shorter "
                                 f"than data.frames={self.frames} x data.frame_stride={stride} ({span} frames)")
             start = rng.integers(0, len(pixels) - span + 1) if self.train else (len(pixels) - span) // 2
             pixels = pixels[start:start + span:stride]
@@ -169,19 +170,19 @@ class Preprocess:
         return _from_pil(img, self.cfg.channels)
 
 
-def _decode(data, cfg, position) -> np.ndarray:
+def _decode(data, cfg, index) -> np.ndarray:
     """Encoded image bytes (JPEG, PNG, ...) -> uint8 [H, W, data.channels]."""
     import io
 
     if cfg.channels not in (1, 3):
-        raise DataError(f"record {position} of {cfg.name!r}: encoded images decode to 1 or 3 channels, "
+        raise DataError(f"record {index} of {cfg.name!r}: encoded images decode to 1 or 3 channels, "
                         f"not data.channels={cfg.channels}")
     data = data.item() if isinstance(data, np.ndarray) else data
     try:
         img = Image.open(io.BytesIO(data))
         img = img.convert("L" if cfg.channels == 1 else "RGB")
     except Exception as err:  # Pillow raises several types for corrupt files
-        raise DataError(f"record {position} of {cfg.name!r}: {cfg.image_key!r} is not a readable image "
+        raise DataError(f"record {index} of {cfg.name!r}: {cfg.image_key!r} is not a readable image "
                         f"({type(err).__name__}: {err})") from None
     return np.asarray(img)
 
@@ -268,8 +269,10 @@ class ProcessBatches:
     global positions ``s*B + rows``, read together and preprocessed into one batch."""
 
     def __init__(self, src, order: GlobalOrder, preprocess: Preprocess, global_batch: int,
-                 rows: np.ndarray | None, num_batches: int, captions: Captions | None = None):
+                 rows: np.ndarray | None, num_batches: int, captions: Captions | None = None,
+                 skip_bad: bool = False, split: str = ""):
         self.src, self.order, self.preprocess = src, order, preprocess
+        self.skip_bad, self.split = skip_bad, split
         self.global_batch = global_batch
         self.rows = block_rows(global_batch) if rows is None else np.asarray(rows)
         self.num_batches = num_batches
@@ -282,10 +285,28 @@ class ProcessBatches:
         positions = step * self.global_batch + self.rows
         indices = self.order(positions)
         records = self.src.__getitems__([int(i) for i in indices])
-        examples = [self.preprocess((int(g), r)) for g, r in zip(positions, records)]
+        examples, bad = [], []
+        for row, (g, i, r) in enumerate(zip(positions, indices, records)):
+            try:
+                examples.append(self.preprocess((int(g), int(i), r)))
+            except DataError as err:
+                if not self.skip_bad:
+                    raise DataError(f"{err} (split {self.split!r}; faults.bad_records=skip would skip it)") from None
+                print(f"maskjax: warning: skipped {err}", file=sys.stderr, flush=True)
+                examples.append(None)
+                bad.append(row)
+        if bad:  # a bad record's slot repeats a good example of the batch; every other slot is unchanged
+            good = [row for row, e in enumerate(examples) if e is not None]
+            if not good:
+                raise DataError(f"every record of batch {step} of {self.preprocess.cfg.name!r} split {self.split!r} "
+                                f"is unreadable (records {[int(indices[r]) for r in bad][:8]})")
+            for row in bad:
+                examples[row] = examples[good[0]]
+                records[row] = records[good[0]]
         batch = {key: np.stack([e[key] for e in examples]) for key in examples[0]}
         if self.captions is not None:
-            batch.update(self.captions(positions, records))
+            batch.update(self.captions(indices, records))
+        batch["bad_records"] = np.int32(len(bad))
         return batch
 
 
@@ -298,9 +319,13 @@ def train_loader(config, rows: np.ndarray | None = None, captions: bool = False)
     batches = ProcessBatches(
         src, GlobalOrder(len(src), config.seed, shuffle=True), Preprocess(data, train=True, seed=config.seed),
         config.batch_size, rows, num_batches=sys.maxsize // (2 * config.batch_size),
-        captions=Captions(data) if captions else None,
+        captions=Captions(data) if captions else None, skip_bad=_skip_bad(config), split=data.train_split,
     )
     return Loader(grain.MapDataset.source(batches), data)
+
+
+def _skip_bad(config) -> bool:
+    return (config.get("faults", {}) or {}).get("bad_records", "stop") == "skip"
 
 
 def eval_batches(config, split: str, batch_size: int, rows: np.ndarray | None = None
@@ -312,29 +337,37 @@ def eval_batches(config, split: str, batch_size: int, rows: np.ndarray | None = 
     total = len(src)
     batches = ProcessBatches(
         src, GlobalOrder(total, 0, shuffle=False), Preprocess(data, train=False, seed=0),
-        batch_size, rows, num_batches=-(-total // batch_size),
+        batch_size, rows, num_batches=-(-total // batch_size), skip_bad=_skip_bad(config), split=split,
     )
     for i in range(len(batches)):
-        yield batches[i], min(batch_size, total - i * batch_size)
+        batch = batches[i]
+        batch.pop("bad_records")
+        yield batch, min(batch_size, total - i * batch_size)
 
 
 class Loader:
-    """An iterator of local batches whose position can be saved and restored (``get_state``)."""
+    """An iterator of local batches whose position can be saved and restored (``get_state``), with
+    the number of bad records skipped so far (``faults.bad_records=skip``), which is part of the state."""
 
     def __init__(self, dataset: grain.MapDataset, data_config):
         options = grain.ReadOptions(num_threads=data_config.num_threads, prefetch_buffer_size=data_config.prefetch)
         self.iterator = iter(dataset.to_iter_dataset(options))
+        self.bad_records = 0
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict:
-        return next(self.iterator)
+        batch = next(self.iterator)
+        self.bad_records += int(batch.pop("bad_records", 0))
+        return batch
 
     def get_state(self) -> dict:
-        return self.iterator.get_state()
+        return {**self.iterator.get_state(), "bad_records": self.bad_records}
 
     def set_state(self, state: dict) -> None:
+        state = dict(state)
+        self.bad_records = int(state.pop("bad_records", 0))
         self.iterator.set_state(state)
 
     def close(self) -> None:

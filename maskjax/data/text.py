@@ -14,6 +14,7 @@ Batches: ``tokens``, ``segment_ids``, ``positions`` int32 [b, seq_len]; ``word_s
 from __future__ import annotations
 
 import queue
+import sys
 import threading
 from typing import Iterator
 
@@ -48,8 +49,10 @@ class Documents:
     ``order`` maps stream positions to record indices (:class:`pipeline.GlobalOrder`).
     """
 
-    def __init__(self, src, order: pipeline.GlobalOrder, tok: tokenizer_lib.Tokenizer, text_key: str, name: str):
+    def __init__(self, src, order: pipeline.GlobalOrder, tok: tokenizer_lib.Tokenizer, text_key: str, name: str,
+                 skip_bad: bool = False):
         self.src, self.order, self.tok, self.text_key, self.name = src, order, tok, text_key, name
+        self.skip_bad = skip_bad  # a record without the text field is an empty document (and a warning)
         self._chunk, self._cache = -1, []
 
     def __getitem__(self, position: int) -> list[int]:
@@ -58,11 +61,15 @@ class Documents:
             positions = chunk * READ_CHUNK + np.arange(READ_CHUNK)
             records = self.src.__getitems__([int(i) for i in self.order(positions)])
             texts = []
-            for pos, record in zip(positions, records):
+            for index, record in zip(self.order(positions), records):
                 if self.text_key not in record:
-                    raise pipeline.DataError(
-                        f"record {int(pos)} of {self.name!r} has no field data.text_key={self.text_key!r}; "
-                        f"it has {sorted(record)}")
+                    message = (f"record {int(index)} of {self.name!r} has no field data.text_key={self.text_key!r}; "
+                               f"it has {sorted(record)}")
+                    if not self.skip_bad:
+                        raise pipeline.DataError(message)
+                    print(f"maskjax: warning: skipped {message}", file=sys.stderr, flush=True)
+                    texts.append("")
+                    continue
                 text = record[self.text_key]
                 texts.append(text.decode("utf-8", "replace") if isinstance(text, bytes) else str(text))
             ids = self.tok.encode_batch(texts)
@@ -118,7 +125,8 @@ def _documents(config, split: str, shuffle: bool) -> Documents:
     data = config.data
     src = pipeline.source(data, split)
     tok = load_tokenizer(data)
-    return Documents(src, pipeline.GlobalOrder(len(src), config.seed, shuffle), tok, data.text_key, data.name)
+    return Documents(src, pipeline.GlobalOrder(len(src), config.seed, shuffle), tok, data.text_key, data.name,
+                     skip_bad=pipeline._skip_bad(config))
 
 
 class TextLoader:

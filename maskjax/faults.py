@@ -1,0 +1,129 @@
+"""What a run does when something goes wrong: exit statuses, preemption, non-finite steps, fault injection.
+
+Exit statuses of ``maskjax`` (schedulers can act on them):
+
+====  ===========================================================================================
+ 0    done
+ 1    an unexpected error (a bug: the one line says ``rerun with --debug``)
+ 2    bad input: config, flag, dataset, record, file, checkpoint; names the offending thing
+ 3    a peer process of a multi-process run was lost (:class:`maskjax.distributed.PeerLost`)
+ 4    ``compile-check``: the step does not fit in device memory
+ 5    stopped on a non-finite loss or gradient (``faults.nonfinite='stop'``); the last good state is saved
+ 75   preempted (SIGTERM or the platform's preemption notice); a checkpoint of the current step is
+      committed: run the same command again to resume (EX_TEMPFAIL: "try again")
+====  ===========================================================================================
+
+Fault injection (tests, and anyone who wants to see recovery work): ``MASKJAX_FAULTS`` is a comma-separated
+list of ``ACTION@POINT:N``. The trainer calls :func:`point` at named places; when ``N`` matches, ``ACTION``
+happens for real: ``kill`` sends SIGKILL to this process, ``term`` sends SIGTERM, ``nan`` makes the
+caller poison its data. ``N`` is the step for points that have one (``step``, ``checkpoint``,
+``batch``) and otherwise the how-many-th time this process reaches the point (``compile``, ``eval``).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+EXIT_NONFINITE = 5
+EXIT_PREEMPTED = 75
+
+POINTS = {
+    "compile": "before the first train step is compiled and run",
+    "step": "right after step N is dispatched, while the device runs it",
+    "checkpoint": "right after the asynchronous save of step N starts, while it is being written",
+    "batch": "the host batch of step N (only 'nan': its floating-point arrays become NaN)",
+    "eval": "inside an evaluation pass",
+}
+ACTIONS = ("kill", "term", "nan")
+
+
+class Preempted(Exception):
+    """The run stopped on a preemption notice after committing a checkpoint of ``step``."""
+
+    def __init__(self, step: int, directory: str, source: str):
+        super().__init__(f"preempted ({source}) at step {step}: checkpoint step {step} is committed in {directory}; "
+                         "run the same command again to resume")
+        self.step = step
+
+
+class NonFiniteError(FloatingPointError):
+    """A non-finite loss or gradient under ``faults.nonfinite='stop'`` (or too many skipped steps)."""
+
+
+class FaultSpecError(ValueError):
+    pass
+
+
+def _parse(text: str) -> dict[tuple[str, str], set[int]]:
+    spec: dict[tuple[str, str], set[int]] = {}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        action, _, rest = item.partition("@")
+        name, _, count = rest.partition(":")
+        if action not in ACTIONS or name not in POINTS or not count.isdigit():
+            raise FaultSpecError(f"MASKJAX_FAULTS item {item!r}: expected ACTION@POINT:N with ACTION in {ACTIONS} "
+                                 f"and POINT in {tuple(POINTS)}")
+        spec.setdefault((action, name), set()).add(int(count))
+    return spec
+
+
+_hits: dict[str, int] = {}
+_lock = threading.Lock()
+
+
+def point(name: str, step: int | None = None) -> set[str]:
+    """Marks reaching ``name``; performs a matching ``kill``/``term`` and returns the other matching actions."""
+    text = os.environ.get("MASKJAX_FAULTS", "")
+    if not text:
+        return set()
+    with _lock:
+        _hits[name] = _hits.get(name, 0) + 1
+        n = _hits[name] if step is None else step
+    actions = {action for (action, where), counts in _parse(text).items() if where == name and n in counts}
+    if "kill" in actions:
+        os.kill(os.getpid(), signal.SIGKILL)
+    if "term" in actions:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return actions - {"kill", "term"}
+
+
+def check_spec() -> None:
+    """Raises :class:`FaultSpecError` for a malformed ``MASKJAX_FAULTS`` (before a run starts)."""
+    _parse(os.environ.get("MASKJAX_FAULTS", ""))
+
+
+class Preemption:
+    """Did a preemption notice arrive? Asked once per step with the same step on every process.
+
+    Multi-process: JAX's preemption sync manager (started by ``jax.distributed.initialize``; it
+    catches SIGTERM and, on Cloud TPU, the maintenance notice) makes every process see the notice at the
+    same step, so all save the same checkpoint. One process: a SIGTERM handler sets a flag. The handler
+    is removed by :meth:`close`, so a SIGTERM outside the training loop stops the process as usual.
+    """
+
+    def __init__(self):
+        import jax
+
+        self.source = "SIGTERM"
+        self._flag = threading.Event()
+        self._previous = None
+        self._sync = False
+        if jax.process_count() > 1:
+            from jax._src import distributed as jax_distributed
+
+            self._sync = getattr(jax_distributed.global_state, "preemption_sync_manager", None) is not None
+            self.source = "preemption notice"
+        if not self._sync and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, lambda *_: self._flag.set())
+
+    def reached(self, step: int) -> bool:
+        if self._sync:
+            from jax.experimental import multihost_utils
+
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self._flag.is_set()
+
+    def close(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
