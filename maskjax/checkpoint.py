@@ -88,6 +88,7 @@ def shape_mismatch(saved: Any, abstract: Any) -> str | None:
     """The first difference between a checkpoint's array metadata and the state this config builds."""
     have = {_path_str(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(saved)[0]}
     want = {_path_str(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(abstract)[0]}
+    want = dict(sorted(want.items(), key=lambda item: not item[0].startswith("params/")))  # name a parameter
     for name in want:
         if name in have and have[name] != want[name]:
             return f"{name} has shape {have[name]} in the checkpoint and {want[name]} in this config"

@@ -321,7 +321,9 @@ def train_loader(config, rows: np.ndarray | None = None, captions: bool = False)
         config.batch_size, rows, num_batches=sys.maxsize // (2 * config.batch_size),
         captions=Captions(data) if captions else None, skip_bad=_skip_bad(config), split=data.train_split,
     )
-    return Loader(grain.MapDataset.source(batches), data)
+    loader = Loader(grain.MapDataset.source(batches), data)
+    loader.source = src
+    return loader
 
 
 def _skip_bad(config) -> bool:
