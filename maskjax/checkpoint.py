@@ -16,6 +16,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -141,6 +142,7 @@ class Checkpointer:
         (disk full, permissions) is a :class:`CheckpointError` naming the step; older checkpoints stay."""
         from maskjax import faults
 
+        self.wait()  # Orbax would wait for the previous save here anyway; this names its step if it failed
         self._saving = step
         try:
             self.manager.save(
@@ -154,9 +156,18 @@ class Checkpointer:
         faults.point("checkpoint", step)
 
     def _write_error(self, step, err: Exception) -> CheckpointError:
-        text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        return CheckpointError(f"could not write checkpoint step {step} in {self.directory}: "
-                               f"{type(err).__name__}: {text[:300]}; earlier checkpoints are kept")
+        text = str(err).strip()
+        os_error = re.search(r"([A-Za-z][^:\[\]\"]*) \[os_error_code='(\d+)'\]", text)  # TensorStore's
+        if isinstance(err, OSError) and err.strerror:
+            reason = f"{err.strerror} [errno {err.errno}]"
+        elif os_error:
+            reason = f"{os_error.group(1).strip()} [errno {os_error.group(2)}]"
+        else:
+            reason = f"{type(err).__name__}: {(text.splitlines() or [''])[0][:300]}"
+        error = CheckpointError(f"could not write checkpoint step {step} in {self.directory}: {reason}; "
+                                "earlier checkpoints are kept")
+        error.hard_exit = True  # Orbax's writer threads are in a failed state: leave without tearing them down
+        return error
 
     def _record_checksums(self, step_dir: str | None = None) -> None:
         """Runs on Orbax's commit thread after the files are written and before the directory is

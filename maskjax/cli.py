@@ -38,9 +38,16 @@ def multi_process_flags(p: argparse.ArgumentParser) -> None:
                        help="seconds to wait for all processes to join")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one ``maskjax: error:`` line like every other bad input."""
+
+    def error(self, message):
+        raise UsageError(f"{message} (see: {self.prog} --help)")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="maskjax", description="Masked pretraining in JAX/Flax.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="maskjax", description="Masked pretraining in JAX/Flax.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def common(p, config_required: bool):
         p.add_argument("--config", required=config_required,
@@ -124,8 +131,11 @@ def load_config(spec: str | None, workdir: str, overrides: list[str]):
 
         import ml_collections
 
-        with open(saved) as f:
-            config = ml_collections.ConfigDict(json.load(f))
+        try:
+            with open(saved) as f:
+                config = ml_collections.ConfigDict(json.load(f))
+        except (ValueError, OSError) as err:
+            raise UsageError(f"{saved}: not a readable config ({type(err).__name__}: {err}); pass --config") from None
         config.lock()
     else:
         config = config_lib.load(spec)
@@ -291,9 +301,15 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     if not debug:  # TFDS and Orbax log through absl; keep stderr to our own lines
+        import threading
+
         from absl import logging as absl_logging
 
-        absl_logging.set_verbosity(absl_logging.ERROR)
+        # A failure in a worker thread (Orbax's writer, Grain's readers) reaches the main thread, which
+        # reports it in one line; the thread's own traceback and log lines are only shown with --debug.
+        absl_logging.set_verbosity(absl_logging.FATAL)
+        threading.excepthook = lambda args: None
+        sys.unraisablehook = lambda args: None
     try:
         rest, overrides = _split_overrides(argv)
         args = _parser().parse_args(rest)
@@ -323,6 +339,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"maskjax: error: {message}", file=sys.stderr, flush=True)
             sys.stdout.flush()
             os._exit(EXIT_PEER_LOST)  # skip JAX's shutdown barrier: it would wait for the dead process
+        if getattr(err, "hard_exit", False):
+            print(f"maskjax: error: {message}", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(2)
         if isinstance(err, Preempted):
             print(f"maskjax: {message}", file=sys.stderr, flush=True)
             return EXIT_PREEMPTED
