@@ -14,7 +14,7 @@ Exit statuses of ``maskjax`` (schedulers can act on them):
 ====  ===========================================================================================
 
 Fault injection (tests, and anyone who wants to see recovery work): ``MASKJAX_FAULTS`` is a comma-separated
-list of ``ACTION@POINT:N``. The trainer calls :func:`point` at named places; when ``N`` matches, ``ACTION``
+list of ``ACTION@POINT:N`` (``ACTION@POINT:N:pK``: on process K only). The trainer calls :func:`point` at named places; when ``N`` matches, ``ACTION``
 happens for real: ``kill`` sends SIGKILL to this process, ``term`` sends SIGTERM, ``nan`` makes the
 caller poison its data. ``N`` is the step for points that have one (``step``, ``checkpoint``,
 ``batch``) and otherwise the how-many-th time this process reaches the point (``compile``, ``eval``).
@@ -55,15 +55,19 @@ class FaultSpecError(ValueError):
     pass
 
 
-def _parse(text: str) -> dict[tuple[str, str], set[int]]:
+def _parse(text: str, process: int = 0) -> dict[tuple[str, str], set[int]]:
+    """``ACTION@POINT:N`` items, or ``ACTION@POINT:N:pK`` for process K of a multi-process run only."""
     spec: dict[tuple[str, str], set[int]] = {}
     for item in filter(None, (s.strip() for s in text.split(","))):
         action, _, rest = item.partition("@")
         name, _, count = rest.partition(":")
-        if action not in ACTIONS or name not in POINTS or not count.isdigit():
-            raise FaultSpecError(f"MASKJAX_FAULTS item {item!r}: expected ACTION@POINT:N with ACTION in {ACTIONS} "
-                                 f"and POINT in {tuple(POINTS)}")
-        spec.setdefault((action, name), set()).add(int(count))
+        count, _, only = count.partition(":")
+        if action not in ACTIONS or name not in POINTS or not count.isdigit() \
+                or (only and not (only.startswith("p") and only[1:].isdigit())):
+            raise FaultSpecError(f"MASKJAX_FAULTS item {item!r}: expected ACTION@POINT:N[:pPROCESS] with ACTION in "
+                                 f"{ACTIONS} and POINT in {tuple(POINTS)}")
+        if not only or int(only[1:]) == process:
+            spec.setdefault((action, name), set()).add(int(count))
     return spec
 
 
@@ -79,7 +83,10 @@ def point(name: str, step: int | None = None) -> set[str]:
     with _lock:
         _hits[name] = _hits.get(name, 0) + 1
         n = _hits[name] if step is None else step
-    actions = {action for (action, where), counts in _parse(text).items() if where == name and n in counts}
+    import jax
+
+    actions = {action for (action, where), counts in _parse(text, jax.process_index()).items()
+               if where == name and n in counts}
     if "kill" in actions:
         os.kill(os.getpid(), signal.SIGKILL)
     if "term" in actions:

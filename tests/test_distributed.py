@@ -22,12 +22,13 @@ FEW_STEPS = ["--config.total_steps=6", "--config.log_every=1", "--config.checkpo
              "--config.optim.warmup_steps=2"]
 
 
-def launch(tmp_path, name, args, processes=2, devices=4, timeout=420, **popen):
+def launch(tmp_path, name, args, processes=2, devices=4, timeout=420, faults="", **popen):
     """Runs ``maskjax ARGS`` as ``processes`` x ``devices`` through launch/local_multiprocess.py."""
     logs = tmp_path / f"logs_{name}"
     command = LAUNCH + [f"--processes={processes}", f"--devices={devices}", f"--log_dir={logs}", "--grace=120",
                         "--", sys.executable, "-m", "maskjax"] + args
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["MASKJAX_FAULTS"] = faults
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     if popen:
         return subprocess.Popen(command, env=env, cwd=ROOT, **popen), logs
@@ -39,28 +40,32 @@ def losses(workdir):
     return [(r["step"], r["loss"]) for r in metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl"))]
 
 
-def test_two_processes_match_one_process_and_resume(data_dir, tmp_path):
+def test_two_processes_match_one_process_and_resume_after_preemption(data_dir, tmp_path):
     reference = load_config("mae_digits.py", *(a.removeprefix("--config.") for a in FEW_STEPS), data_dir=data_dir)
     train.train(reference, str(tmp_path / "one"), evaluate=False, quiet=True)
 
     workdir = str(tmp_path / "two")
     common = ["train", "--config", MAE, "--workdir", workdir, f"--config.data.data_dir={data_dir}", "--no_eval",
               *FEW_STEPS]
-    first, logs = launch(tmp_path, "first", common + ["--stop_at=3"])
-    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    # Process 1 alone gets SIGTERM after step 1: JAX's preemption sync makes both save the same step and exit 75.
+    first, logs = launch(tmp_path, "first", common, faults="term@step:1:p1")
+    assert first.returncode == 75, first.stdout[-3000:] + first.stderr[-3000:]
     assert "2 processes x 4 CPU devices" in first.stderr
     assert "[1] step" not in first.stdout  # only process 0 shows progress and writes logs
-    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3"]
+    saved = re.findall(r"preempted \(preemption notice\) at step (\d)", first.stdout)
+    assert len(saved) == 2 and saved[0] == saved[1] and 1 <= int(saved[0]) < 6, first.stdout[-3000:]
+    assert "process 0 exited with status 75" in first.stderr and "process 1 exited with status 75" in first.stderr
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == [saved[0]]
     # The resumed leg runs on a hybrid mesh: the data axis crosses the two processes ("nodes").
     second, _ = launch(tmp_path, "second", common + ["--config.mesh_dcn.data=2"])
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    assert "resumed from step 3" in second.stdout
+    assert f"resumed from step {saved[0]}" in second.stdout
 
     one, two = losses(tmp_path / "one"), losses(workdir)
     assert [s for s, _ in two] == [1, 2, 3, 4, 5, 6]  # each step once: process 1 writes nothing
     np.testing.assert_allclose([l for _, l in two], [l for _, l in one], rtol=0, atol=1e-5)
     runs = metrics.read_jsonl(os.path.join(workdir, "runs.jsonl"))
-    assert [r["start_step"] for r in runs] == [0, 3]
+    assert [r["start_step"] for r in runs] == [0, int(saved[0])]
 
 
 def test_killed_process_stops_the_other_with_a_clear_error(data_dir, tmp_path):
