@@ -2,11 +2,12 @@
 # maskjax on a Cloud TPU VM slice: create (or reuse) the slice, copy this checkout to every worker,
 # install, and run the same `maskjax` command on all workers at once.
 #
-#   launch/tpu_pod.sh NAME ZONE ACCELERATOR -- train --config configs/mae_imagenet.py:vit_l16 --workdir gs://BUCKET/runs/mae_l
-#   launch/tpu_pod.sh mae-v4 us-central2-b v4-64 -- train --config configs/mae_imagenet.py --workdir gs://my-bucket/mae_b
+#   launch/tpu_pod.sh NAME ZONE ACCELERATOR -- train --config configs/mae_imagenet.py:vit_l16 --workdir /mnt/shared/runs/mae_l
+#   launch/tpu_pod.sh mae-v4 us-central2-b v4-64 -- train --config configs/mae_imagenet.py --workdir /mnt/shared/mae_b
 #
 # JAX finds the slice's workers itself (TPU metadata), so maskjax needs no process flags. The workdir
-# should be a gs:// path (Orbax writes there from every worker) and data_dir a prepared TFDS dir on GCS.
+# should be on a file system every worker mounts (a bucket through gcsfuse, Filestore, NFS): Orbax writes
+# there from every worker; data_dir likewise (maskjax reads and writes workdirs through the OS, not gs:// URLs).
 # Environment: PROJECT (default: gcloud's), VERSION (TPU runtime, default tpu-ubuntu2204-base),
 # SPOT=1 for spot capacity, SKIP_INSTALL=1 to reuse an installed checkout.
 set -euo pipefail
