@@ -5,6 +5,7 @@
     maskjax sample --workdir DIR [--steps K] [--num N] [--out FILE]     (masked diffusion runs)
     maskjax compile-check --config FILE [--mesh data=8,fsdp=4] [--devices N] [--device_memory 16GiB]
     maskjax bench  --config FILE [--steps N] [--warmup W] [--sweep mask_ratio=0,0.75] [--json OUT]
+    maskjax sweep  --sweep configs/sweeps/FILE.py --workdir DIR [--emit slurm]    |    maskjax sweep --report DIR
 
 Multi-process runs (TPU pods, SLURM, Kubernetes, launch/local_multiprocess.py): every process runs the
 same command; see ``maskjax.distributed``.
@@ -98,6 +99,19 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", default=None, help="write all results to this JSON file")
     bench.add_argument("--debug", action="store_true", help="show tracebacks")
     multi_process_flags(bench)
+    sweep = sub.add_parser(
+        "sweep", help="scaling studies: train every point of a sweep file (resumable), print launch commands "
+                      "for a cluster (--emit), or collect, fit and plot a sweep (--report DIR)",
+        epilog="--config.KEY=VALUE applies to every point (before the point's own overrides)")
+    sweep.add_argument("--sweep", default=None, help="sweep file (configs/sweeps/*.py) with get_sweep()")
+    sweep.add_argument("--workdir", default=None, help="sweep directory: sweep.json, points/, logs/")
+    sweep.add_argument("--config", default=None, help="base config (default: the sweep file's CONFIG)")
+    sweep.add_argument("--emit", default=None, metavar="LAUNCHER",
+                       help="print one command per unfinished point instead of running: local, multiprocess, "
+                            "slurm (launch/slurm_gpu.sbatch) or tpu (launch/tpu_pod.sh)")
+    sweep.add_argument("--report", default=None, metavar="DIR",
+                       help="collect a sweep directory: report.json, report.csv, fits and PNG plots")
+    sweep.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 
 
@@ -289,6 +303,29 @@ def _bench(args, overrides) -> int:
     return 0
 
 
+def _sweep(args, overrides) -> int:
+    from maskjax import sweep
+
+    if args.report:
+        if args.sweep or args.emit:
+            raise UsageError("--report DIR collects a sweep; it takes no --sweep or --emit")
+        sweep.report(args.report)
+        return 0
+    if not args.sweep or not args.workdir:
+        raise UsageError("maskjax sweep needs --sweep FILE and --workdir DIR (or --report DIR)")
+    _check_workdir(args.workdir)
+    extra = [f"--{item.removeprefix('--')}" for item in overrides]
+    if args.emit:
+        for command in sweep.emit(args.sweep, args.workdir, args.emit, args.config, extra):
+            print(command)
+        return 0
+    index = sweep.run(args.sweep, args.workdir, args.config, extra)
+    failed = [p["name"] for p in index["points"] if p["status"] != "done"]
+    print(f"sweep: {len(index['points']) - len(failed)}/{len(index['points'])} points done in {args.workdir}"
+          + (f"; failed: {', '.join(failed)}" if failed else "") + f"; report: maskjax sweep --report {args.workdir}")
+    return 0 if not failed else 1
+
+
 def _check_workdir(workdir: str) -> None:
     parent = os.path.abspath(workdir)
     while not os.path.exists(parent):
@@ -316,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
         if hasattr(args, "coordinator"):
             _join(args)
         commands = {"train": _train, "eval": _eval, "sample": _sample, "compile-check": _compile_check,
-                    "bench": _bench}
+                    "bench": _bench, "sweep": _sweep}
         return commands[args.command](args, overrides)
     except KeyboardInterrupt:
         print("maskjax: interrupted", file=sys.stderr)
@@ -328,12 +365,13 @@ def main(argv: list[str] | None = None) -> int:
         from maskjax.data.pipeline import DataError
         from maskjax.data.tokenizer import TokenizerError
         from maskjax.bench import BenchError
+        from maskjax.sweep import SweepError
         from maskjax.checkpoint import CheckpointError
         from maskjax.distributed import EXIT_PEER_LOST, DistributedError, PeerLost
         from maskjax.faults import EXIT_NONFINITE, EXIT_PREEMPTED, FaultSpecError, NonFiniteError, Preempted
 
         known = (ConfigError, DataError, TokenizerError, UsageError, FileNotFoundError, PermissionError,
-                 DistributedError, BenchError, CheckpointError, FaultSpecError)
+                 DistributedError, BenchError, CheckpointError, FaultSpecError, SweepError)
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
         if isinstance(err, PeerLost):
             print(f"maskjax: error: {message}", file=sys.stderr, flush=True)

@@ -1,0 +1,498 @@
+"""Scaling studies: a sweep file lists config overrides, every point trains in its own workdir, and the
+report collects, fits and plots the points.
+
+A sweep file is plain Python::
+
+    CONFIG = "configs/mae_digits.py"                  # the base config (``--config`` overrides it)
+    from maskjax.sweep import grid, zipped
+    def get_sweep():
+        return grid({"model.depth": [2, 4], "total_steps": [300, 600]})   # 4 points
+
+``grid`` is the cartesian product of its axes, ``zipped`` pairs them up, ``product(a, b)`` combines two
+lists of points, and a list of dicts can also be written out by hand.
+
+``maskjax sweep --sweep FILE --workdir DIR`` trains the points one after another (each a ``maskjax
+train`` subprocess, so a failing point is recorded and the sweep goes on) in ``DIR/points/<name>``;
+``DIR/sweep.json`` indexes them with their status. Running it again skips finished points and resumes
+interrupted ones from their checkpoints. ``--emit slurm|tpu|local`` prints one launch command per point
+(through the ``launch/`` scripts) instead of running them. ``maskjax sweep --report DIR`` writes
+``report.json``, ``report.csv`` and PNG plots; see :func:`report`.
+"""
+from __future__ import annotations
+
+import csv
+import importlib.util
+import itertools
+import json
+import math
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+INDEX = "sweep.json"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class SweepError(ValueError):
+    """A bad sweep file, point or sweep directory; the message names it."""
+
+
+# --------------------------------------------------------------------------- sweep files
+
+
+def grid(axes: dict[str, list]) -> list[dict]:
+    """Every combination of the axes' values: ``grid({'a': [1, 2], 'b': [3, 4]})`` has 4 points."""
+    keys = list(axes)
+    return [dict(zip(keys, values)) for values in itertools.product(*(axes[k] for k in keys))]
+
+
+def zipped(axes: dict[str, list]) -> list[dict]:
+    """The i-th values of every axis together (all axes the same length)."""
+    lengths = {k: len(v) for k, v in axes.items()}
+    if len(set(lengths.values())) > 1:
+        raise SweepError(f"zipped axes differ in length: {lengths}")
+    keys = list(axes)
+    return [dict(zip(keys, values)) for values in zip(*(axes[k] for k in keys))]
+
+
+def product(*lists: list[dict]) -> list[dict]:
+    """Every combination of one point from each list, merged."""
+    return [{k: v for point in combo for k, v in point.items()} for combo in itertools.product(*lists)]
+
+
+def point_name(index: int, overrides: dict) -> str:
+    """``003-model.depth=4,total_steps=600``: sortable, readable, safe as a folder name."""
+    text = ",".join(f"{k}={v}" for k, v in overrides.items())
+    text = re.sub(r"[^A-Za-z0-9._=,+-]", "", text.replace(" ", ""))
+    return f"{index:03d}-{text}"[:120] if text else f"{index:03d}"
+
+
+def load(path: str, config: str | None = None) -> tuple[str, list[dict]]:
+    """(base config spec, points) of a sweep file; every point is checked against the config first."""
+    from maskjax import config as config_lib
+
+    if not os.path.isfile(path):
+        raise SweepError(f"--sweep {path!r} does not exist")
+    spec = importlib.util.spec_from_file_location(f"maskjax_sweep_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+        points = module.get_sweep() if hasattr(module, "get_sweep") else None
+    except Exception as err:
+        raise SweepError(f"--sweep {path!r} failed to load: {type(err).__name__}: {err}") from None
+    if points is None:
+        raise SweepError(f"--sweep {path!r} has no get_sweep()")
+    if not isinstance(points, list) or not points or not all(isinstance(p, dict) for p in points):
+        raise SweepError(f"--sweep {path!r}: get_sweep() must return a non-empty list of dicts of overrides")
+    base = config or getattr(module, "CONFIG", None)
+    if not base:
+        raise SweepError(f"--sweep {path!r} sets no CONFIG; pass --config")
+    for i, point in enumerate(points):
+        try:
+            c = config_lib.override(config_lib.load(base), _override_items(point))
+            config_lib.validate(c)
+        except config_lib.ConfigError as err:
+            raise SweepError(f"--sweep {path!r} point {i} {point}: {err}") from None
+    return base, points
+
+
+def _override_items(point: dict) -> list[str]:
+    return [f"{k}={_text(v)}" for k, v in point.items()]
+
+
+def _text(value) -> str:
+    return repr(value) if isinstance(value, (tuple, list)) else str(value)
+
+
+# --------------------------------------------------------------------------- running
+
+
+def _index(workdir: str) -> dict:
+    path = os.path.join(workdir, INDEX)
+    if not os.path.exists(path):
+        raise SweepError(f"{workdir!r} is not a sweep directory (no {INDEX})")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except ValueError as err:
+        raise SweepError(f"{path}: unreadable ({err})") from None
+
+
+def _write_index(workdir: str, index: dict) -> None:
+    tmp = os.path.join(workdir, INDEX + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(index, f, indent=2)
+    os.replace(tmp, os.path.join(workdir, INDEX))
+
+
+def finished(point_dir: str) -> bool:
+    """A point is finished when its final checkpoint exists and its final evaluation was written."""
+    try:
+        with open(os.path.join(point_dir, "config.json")) as f:
+            total = json.load(f)["total_steps"]
+        with open(os.path.join(point_dir, "eval.json")) as f:
+            evaluated = json.load(f).get("step")
+    except (OSError, ValueError, KeyError):
+        return False
+    return evaluated == total and os.path.isdir(os.path.join(point_dir, "checkpoints", str(total)))
+
+
+def plan(sweep_file: str, workdir: str, config: str | None = None) -> dict:
+    """Creates or updates ``workdir/sweep.json`` for the sweep and returns it."""
+    base, points = load(sweep_file, config)
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, INDEX)
+    old = {}
+    if os.path.exists(path):
+        old = {p["name"]: p for p in _index(workdir)["points"]}
+    index = {"sweep": os.path.abspath(sweep_file), "config": base, "points": []}
+    for i, overrides in enumerate(points):
+        name = point_name(i, overrides)
+        entry = {"name": name, "overrides": overrides, "workdir": os.path.join(workdir, "points", name),
+                 "status": "pending"}
+        entry.update({k: v for k, v in old.get(name, {}).items() if k in ("status", "returncode", "seconds")})
+        index["points"].append(entry)
+    _write_index(workdir, index)
+    return index
+
+
+def train_command(base: str, point: dict, extra: list[str]) -> list[str]:
+    """``extra`` (overrides for every point) comes first, so a point's own value wins."""
+    return ["train", "--config", base, "--workdir", point["workdir"], *extra,
+            *[f"--config.{item}" for item in _override_items(point["overrides"])]]
+
+
+def run(sweep_file: str, workdir: str, config: str | None = None, extra: list[str] = (), stream=None) -> dict:
+    """Trains every unfinished point, one ``maskjax train`` process at a time; returns the index."""
+    stream = stream or sys.stderr
+    index = plan(sweep_file, workdir, config)
+    points = index["points"]
+    for n, point in enumerate(points, 1):
+        if finished(point["workdir"]):
+            point["status"] = "done"
+            stream.write(f"sweep: point {n}/{len(points)} {point['name']}: finished earlier\n")
+            continue
+        command = [sys.executable, "-m", "maskjax", *train_command(index["config"], point, list(extra))]
+        stream.write(f"sweep: point {n}/{len(points)} {point['name']}: training in {point['workdir']}\n")
+        stream.flush()
+        started = time.monotonic()
+        point["status"] = "running"
+        _write_index(workdir, index)
+        log = os.path.join(workdir, "logs", point["name"] + ".log")
+        os.makedirs(os.path.dirname(log), exist_ok=True)
+        with open(log, "a") as out:
+            code = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, cwd=os.getcwd()).returncode
+        point.update(returncode=code, seconds=round(time.monotonic() - started, 1),
+                     status="done" if code == 0 and finished(point["workdir"]) else "failed")
+        _write_index(workdir, index)
+        tail = _last_error(log) if point["status"] == "failed" else ""
+        stream.write(f"sweep: point {n}/{len(points)} {point['name']}: {point['status']} in {point['seconds']:.0f}s"
+                     f"{' (exit ' + str(code) + ': ' + tail + ')' if tail else ''}\n")
+        stream.flush()
+    return index
+
+
+def _last_error(log: str) -> str:
+    with open(log, errors="replace") as f:
+        lines = [line.strip() for line in f if line.strip()]
+    errors = [line for line in lines if line.startswith("maskjax:")]
+    return (errors or lines or ["no output"])[-1][:300]
+
+
+LAUNCHERS = ("local", "multiprocess", "slurm", "tpu")
+
+
+def emit(sweep_file: str, workdir: str, launcher: str, config: str | None = None, extra: list[str] = ()
+         ) -> list[str]:
+    """One shell command per unfinished point that trains it through a ``launch/`` script."""
+    if launcher not in LAUNCHERS:
+        raise SweepError(f"--emit {launcher!r}: expected one of {LAUNCHERS}")
+    index = plan(sweep_file, workdir, config)
+    commands = []
+    for point in index["points"]:
+        if finished(point["workdir"]):
+            continue
+        args = train_command(index["config"], point, list(extra))
+        job = re.sub(r"[^A-Za-z0-9-]", "-", point["name"])[:60]
+        if launcher == "local":
+            command = ["maskjax", *args]
+        elif launcher == "multiprocess":
+            command = ["python", "launch/local_multiprocess.py", "--processes=2", "--devices=4", "--",
+                       "python", "-m", "maskjax", *args]
+        elif launcher == "slurm":
+            command = ["sbatch", f"--job-name={job}", "launch/slurm_gpu.sbatch", *args]
+        else:  # tpu: the slice comes from the environment of whoever runs the commands
+            command = ["launch/tpu_pod.sh", f"{job}", "$ZONE", "$ACCELERATOR", "--", *args]
+        text = shlex.join(command)
+        commands.append(text.replace("'$ZONE'", '"$ZONE"').replace("'$ACCELERATOR'", '"$ACCELERATOR"'))
+    return commands
+
+
+# --------------------------------------------------------------------------- collection
+
+
+EMBEDDINGS = ("token_embed", "pos_embed", "patch_embed")  # input tables / projections, not the decoder's "embed"
+
+
+def model_size(config) -> dict:
+    """Parameters of the model a config builds (abstractly: nothing is allocated), total and without
+    embeddings (token and position tables and the patch projection, as in the scaling-law literature)."""
+    import jax
+    from flax import nnx
+
+    from maskjax import objectives
+
+    objective = objectives.get(config)
+    abstract = nnx.eval_shape(lambda: objective.build(nnx.Rngs(params=jax.random.key(0))))
+    total = embedding = 0
+    for path, leaf in jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(nnx.state(abstract)))[0]:
+        size = int(np.prod(leaf.shape))
+        total += size
+        if any(str(getattr(k, "key", "")) in EMBEDDINGS for k in path):
+            embedding += size
+    return {"parameters": total, "non_embedding_parameters": total - embedding}
+
+
+def downstream(objective: str, results: dict) -> tuple[str, float | None]:
+    """(name, value) of the objective's downstream metric in an ``eval.json``."""
+    if objective == "flip" and "zero_shot" in results:
+        return "zero_shot_accuracy", results["zero_shot"].get("accuracy")
+    if objective == "mdlm" and "text" in results:
+        text = results["text"]
+        return "perplexity_bound", text.get("perplexity_bound", text.get("perplexity"))
+    if "text" in results:
+        return "masked_accuracy", results["text"].get("accuracy")
+    if "pretrained" in results:
+        return "linear_probe", results["pretrained"].get("linear_probe")
+    return "none", None
+
+
+def collect(workdir: str) -> list[dict]:
+    """One row per point: size, compute, data, losses, downstream metric, status."""
+    from maskjax import config as config_lib, metrics, objectives
+
+    index = _index(workdir)
+    rows = []
+    for point in index["points"]:
+        row: dict[str, Any] = {"name": point["name"], **{f"override:{k}": v for k, v in point["overrides"].items()}}
+        d = point["workdir"]
+        row["status"] = "done" if finished(d) else point.get("status", "pending")
+        try:
+            config = config_lib.override(config_lib.load(index["config"]), _override_items(point["overrides"]))
+        except Exception as err:  # the base config changed since the sweep ran
+            row.update(status="failed", error=f"config: {err}")
+            rows.append(row)
+            continue
+        objective = objectives.get(config)
+        row.update(model_size(config))
+        per_step = int(objective.flops())
+        steps = config.total_steps
+        row.update(objective=config.objective, mask_ratio=float(config.mask.ratio), steps=steps,
+                   batch_size=config.batch_size, flops_per_step=per_step, train_flops=float(per_step) * steps,
+                   examples_seen=steps * config.batch_size,
+                   tokens_seen=steps * config.batch_size * _tokens_per_example(objective, config))
+        records = metrics.read_jsonl(os.path.join(d, "metrics.jsonl")) if os.path.exists(
+            os.path.join(d, "metrics.jsonl")) else []
+        losses = [(r["step"], r["loss"]) for r in records if "loss" in r and np.isfinite(r["loss"])]
+        row["curve"] = losses
+        if losses:
+            tail = [l for _, l in losses[-max(1, len(losses) // 10):]]  # the last tenth of the logs
+            row.update(final_loss=float(np.mean(tail)), best_loss=float(min(l for _, l in losses)),
+                       last_step=losses[-1][0])
+        try:
+            with open(os.path.join(d, "eval.json")) as f:
+                results = json.load(f)
+            name, value = downstream(config.objective, results)
+            row.update(metric=name, metric_value=value, eval_step=results.get("step"))
+            if "text" in results:
+                row["validation_loss"] = results["text"].get("loss")
+        except (OSError, ValueError):
+            pass
+        if row["status"] == "failed":
+            row["error"] = _last_error(os.path.join(workdir, "logs", point["name"] + ".log")) \
+                if os.path.exists(os.path.join(workdir, "logs", point["name"] + ".log")) else "no log"
+        rows.append(row)
+    return rows
+
+
+def _tokens_per_example(objective, config) -> int:
+    for attr in ("num_tokens", "seq_len"):
+        if hasattr(objective, attr):
+            return int(getattr(objective, attr))
+    return 1
+
+
+# --------------------------------------------------------------------------- fitting
+
+
+def saturating_power_law(x, a, b, c):
+    return a * np.power(x, -b) + c
+
+
+def fit_power_law(x, y) -> dict:
+    """Fits ``y = a * x^-b + c`` (scipy's ``curve_fit``; x is rescaled by its geometric mean for
+    conditioning, then a is mapped back). Returns the parameters, 95% intervals, R^2 and the points used."""
+    from scipy import optimize, stats
+
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    keep = np.isfinite(x) & np.isfinite(y) & (x > 0)
+    x, y = x[keep], y[keep]
+    if len(x) < 3:
+        raise SweepError(f"a power-law fit needs at least 3 finished points, got {len(x)}")
+    scale = float(np.exp(np.mean(np.log(x))))
+    u = x / scale
+    p0 = (max(y.max() - y.min(), 1e-6), 0.5, max(y.min() * 0.9, 0.0))
+    params, cov = optimize.curve_fit(saturating_power_law, u, y, p0=p0, bounds=([0, 0, 0], [np.inf, 5, np.inf]),
+                                     maxfev=20000)
+    a_u, b, c = params
+    residual = y - saturating_power_law(u, *params)
+    total = np.sum((y - y.mean()) ** 2)
+    r2 = float(1 - np.sum(residual ** 2) / total) if total > 0 else float("nan")
+    dof = max(len(x) - 3, 1)
+    t = float(stats.t.ppf(0.975, dof))
+    err = np.sqrt(np.clip(np.diag(cov), 0, np.inf)) if np.all(np.isfinite(cov)) else np.full(3, np.nan)
+    a = a_u * scale ** b  # a * (x/s)^-b = (a * s^b) * x^-b
+    return {"a": float(a), "b": float(b), "c": float(c),
+            "b_ci95": [float(b - t * err[1]), float(b + t * err[1])],
+            "c_ci95": [float(c - t * err[2]), float(c + t * err[2])],
+            "r2": r2, "points": int(len(x))}
+
+
+# --------------------------------------------------------------------------- report
+
+
+AXES = {"compute": "train_flops", "parameters": "non_embedding_parameters", "data": "examples_seen"}
+
+
+def report(workdir: str, stream=None) -> dict:
+    """Collects the points, fits loss against compute, parameters and data (where they vary), writes
+    ``report.json``, ``report.csv``, ``loss_vs_compute.png``, ``metric_vs_mask_ratio.png`` (when the
+    mask ratio varies) and ``loss_curves.png``, and prints the fits. Failed points are listed as failed."""
+    stream = stream or sys.stdout
+    rows = collect(workdir)
+    done = [r for r in rows if r["status"] == "done" and "final_loss" in r]
+    fits = {}
+    for axis, key in AXES.items():
+        values = {r[key] for r in done}
+        if len(values) >= 3:
+            try:
+                fits[axis] = {"x": key, **fit_power_law([r[key] for r in done], [r["final_loss"] for r in done])}
+            except (SweepError, RuntimeError, ValueError) as err:
+                fits[axis] = {"x": key, "error": str(err)}
+    frontier = compute_frontier(done)
+    out = {"workdir": os.path.abspath(workdir), "points": [{k: v for k, v in r.items() if k != "curve"} for r in rows],
+           "fits": fits, "compute_optimal_frontier": [r["name"] for r in frontier],
+           "failed": [r["name"] for r in rows if r["status"] == "failed"]}
+    with open(os.path.join(workdir, "report.json"), "w") as f:
+        json.dump(out, f, indent=2, default=float)
+    _write_csv(os.path.join(workdir, "report.csv"), out["points"])
+    out["plots"] = plots(workdir, rows, fits, frontier)
+    stream.write(format_report(out) + "\n")
+    return out
+
+
+def compute_frontier(rows: list[dict]) -> list[dict]:
+    """The points no cheaper point beats: the lower envelope of final loss against training FLOPs."""
+    best, frontier = math.inf, []
+    for row in sorted(rows, key=lambda r: r["train_flops"]):
+        if row["final_loss"] < best:
+            best = row["final_loss"]
+            frontier.append(row)
+    return frontier
+
+
+def _write_csv(path: str, rows: list[dict]) -> None:
+    keys = sorted({k for r in rows for k in r if not isinstance(r[k], (list, dict))},
+                  key=lambda k: (not k.startswith("name"), not k.startswith("override:"), k))
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def format_report(out: dict) -> str:
+    lines = [f"{len(out['points'])} points, {len(out['failed'])} failed"
+             + (f" ({', '.join(out['failed'])})" if out["failed"] else "")]
+    for axis, fit in out["fits"].items():
+        if "error" in fit:
+            lines.append(f"loss vs {axis}: no fit ({fit['error']})")
+        else:
+            lines.append(f"loss vs {axis} ({fit['x']}): loss = {fit['a']:.4g} * x^-{fit['b']:.3f} + {fit['c']:.4f}; "
+                         f"exponent 95% CI [{fit['b_ci95'][0]:.3f}, {fit['b_ci95'][1]:.3f}], R^2 {fit['r2']:.3f}, "
+                         f"{fit['points']} points")
+    if out["compute_optimal_frontier"]:
+        lines.append("compute-optimal frontier: " + ", ".join(out["compute_optimal_frontier"]))
+    return "\n".join(lines)
+
+
+def plots(workdir: str, rows: list[dict], fits: dict, frontier: list[dict]) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    done = [r for r in rows if r["status"] == "done" and "final_loss" in r]
+    if done:
+        fig, ax = plt.subplots(figsize=(6.4, 4.4))
+        x = np.array([r["train_flops"] for r in done])
+        y = np.array([r["final_loss"] for r in done])
+        ax.scatter(x, y, c="tab:blue", zorder=3, label="points (final loss)")
+        for r in done:
+            ax.annotate(r["name"].split("-", 1)[0], (r["train_flops"], r["final_loss"]), fontsize=7,
+                        xytext=(3, 3), textcoords="offset points")
+        if frontier:
+            ax.plot([r["train_flops"] for r in frontier], [r["final_loss"] for r in frontier], "k--", lw=1,
+                    label="compute-optimal frontier")
+        fit = fits.get("compute")
+        if fit and "error" not in fit:
+            grid_x = np.geomspace(x.min(), x.max(), 100)
+            ax.plot(grid_x, saturating_power_law(grid_x, fit["a"], fit["b"], fit["c"]), "tab:red",
+                    label=f"fit: {fit['a']:.3g} C^-{fit['b']:.3f} + {fit['c']:.3f} (R^2 {fit['r2']:.2f})")
+        ax.set_xscale("log")
+        ax.set_xlabel("training compute (FLOPs)")
+        ax.set_ylabel("final training loss")
+        ax.set_title("loss vs compute")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+        written.append(_save(fig, workdir, "loss_vs_compute.png"))
+        ratios = {r["mask_ratio"] for r in done}
+        with_metric = [r for r in done if r.get("metric_value") is not None]
+        if len(ratios) > 1 and with_metric:
+            fig, ax = plt.subplots(figsize=(6.4, 4.4))
+            with_metric.sort(key=lambda r: r["mask_ratio"])
+            ax.plot([r["mask_ratio"] for r in with_metric], [r["metric_value"] for r in with_metric], "o-")
+            ax.set_xlabel("mask ratio")
+            ax.set_ylabel(with_metric[0]["metric"].replace("_", " "))
+            ax.set_title(f"{with_metric[0]['metric'].replace('_', ' ')} vs mask ratio")
+            ax.grid(alpha=0.3)
+            written.append(_save(fig, workdir, "metric_vs_mask_ratio.png"))
+    curves = [r for r in rows if r.get("curve")]
+    if curves:
+        fig, ax = plt.subplots(figsize=(6.4, 4.4))
+        for r in curves:
+            steps, losses = zip(*r["curve"])
+            ax.plot(steps, losses, lw=1, label=r["name"][:40] + (" (failed)" if r["status"] == "failed" else ""))
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss")
+        ax.set_title("loss curves")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6, ncol=2)
+        written.append(_save(fig, workdir, "loss_curves.png"))
+    return written
+
+
+def _save(fig, workdir: str, name: str) -> str:
+    import matplotlib.pyplot as plt
+
+    path = os.path.join(workdir, name)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,105 @@
+"""Sweeps: the power-law fitter, sweep files, --emit, a resumable run with a failed point, and the report."""
+import json
+import os
+import shlex
+
+import numpy as np
+import pytest
+
+from maskjax import cli, sweep
+from tests.conftest import ROOT
+
+
+@pytest.mark.parametrize("a,b,c", [(5.0, 0.3, 1.2), (40.0, 0.55, 0.2), (2.0, 0.12, 0.0)])
+def test_fitter_recovers_known_exponents(a, b, c):
+    rng = np.random.default_rng(0)
+    x = np.geomspace(1e12, 1e16, 12)
+    y = sweep.saturating_power_law(x, a * 1e12 ** b, b, c) * (1 + 0.002 * rng.standard_normal(len(x)))
+    fit = sweep.fit_power_law(x, y)
+    assert fit["b"] == pytest.approx(b, rel=0.05)
+    assert fit["c"] == pytest.approx(c, abs=0.03 * (a + c))
+    assert fit["b_ci95"][0] <= b <= fit["b_ci95"][1] and fit["r2"] > 0.999 and fit["points"] == 12
+
+
+def test_fitter_needs_three_points():
+    with pytest.raises(sweep.SweepError, match="at least 3"):
+        sweep.fit_power_law([1.0, 2.0], [1.0, 0.5])
+
+
+def test_grid_zip_product_and_names():
+    points = sweep.product(sweep.zipped({"model.width": [32, 64], "model.depth": [2, 4]}),
+                           sweep.grid({"total_steps": [10, 20]}))
+    assert points == [{"model.width": 32, "model.depth": 2, "total_steps": 10},
+                      {"model.width": 32, "model.depth": 2, "total_steps": 20},
+                      {"model.width": 64, "model.depth": 4, "total_steps": 10},
+                      {"model.width": 64, "model.depth": 4, "total_steps": 20}]
+    assert sweep.point_name(3, {"model.width": 64, "data.crop_scale": (0.2, 1.0)}) == \
+        "003-model.width=64,data.crop_scale=0.2,1.0"
+    with pytest.raises(sweep.SweepError, match="differ in length"):
+        sweep.zipped({"a": [1, 2], "b": [1]})
+
+
+@pytest.mark.parametrize("name", ["mae_size_length.py", "mae_mask_ratio.py", "mlm_mask_rate.py"])
+def test_shipped_sweeps_load_and_validate(name):
+    base, points = sweep.load(os.path.join(ROOT, "configs", "sweeps", name))
+    assert base.startswith("configs/") and len(points) >= 3
+
+
+@pytest.mark.parametrize("launcher", sweep.LAUNCHERS)
+def test_emit_prints_one_valid_command_per_point(tmp_path, capsys, launcher):
+    status = cli.main(["sweep", "--sweep", "configs/sweeps/mae_mask_ratio.py", "--workdir", str(tmp_path / "s"),
+                       "--emit", launcher, "--config.batch_size=64"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert status == 0 and len(lines) == 6
+    for line, ratio in zip(lines, [0.25, 0.5, 0.6, 0.75, 0.85, 0.9]):
+        words = shlex.split(line)
+        args = words[words.index("train"):]
+        parsed = cli._parser().parse_args([a for a in args if not a.startswith("--config.")])  # valid maskjax flags
+        assert parsed.command == "train" and parsed.workdir.startswith(str(tmp_path / "s" / "points"))
+        assert f"--config.mask.ratio={ratio}" in args and args.index("--config.batch_size=64") < args.index(
+            f"--config.mask.ratio={ratio}")
+        if launcher == "slurm":
+            assert words[:1] == ["sbatch"] and "launch/slurm_gpu.sbatch" in words
+        if launcher == "tpu":
+            assert words[0] == "launch/tpu_pod.sh" and '"$ZONE"' in line
+    index = json.loads((tmp_path / "s" / "sweep.json").read_text())
+    assert [p["status"] for p in index["points"]] == ["pending"] * 6
+
+
+def test_bad_sweep_point_names_it(tmp_path, capsys):
+    path = tmp_path / "bad.py"
+    path.write_text("CONFIG = 'configs/mae_digits.py'\ndef get_sweep():\n    return [{'model.depth': 2}, "
+                    "{'model.depthh': 3}]\n")
+    assert cli.main(["sweep", "--sweep", str(path), "--workdir", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert "point 1 {'model.depthh': 3}: config.model.depthh: unknown key" in err
+
+
+def test_run_resumes_records_failures_and_reports(data_dir, tmp_path):
+    path = tmp_path / "tiny.py"
+    # Point 1 passes validation but cannot run: its dataset is not prepared.
+    path.write_text(
+        "CONFIG = 'configs/mae_digits.py:tiny'\n"
+        "def get_sweep():\n"
+        "    return [{'model.depth': 1}, {'data.name': 'not_prepared_here'}, {'model.depth': 2}]\n")
+    workdir = tmp_path / "s"
+    args = ["sweep", "--sweep", str(path), "--workdir", str(workdir), f"--config.data.data_dir={data_dir}",
+            "--config.eval.max_batches=1"]
+    assert cli.main(args) == 1  # one point failed
+    index = json.loads((workdir / "sweep.json").read_text())
+    assert [p["status"] for p in index["points"]] == ["done", "failed", "done"]
+    first = os.path.getmtime(workdir / "points" / index["points"][0]["name"] / "eval.json")
+    assert cli.main(args) == 1  # finished points are not redone; the failed one is tried again
+    assert os.path.getmtime(workdir / "points" / index["points"][0]["name"] / "eval.json") == first
+
+    out = sweep.report(str(workdir))
+    assert out["failed"] == [index["points"][1]["name"]]
+    failed = next(p for p in out["points"] if p["status"] == "failed")
+    assert "not_prepared_here" in failed["error"]
+    done = [p for p in out["points"] if p["status"] == "done"]
+    assert len(done) == 2 and all(p["final_loss"] > 0 and p["metric"] == "linear_probe" for p in done)
+    assert done[0]["parameters"] < done[1]["parameters"] and done[0]["train_flops"] < done[1]["train_flops"]
+    assert done[0]["examples_seen"] == 8 * 32
+    for name in ("report.json", "report.csv", "loss_vs_compute.png", "loss_curves.png"):
+        assert (workdir / name).stat().st_size > 0
+    assert "failed" in (workdir / "report.csv").read_text()
