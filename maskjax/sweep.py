@@ -151,7 +151,10 @@ def plan(sweep_file: str, workdir: str, config: str | None = None) -> dict:
     old = {}
     if os.path.exists(path):
         old = {p["name"]: p for p in _index(workdir)["points"]}
-    index = {"sweep": os.path.abspath(sweep_file), "config": base, "points": []}
+    path, sep, variant = base.partition(":")
+    index = {"sweep": os.path.abspath(sweep_file), "config": base,
+             "config_path": os.path.abspath(path) + sep + variant,  # for --report from any directory
+             "points": []}
     for i, overrides in enumerate(points):
         name = point_name(i, overrides)
         entry = {"name": name, "overrides": overrides, "workdir": os.path.join(workdir, "points", name),
@@ -284,7 +287,8 @@ def collect(workdir: str) -> list[dict]:
         d = point["workdir"]
         row["status"] = "done" if finished(d) else point.get("status", "pending")
         try:
-            config = config_lib.override(config_lib.load(index["config"]), _override_items(point["overrides"]))
+            base = index.get("config_path", index["config"])
+            config = config_lib.override(config_lib.load(base), _override_items(point["overrides"]))
         except Exception as err:  # the base config changed since the sweep ran
             row.update(status="failed", error=f"config: {err}")
             rows.append(row)
