@@ -314,6 +314,10 @@ def collect(workdir: str) -> list[dict]:
                 results = json.load(f)
             name, value = downstream(config.objective, results)
             row.update(metric=name, metric_value=value, eval_step=results.get("step"))
+            if "finetune" in results:
+                row["finetune_accuracy"] = results["finetune"]["accuracy"]
+            if "pretrained" in results:
+                row["knn"] = results["pretrained"].get("knn")
             if "text" in results:
                 row["validation_loss"] = results["text"].get("loss")
         except (OSError, ValueError):
@@ -471,11 +475,16 @@ def plots(workdir: str, rows: list[dict], fits: dict, frontier: list[dict]) -> l
         if len(ratios) > 1 and with_metric:
             fig, ax = plt.subplots(figsize=(6.4, 4.4))
             with_metric.sort(key=lambda r: r["mask_ratio"])
-            ax.plot([r["mask_ratio"] for r in with_metric], [r["metric_value"] for r in with_metric], "o-")
+            ratios = [r["mask_ratio"] for r in with_metric]
+            ax.plot(ratios, [r["metric_value"] for r in with_metric], "o-", label=with_metric[0]["metric"])
+            for extra in ("finetune_accuracy", "knn"):
+                if all(r.get(extra) is not None for r in with_metric):
+                    ax.plot(ratios, [r[extra] for r in with_metric], "s--", label=extra)
             ax.set_xlabel("mask ratio")
-            ax.set_ylabel(with_metric[0]["metric"].replace("_", " "))
-            ax.set_title(f"{with_metric[0]['metric'].replace('_', ' ')} vs mask ratio")
+            ax.set_ylabel("accuracy" if with_metric[0]["metric"] != "perplexity_bound" else "perplexity bound")
+            ax.set_title("downstream metric vs mask ratio")
             ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
             written.append(_save(fig, workdir, "metric_vs_mask_ratio.png"))
     curves = [r for r in rows if r.get("curve")]
     if curves:

@@ -80,7 +80,7 @@ def test_gradient_accumulation_runs_and_learns(data_dir, tmp_path):
 
 def test_outputs_metrics_tensorboard_eval_and_png(data_dir, tmp_path):
     workdir = tmp_path / "run"
-    config = tiny(data_dir, "total_steps=4")
+    config = tiny(data_dir, "total_steps=4", "eval.finetune_epochs=0.5", "eval.finetune_lr=0.005")
     summary = train.train(config, str(workdir), quiet=True)
     records = metrics.read_jsonl(str(workdir / "metrics.jsonl"))
     for key in ("step", "loss", "learning_rate", "examples_per_sec", "grad_norm"):
@@ -91,6 +91,9 @@ def test_outputs_metrics_tensorboard_eval_and_png(data_dir, tmp_path):
     assert result["step"] == 4 and result["num_test"] == 360
     for group in ("pretrained", "random_init", "raw_pixels"):
         assert 0.0 <= result[group]["linear_probe"] <= 1.0 and 0.0 <= result[group]["knn"] <= 1.0
+    tuned = result["finetune"]  # end-to-end fine-tuning: half an epoch of digits at batch 32
+    assert tuned["steps"] == 23 and 0.0 <= tuned["accuracy"] <= 1.0
+    assert tuned["train_loss_last"] < tuned["train_loss_first"]
     png = workdir / "reconstructions" / "step_0000004.png"
     assert png.exists() and summary["eval"]["reconstruction_png"].endswith("step_0000004.png")
     from PIL import Image
