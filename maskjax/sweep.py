@@ -155,8 +155,10 @@ def plan(sweep_file: str, workdir: str, config: str | None = None) -> dict:
     index = {"sweep": os.path.abspath(sweep_file), "config": base,
              "config_path": os.path.abspath(path) + sep + variant,  # for --report from any directory
              "points": []}
+    varying = [k for k in dict.fromkeys(k for p in points for k in p)
+               if len({repr(p.get(k)) for p in points}) > 1]  # names show what differs between points
     for i, overrides in enumerate(points):
-        name = point_name(i, overrides)
+        name = point_name(i, {k: overrides[k] for k in varying if k in overrides})
         entry = {"name": name, "overrides": overrides, "workdir": os.path.join(workdir, "points", name),
                  "status": "pending"}
         entry.update({k: v for k, v in old.get(name, {}).items() if k in ("status", "returncode", "seconds")})
