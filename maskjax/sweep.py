@@ -388,14 +388,17 @@ def report(workdir: str, stream=None) -> dict:
     rows = collect(workdir)
     done = [r for r in rows if r["status"] == "done" and "final_loss" in r]
     fits = {}
+    frontier = compute_frontier(done)
     for axis, key in AXES.items():
-        values = {r[key] for r in done}
-        if len(values) >= 3:
+        # Loss against compute is fitted on the compute-optimal frontier (the best loss each budget reached,
+        # as in the scaling-law papers) when it has 3 points; parameters and data on every finished point.
+        points = frontier if axis == "compute" and len(frontier) >= 3 else done
+        if len({r[key] for r in points}) >= 3:
             try:
-                fits[axis] = {"x": key, **fit_power_law([r[key] for r in done], [r["final_loss"] for r in done])}
+                fits[axis] = {"x": key, "on": "frontier" if points is frontier else "all points",
+                              **fit_power_law([r[key] for r in points], [r["final_loss"] for r in points])}
             except (SweepError, RuntimeError, ValueError) as err:
                 fits[axis] = {"x": key, "error": str(err)}
-    frontier = compute_frontier(done)
     out = {"workdir": os.path.abspath(workdir), "points": [{k: v for k, v in r.items() if k != "curve"} for r in rows],
            "fits": fits, "compute_optimal_frontier": [r["name"] for r in frontier],
            "failed": [r["name"] for r in rows if r["status"] == "failed"]}
@@ -433,11 +436,12 @@ def format_report(out: dict) -> str:
         if "error" in fit:
             lines.append(f"loss vs {axis}: no fit ({fit['error']})")
         else:
-            lines.append(f"loss vs {axis} ({fit['x']}): loss = {fit['a']:.4g} * x^-{fit['b']:.3f} + {fit['c']:.4f}; "
+            lines.append(f"loss vs {axis} ({fit['x']}, {fit['on']}): loss = {fit['a']:.4g} * x^-{fit['b']:.3f} + "
+                         f"{fit['c']:.4f}; "
                          f"exponent 95% CI [{fit['b_ci95'][0]:.3f}, {fit['b_ci95'][1]:.3f}], R^2 {fit['r2']:.3f}, "
                          f"{fit['points']} points")
     if out["compute_optimal_frontier"]:
-        lines.append("compute-optimal frontier: " + ", ".join(out["compute_optimal_frontier"]))
+        lines.append("compute-optimal frontier: " + ", ".join(n.split("-", 1)[0] for n in out["compute_optimal_frontier"]))
     return "\n".join(lines)
 
 
@@ -464,7 +468,7 @@ def plots(workdir: str, rows: list[dict], fits: dict, frontier: list[dict]) -> l
         if fit and "error" not in fit:
             grid_x = np.geomspace(x.min(), x.max(), 100)
             ax.plot(grid_x, saturating_power_law(grid_x, fit["a"], fit["b"], fit["c"]), "tab:red",
-                    label=f"fit: {fit['a']:.3g} C^-{fit['b']:.3f} + {fit['c']:.3f} (R^2 {fit['r2']:.2f})")
+                    label=f"fit ({fit['on']}): {fit['a']:.3g} C^-{fit['b']:.3f} + {fit['c']:.3f} (R^2 {fit['r2']:.2f})")
         ax.set_xscale("log")
         ax.set_xlabel("training compute (FLOPs)")
         ax.set_ylabel("final training loss")
