@@ -353,8 +353,8 @@ def fit_power_law(x, y) -> dict:
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
     keep = np.isfinite(x) & np.isfinite(y) & (x > 0)
     x, y = x[keep], y[keep]
-    if len(x) < 3:
-        raise SweepError(f"a power-law fit needs at least 3 finished points, got {len(x)}")
+    if len(x) < 4:  # three parameters: three points fit exactly and leave no error estimate
+        raise SweepError(f"a power-law fit needs at least 4 finished points, got {len(x)}")
     scale = float(np.exp(np.mean(np.log(x))))
     u = x / scale
     p0 = (max(y.max() - y.min(), 1e-6), 0.5, max(y.min() * 0.9, 0.0))
@@ -391,9 +391,9 @@ def report(workdir: str, stream=None) -> dict:
     frontier = compute_frontier(done)
     for axis, key in AXES.items():
         # Loss against compute is fitted on the compute-optimal frontier (the best loss each budget reached,
-        # as in the scaling-law papers) when it has 3 points; parameters and data on every finished point.
-        points = frontier if axis == "compute" and len(frontier) >= 3 else done
-        if len({r[key] for r in points}) >= 3:
+        # as in the scaling-law papers) when it has 4 points; parameters and data on every finished point.
+        points = frontier if axis == "compute" and len(frontier) >= 4 else done
+        if len({r[key] for r in points}) >= 4:
             try:
                 fits[axis] = {"x": key, "on": "frontier" if points is frontier else "all points",
                               **fit_power_law([r[key] for r in points], [r["final_loss"] for r in points])}

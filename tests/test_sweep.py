@@ -21,9 +21,9 @@ def test_fitter_recovers_known_exponents(a, b, c):
     assert fit["b_ci95"][0] <= b <= fit["b_ci95"][1] and fit["r2"] > 0.999 and fit["points"] == 12
 
 
-def test_fitter_needs_three_points():
-    with pytest.raises(sweep.SweepError, match="at least 3"):
-        sweep.fit_power_law([1.0, 2.0], [1.0, 0.5])
+def test_fitter_needs_four_points():
+    with pytest.raises(sweep.SweepError, match="at least 4"):
+        sweep.fit_power_law([1.0, 2.0, 3.0], [1.0, 0.5, 0.4])
 
 
 def test_grid_zip_product_and_names():
