@@ -218,7 +218,7 @@ class Checkpointer:
         A damaged checkpoint is moved to ``checkpoints_corrupt/`` with a warning and the previous one is
         tried. One from another config is an error (``describe()`` adds what changed), never skipped.
         """
-        for step in sorted(self.manager.all_steps(), reverse=True):
+        for step in reversed(self.all_steps()):
             problem = verify(os.path.join(self.directory, str(step))) if self.checksum else None
             if _agree(problem is None):
                 self.check_compatible(step, abstract_state, describe)

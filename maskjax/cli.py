@@ -190,7 +190,7 @@ def _restore(args, overrides):
     setup = train.build(config)
     ckpt = checkpoint.Checkpointer(args.workdir, keep=config.checkpoint.keep)
     step = args.step if args.step is not None else ckpt.latest_step()
-    if step is None or step not in ckpt.manager.all_steps():
+    if step is None or step not in ckpt.all_steps():
         raise UsageError(f"--workdir {args.workdir!r} has no checkpoint{'' if args.step is None else f' at step {args.step}'}")
     state = ckpt.restore_state(step, setup.abstract_state)
     ckpt.close()
@@ -367,33 +367,26 @@ def main(argv: list[str] | None = None) -> int:
         from maskjax.bench import BenchError
         from maskjax.sweep import SweepError
         from maskjax.checkpoint import CheckpointError
-        from maskjax.distributed import EXIT_PEER_LOST, DistributedError, PeerLost
-        from maskjax.faults import EXIT_NONFINITE, EXIT_PREEMPTED, FaultSpecError, NonFiniteError, Preempted
+        from maskjax.distributed import DistributedError
+        from maskjax.faults import FaultSpecError, Preempted
 
         known = (ConfigError, DataError, TokenizerError, UsageError, FileNotFoundError, PermissionError,
                  DistributedError, BenchError, CheckpointError, FaultSpecError, SweepError)
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
-        if isinstance(err, PeerLost):
-            print(f"maskjax: error: {message}", file=sys.stderr, flush=True)
-            sys.stdout.flush()
-            os._exit(EXIT_PEER_LOST)  # skip JAX's shutdown barrier: it would wait for the dead process
-        if getattr(err, "hard_exit", False):
-            print(f"maskjax: error: {message}", file=sys.stderr, flush=True)
-            sys.stdout.flush()
-            os._exit(2)
-        if isinstance(err, Preempted):
-            print(f"maskjax: {message}", file=sys.stderr, flush=True)
-            return EXIT_PREEMPTED
-        if isinstance(err, NonFiniteError):
-            print(f"maskjax: error: {message}", file=sys.stderr, flush=True)
-            return EXIT_NONFINITE
+        # Errors that need another status say so (maskjax.faults lists them all); bad input is 2, a bug 1.
+        status = getattr(err, "exit_status", 2 if isinstance(err, (known, OSError)) else 1)
         if isinstance(err, OSError) and not isinstance(err, known) and err.filename:
             message = f"{err.filename}: {err.strerror or message}"  # e.g. a full disk or a read-only folder
-        elif not isinstance(err, known):
+        elif status == 1:
             message = f"{type(err).__name__}: {message} (rerun with --debug for the traceback)"
-        print(f"maskjax: error: {message}", file=sys.stderr)
-        return 2 if isinstance(err, (known, OSError)) else 1
-
+        prefix = "maskjax: " if isinstance(err, Preempted) else "maskjax: error: "
+        print(prefix + message, file=sys.stderr, flush=True)
+        if getattr(err, "hard_exit", False):
+            # A dead peer (JAX's shutdown barrier would wait for it) or Orbax's failed writer threads:
+            # leave without the interpreter's teardown.
+            sys.stdout.flush()
+            os._exit(status)
+        return status
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -263,6 +263,14 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     objectives.get(config).validate()
 
 
+def fault_policy(config) -> dict:
+    """``config.faults`` over the defaults of :func:`base_config` (configs saved before the group existed
+    have none)."""
+    policy = base_config().faults.to_dict()
+    policy.update(config.get("faults", {}) or {})
+    return policy
+
+
 def to_json(config: ml_collections.ConfigDict) -> str:
     return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
 

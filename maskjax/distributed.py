@@ -25,10 +25,16 @@ class DistributedError(RuntimeError):
     """A multi-process run that cannot start or whose processes disagree; the message says which."""
 
 
+EXIT_PEER_LOST = 3
+
+
 class PeerLost(DistributedError):
     """A step of a multi-process run failed in the runtime, almost always because another process
     stopped. The CLI exits with :data:`EXIT_PEER_LOST` right away: a normal exit would wait in JAX's
     shutdown barrier for the dead process and then abort."""
+
+    exit_status = EXIT_PEER_LOST
+    hard_exit = True
 
     def __init__(self, step: int, last_checkpoint: int | None, err: Exception):
         import jax
@@ -38,9 +44,6 @@ class PeerLost(DistributedError):
         super().__init__(
             f"process {jax.process_index()} of {jax.process_count()}: step {step} failed in the runtime, most likely "
             f"because another process stopped (see its log): {first}; restart all processes to resume from {resume}")
-
-
-EXIT_PEER_LOST = 3
 
 
 @dataclasses.dataclass

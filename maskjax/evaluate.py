@@ -141,7 +141,7 @@ def finetune(setup, params) -> dict:
     schedule = optax.warmup_cosine_decay_schedule(0.0, config.eval.finetune_lr, warmup, steps)
     optimizer = optax.adamw(schedule, b1=0.9, b2=0.999, weight_decay=0.05)
     width = jax.eval_shape(lambda p, b: objective.features(nnx.merge(graphdef, p), b), params,
-                           _dummy(setup)).shape[-1]
+                           setup.abstract_batch()).shape[-1]
     replicated = sharding.replicated(setup.mesh)
     head = {"kernel": jax.device_put(np.zeros((width, classes), np.float32), replicated),
             "bias": jax.device_put(np.zeros((classes,), np.float32), replicated)}
@@ -181,12 +181,6 @@ def finetune(setup, params) -> dict:
     first, last = float(np.mean(jax.device_get(losses[:5]))), float(np.mean(jax.device_get(losses[-5:])))
     return {"accuracy": correct / total, "epochs": float(config.eval.finetune_epochs), "steps": steps,
             "lr": float(config.eval.finetune_lr), "train_loss_first": first, "train_loss_last": last}
-
-
-def _dummy(setup) -> dict:
-    spec = setup.objective.batch_spec()
-    return {k: jax.ShapeDtypeStruct((setup.config.batch_size,) + tuple(shape[1:]), dtype)
-            for k, (shape, dtype) in spec.items()}
 
 
 def evaluate_text(setup, params) -> dict:

@@ -41,6 +41,8 @@ ACTIONS = ("kill", "term", "nan")
 class Preempted(Exception):
     """The run stopped on a preemption notice after committing a checkpoint of ``step``."""
 
+    exit_status = EXIT_PREEMPTED
+
     def __init__(self, step: int, directory: str, source: str):
         super().__init__(f"preempted ({source}) at step {step}: checkpoint step {step} is committed in {directory}; "
                          "run the same command again to resume")
@@ -49,6 +51,8 @@ class Preempted(Exception):
 
 class NonFiniteError(FloatingPointError):
     """A non-finite loss or gradient under ``faults.nonfinite='stop'`` (or too many skipped steps)."""
+
+    exit_status = EXIT_NONFINITE
 
 
 class FaultSpecError(ValueError):

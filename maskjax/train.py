@@ -103,6 +103,11 @@ class Setup:
             for k, v in local_batch.items() if k in self.batch_shardings
         }
 
+    def abstract_batch(self) -> dict:
+        """ShapeDtypeStructs of a global batch with the step's shardings (nothing allocated)."""
+        return {k: jax.ShapeDtypeStruct(shape, np.dtype(dtype), sharding=self.batch_shardings[k])
+                for k, (shape, dtype) in self.objective.batch_spec().items()}
+
     def rows(self, batch_size: int):
         """The rows of a global batch of ``batch_size`` this process loads (``sharding.process_rows``)."""
         return sharding.process_rows(self.mesh, batch_size)
@@ -147,7 +152,7 @@ def build(config, devices=None) -> Setup:
     spec = objective.batch_spec()
     batch_shardings = {k: sharding.batch_sharding(mesh, len(shape)) for k, (shape, _) in spec.items()}
     accum = config.optim.grad_accum
-    skip_nonfinite = fault_policy(config)["nonfinite"] == "skip"
+    skip_nonfinite = config_lib.fault_policy(config)["nonfinite"] == "skip"
 
     def loss_and_grads(params, batch, key, step):
         def loss_fn(p):
@@ -206,13 +211,6 @@ def build(config, devices=None) -> Setup:
     )
 
 
-def fault_policy(config) -> dict:
-    """``config.faults`` with defaults (configs saved before the group existed have none)."""
-    policy = {"nonfinite": "stop", "max_skipped_steps": 100, "bad_records": "stop"}
-    policy.update(config.get("faults", {}) or {})
-    return policy
-
-
 def init_params_fn(setup: Setup, key: jax.Array) -> Any:
     """Freshly initialised parameters (sharded) for ``key``: the random-init baseline of probes."""
     build_fn = lambda: nnx.to_pure_dict(nnx.state(setup.objective.build(nnx.Rngs(params=key))))
@@ -237,7 +235,7 @@ def train(config, workdir: str, *, stop_at: int | None = None, devices=None, eva
     distributed.check_same(config)  # every process: same config, same code
     setup = build(config, devices)  # validation happens here, before anything is written
     is_writer = jax.process_index() == 0
-    policy = fault_policy(config)
+    policy = config_lib.fault_policy(config)
     loader = data.train_loader(config, setup.rows(config.batch_size), kind=setup.objective.data_kind)
     os.makedirs(workdir, exist_ok=True)
     checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save,

@@ -18,6 +18,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from maskjax.config import fault_policy
 from maskjax.data.digits import MaskjaxDigitCaptions, MaskjaxDigits, MaskjaxMovingDigits
 from maskjax.data.folder import MaskjaxImageTextFolder
 from maskjax.data.text_corpus import MaskjaxText
@@ -321,13 +322,11 @@ def train_loader(config, rows: np.ndarray | None = None, captions: bool = False)
         config.batch_size, rows, num_batches=sys.maxsize // (2 * config.batch_size),
         captions=Captions(data) if captions else None, skip_bad=_skip_bad(config), split=data.train_split,
     )
-    loader = Loader(grain.MapDataset.source(batches), data)
-    loader.source = src
-    return loader
+    return Loader(grain.MapDataset.source(batches), data, src)
 
 
 def _skip_bad(config) -> bool:
-    return (config.get("faults", {}) or {}).get("bad_records", "stop") == "skip"
+    return fault_policy(config)["bad_records"] == "skip"
 
 
 def eval_batches(config, split: str, batch_size: int, rows: np.ndarray | None = None
@@ -351,9 +350,10 @@ class Loader:
     """An iterator of local batches whose position can be saved and restored (``get_state``), with
     the number of bad records skipped so far (``faults.bad_records=skip``), which is part of the state."""
 
-    def __init__(self, dataset: grain.MapDataset, data_config):
+    def __init__(self, dataset: grain.MapDataset, data_config, source=None):
         options = grain.ReadOptions(num_threads=data_config.num_threads, prefetch_buffer_size=data_config.prefetch)
         self.iterator = iter(dataset.to_iter_dataset(options))
+        self.source = source  # the TFDS data source it reads (record lookup by index)
         self.bad_records = 0
 
     def __iter__(self):
