@@ -338,6 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     if not debug:  # TFDS and Orbax log through absl; keep stderr to our own lines
+        import logging
         import threading
 
         from absl import logging as absl_logging
@@ -345,6 +346,10 @@ def main(argv: list[str] | None = None) -> int:
         # A failure in a worker thread (Orbax's writer, Grain's readers) reaches the main thread, which
         # reports it in one line; the thread's own traceback and log lines are only shown with --debug.
         absl_logging.set_verbosity(absl_logging.FATAL)
+        # asyncio logs "Task exception was never retrieved" with a traceback when Orbax's failed write
+        # tasks are collected; the same failure is already reported as one line.
+        logging.getLogger().setLevel(logging.CRITICAL)
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL + 1)
         threading.excepthook = lambda args: None
         sys.unraisablehook = lambda args: None
     try:
