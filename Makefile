@@ -11,7 +11,7 @@ WORKDIR ?= runs/mae_digits
 $(STAMP): setup.py
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,interop]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -21,6 +21,7 @@ INSTALL_REQUIRES = [
     "matplotlib",
     "tokenizers==0.23.3",  # WordPiece training and vocab.txt files (Rust, fast batch encoding)
     "sentencepiece==0.2.3",  # SentencePiece .model files
+    "safetensors==0.8.0",  # maskjax export --format hf / init_from a Hugging Face directory
 ]
 
 setup(
@@ -35,6 +36,9 @@ setup(
     extras_require={
         "test": ["pytest", "pytest-xdist", "hypothesis"],
         "tf": ["tensorflow-cpu"],
+        # transformers + CPU PyTorch: loading exported models, round-trip tests (torch 2.13.0 is the CPU build
+        # pip finds on this project's machines; a newer one pulls in several GB of CUDA packages)
+        "interop": ["torch==2.13.0", "transformers==5.23.0"],
         "cuda": ["jax[cuda12]==0.10.2"],
         "tpu": ["jax[tpu]==0.10.2"],
     },

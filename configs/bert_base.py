@@ -28,7 +28,7 @@ def get_config(arg: str = "128"):
     c.data.update(name="wikipedia/20230601.en", train_split="train[:99%]", eval_split="train[99%:]", text_key="text",
                   seq_len=int(arg), prefetch=8)
     c.model.update(width=768, depth=12, heads=12, mlp_ratio=4.0, max_len=512, positions="learned",
-                   pre_norm=False, dtype="bfloat16", remat="none")
+                   pre_norm=False, qkv_bias=True, norm_eps=1e-12, dtype="bfloat16", remat="none")
     c.mask.update(kind="token", ratio=0.15, schedule="constant")
     c.mlm.update(replace=True, max_predictions=20 if arg == "128" else 80, sparse=True)
     c.optim.update(base_lr=1e-4, base_batch=256, b1=0.9, b2=0.999, weight_decay=0.01, warmup_steps=10_000,

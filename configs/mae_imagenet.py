@@ -32,7 +32,7 @@ def get_config(arg: str = "vit_b16"):
     c.data.update(name="imagenet2012", image_size=224, channels=3, train_split="train",
                   eval_split="validation", crop_scale=(0.2, 1.0), flip=True,
                   mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), num_threads=16, prefetch=8)
-    c.model.update(mlp_ratio=4.0, cls_token=True, dtype="bfloat16", remat="none", **VARIANTS[arg])
+    c.model.update(mlp_ratio=4.0, cls_token=True, qkv_bias=True, dtype="bfloat16", remat="none", **VARIANTS[arg])
     c.decoder.update(width=512, depth=8, heads=16)
     c.mask.update(kind="random", ratio=0.75)
     c.loss.norm_pix = True

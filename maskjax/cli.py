@@ -99,6 +99,18 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", default=None, help="write all results to this JSON file")
     bench.add_argument("--debug", action="store_true", help="show tracebacks")
     multi_process_flags(bench)
+    export = sub.add_parser(
+        "export", help="write a run's weights for other tools: a Hugging Face transformers model directory "
+                       "(--format hf) or a NumPy archive with timm / MAE-release names (--format npz)",
+        epilog="Architectures: vit_mae (ViTMAEForPreTraining, MAE), vit_mim (ViTForMaskedImageModeling, SimMIM), "
+               "vit (ViTModel: any image encoder, FLIP's image tower), bert (BertForMaskedLM: post-norm MLM / MDLM). "
+               "Start a run from such weights with --config.init_from=PATH.")
+    common(export, False)
+    export.add_argument("--format", default="hf", choices=("hf", "npz"), help="hf: config.json + model.safetensors; "
+                        "npz: one .npz file")
+    export.add_argument("--out", required=True, help="output directory (hf) or .npz file")
+    export.add_argument("--arch", default=None, help="target architecture (default: the objective's own)")
+    export.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
     sweep = sub.add_parser(
         "sweep", help="scaling studies: train every point of a sweep file (resumable), print launch commands "
                       "for a cluster (--emit), or collect, fit and plot a sweep (--report DIR)",
@@ -208,6 +220,21 @@ def _eval(args, overrides) -> int:
     writer.close()
     if jax.process_index() == 0:
         print(evaluate.summary_line(results))
+    return 0
+
+
+def _export(args, overrides) -> int:
+    import jax
+
+    from maskjax import export, train
+
+    setup, params, step = _restore(args, overrides)
+    host = train.host_params(params)
+    if jax.process_index() != 0:
+        return 0
+    summary = export.export(setup.config, host, args.format, args.out, args.arch, step)
+    print(f"exported step {step} of {args.workdir} as {export.ARCHS[summary['arch']]} "
+          f"({summary['tensors']} tensors, {args.format}) to {args.out}")
     return 0
 
 
@@ -358,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
         if hasattr(args, "coordinator"):
             _join(args)
         commands = {"train": _train, "eval": _eval, "sample": _sample, "compile-check": _compile_check,
-                    "bench": _bench, "sweep": _sweep}
+                    "bench": _bench, "sweep": _sweep, "export": _export}
         return commands[args.command](args, overrides)
     except KeyboardInterrupt:
         print("maskjax: interrupted", file=sys.stderr)
@@ -374,9 +401,10 @@ def main(argv: list[str] | None = None) -> int:
         from maskjax.checkpoint import CheckpointError
         from maskjax.distributed import DistributedError
         from maskjax.faults import FaultSpecError, Preempted
+        from maskjax.export import InteropError
 
         known = (ConfigError, DataError, TokenizerError, UsageError, FileNotFoundError, PermissionError,
-                 DistributedError, BenchError, CheckpointError, FaultSpecError, SweepError)
+                 DistributedError, BenchError, CheckpointError, FaultSpecError, SweepError, InteropError)
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
         # Errors that need another status say so (maskjax.faults lists them all); bad input is 2, a bug 1.
         status = getattr(err, "exit_status", 2 if isinstance(err, (known, OSError)) else 1)

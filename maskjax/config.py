@@ -27,6 +27,8 @@ def base_config() -> ml_collections.ConfigDict:
     """Every key the trainer reads, with defaults; config files start from this and change fields."""
     c = ml_collections.ConfigDict()
     c.objective = "mae"
+    # Start from published weights: a Hugging Face model directory or a maskjax .npz (maskjax export)
+    c.init_from = ""
     c.seed = 0
     c.batch_size = 128
     c.total_steps = 1000
@@ -44,6 +46,8 @@ def base_config() -> ml_collections.ConfigDict:
         dtype="float32", remat="none", one_hot_gather=False,
         # text encoder: position table size, 'learned' or 'rotary' positions, pre- or post-norm blocks
         max_len=512, positions="learned", pre_norm=True,
+        # every transformer block (encoders, MAE decoder, FLIP text tower): biases on q/k/v, LayerNorm epsilon
+        qkv_bias=False, norm_eps=1e-6,
     )
     c.decoder = dict(width=64, depth=2, heads=4)
     # FLIP: the text tower (dtype and remat follow model.*; its position table covers data.seq_len)
@@ -241,6 +245,12 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
                 raise ConfigError(f"faults.{key}", f"must be one of {allowed}, got {faults.get(key)!r}")
         if not isinstance(faults.max_skipped_steps, int) or faults.max_skipped_steps < 0:
             raise ConfigError("faults.max_skipped_steps", f"must be an int >= 0, got {faults.max_skipped_steps!r}")
+    eps = config.model.get("norm_eps", 1e-6)
+    if not (isinstance(eps, float) and eps > 0):
+        raise ConfigError("model.norm_eps", f"must be a positive float, got {eps!r}")
+    init_from = config.get("init_from", "")
+    if init_from and not os.path.exists(init_from):
+        raise ConfigError("init_from", f"{init_from!r} does not exist (a Hugging Face model directory or an .npz)")
     if config.batch_size % optim.grad_accum:
         raise ConfigError("optim.grad_accum", f"must divide batch_size={config.batch_size}")
     if num_devices is not None:

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from maskjax import checkpoint as ckpt_lib
 from maskjax import config as config_lib
@@ -218,6 +219,24 @@ def init_params_fn(setup: Setup, key: jax.Array) -> Any:
         return jax.jit(build_fn, out_shardings=setup.state_shardings["params"])()
 
 
+def host_params(params: Any) -> dict:
+    """Every parameter as a host NumPy array (gathered across processes when sharded over several)."""
+    return jax.tree.map(np.asarray, multihost_utils.process_allgather(params, tiled=True))
+
+
+def initialize_from(setup: Setup, state: dict, path: str) -> tuple[dict, str]:
+    """``state`` with the parameters ``path`` (``config.init_from``) provides; see :mod:`maskjax.export`.
+    Every process reads the file; each device gets its own shard of every parameter."""
+    from maskjax import export
+
+    host = host_params(state["params"])
+    params, report = export.import_params(setup.config, host, path)
+    shardings = setup.state_shardings["params"]
+    params = jax.tree.map(lambda x, s: jax.make_array_from_callback(x.shape, s, lambda index: x[index]),
+                          params, shardings)
+    return dict(state, params=params), report
+
+
 # =========================================================================== 3. loop
 
 
@@ -243,6 +262,8 @@ def train(config, workdir: str, *, stop_at: int | None = None, devices=None, eva
     restored = checkpointer.restore_newest(setup.abstract_state, describe=lambda: _config_change(workdir, config))
     if restored is None:
         start, state = 0, setup.init_fn()
+        if config.get("init_from"):
+            state, init_report = initialize_from(setup, state, config.init_from)
     else:
         start, state, loader_state = restored
         loader.set_state(loader_state)
@@ -257,6 +278,8 @@ def train(config, workdir: str, *, stop_at: int | None = None, devices=None, eva
             progress.message(f"note: the config differs from the previous run in this workdir{change}")
     if start:
         progress.message(f"resumed from step {start} in {checkpointer.directory}")
+    elif config.get("init_from"):
+        progress.message(init_report)
     window = _Window(start, loader.get_state())
     summary: dict = {"start_step": start, "losses": []}
     preemption = faults.Preemption()

@@ -40,6 +40,11 @@ zeros = nnx.initializers.zeros
 ones = nnx.initializers.ones
 
 
+def block_options(config) -> dict:
+    """``qkv_bias`` and ``norm_eps`` of ``config.model`` (defaults for configs written before they existed)."""
+    return {"qkv_bias": config.model.get("qkv_bias", False), "norm_eps": config.model.get("norm_eps", 1e-6)}
+
+
 class Dense(nnx.Module):
     """``y = x @ kernel + bias`` over the last axis. axes: logical names of (in, out)."""
 
@@ -77,10 +82,11 @@ class Attention(nnx.Module):
 
     ``mask``: optional boolean [batch, 1 or heads, q_len, kv_len], True = may attend (used for
     packed text segments). ``rope``: optional (sin, cos) from :func:`rotary_tables` for rotary
-    positions on queries and keys.
+    positions on queries and keys. ``qkv_bias``: biases on the query, key and value projections
+    (BERT, timm's ViT and the MAE release have them; the small recipes do not).
     """
 
-    def __init__(self, dim: int, heads: int, *, rngs: nnx.Rngs, dtype=jnp.float32):
+    def __init__(self, dim: int, heads: int, *, rngs: nnx.Rngs, dtype=jnp.float32, qkv_bias: bool = False):
         if dim % heads:
             raise ValueError(f"heads={heads} must divide width={dim}")
         head_dim = dim // heads
@@ -88,6 +94,11 @@ class Attention(nnx.Module):
         self.query = param(rngs, init, (dim, heads, head_dim), ("embed", "heads", "kv"))
         self.key = param(rngs, init, (dim, heads, head_dim), ("embed", "heads", "kv"))
         self.value = param(rngs, init, (dim, heads, head_dim), ("embed", "heads", "kv"))
+        if qkv_bias:
+            self.query_bias, self.key_bias, self.value_bias = (
+                param(rngs, zeros, (heads, head_dim), ("heads", "kv")) for _ in range(3))
+        else:
+            self.query_bias = self.key_bias = self.value_bias = None
         out_init = nnx.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=(0, 1), out_axis=2)
         self.out = param(rngs, out_init, (heads, head_dim, dim), ("heads", "kv", "embed"))
         self.out_bias = param(rngs, zeros, (dim,), ("embed",))
@@ -97,9 +108,12 @@ class Attention(nnx.Module):
         x = x.astype(self.dtype)
         cast = lambda p: p[...].astype(self.dtype)
         names = ("batch", "act_length", "act_heads", "act_kv")
-        q = sharding.constrain(jnp.einsum("bld,dnh->blnh", x, cast(self.query)), names)
-        k = sharding.constrain(jnp.einsum("bld,dnh->blnh", x, cast(self.key)), names)
-        v = sharding.constrain(jnp.einsum("bld,dnh->blnh", x, cast(self.value)), names)
+        def project(kernel, bias):
+            y = jnp.einsum("bld,dnh->blnh", x, cast(kernel))
+            return sharding.constrain(y if bias is None else y + cast(bias), names)
+
+        q, k, v = (project(self.query, self.query_bias), project(self.key, self.key_bias),
+                   project(self.value, self.value_bias))
         if rope is not None:
             q, k = apply_rotary(q, rope), apply_rotary(k, rope)
         y = jax.nn.dot_product_attention(q, k, v, mask=mask)
@@ -136,10 +150,10 @@ class Block(nnx.Module):
     """Transformer block; pre-norm (ViT, MAE) or post-norm (original BERT)."""
 
     def __init__(self, dim: int, heads: int, mlp_dim: int, *, rngs: nnx.Rngs, dtype=jnp.float32,
-                 pre_norm: bool = True):
-        self.norm1 = LayerNorm(dim, rngs=rngs, dtype=dtype)
-        self.attn = Attention(dim, heads, rngs=rngs, dtype=dtype)
-        self.norm2 = LayerNorm(dim, rngs=rngs, dtype=dtype)
+                 pre_norm: bool = True, qkv_bias: bool = False, norm_eps: float = 1e-6):
+        self.norm1 = LayerNorm(dim, rngs=rngs, dtype=dtype, eps=norm_eps)
+        self.attn = Attention(dim, heads, rngs=rngs, dtype=dtype, qkv_bias=qkv_bias)
+        self.norm2 = LayerNorm(dim, rngs=rngs, dtype=dtype, eps=norm_eps)
         self.mlp = Mlp(dim, mlp_dim, rngs=rngs, dtype=dtype)
         self.pre_norm = pre_norm
 
@@ -156,11 +170,13 @@ class Block(nnx.Module):
 class Stack(nnx.Module):
     """``depth`` identical blocks with stacked parameters (leading ``layers`` axis), run by a scan.
 
-    remat: a key of ``REMAT_POLICIES``; 'none' keeps every activation.
+    remat: a key of ``REMAT_POLICIES``; 'none' keeps every activation. qkv_bias, norm_eps: see
+    :class:`Attention` and :class:`LayerNorm`.
     """
 
     def __init__(self, depth: int, dim: int, heads: int, mlp_dim: int, *, rngs: nnx.Rngs,
-                 dtype=jnp.float32, pre_norm: bool = True, remat: str = "none"):
+                 dtype=jnp.float32, pre_norm: bool = True, remat: str = "none", qkv_bias: bool = False,
+                 norm_eps: float = 1e-6):
         if depth < 1:
             raise ValueError(f"depth={depth} must be >= 1")
         if remat not in REMAT_POLICIES:
@@ -169,7 +185,8 @@ class Stack(nnx.Module):
         @nnx.split_rngs(splits=depth)
         @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
         def make(rngs):
-            return Block(dim, heads, mlp_dim, rngs=rngs, dtype=dtype, pre_norm=pre_norm)
+            return Block(dim, heads, mlp_dim, rngs=rngs, dtype=dtype, pre_norm=pre_norm, qkv_bias=qkv_bias,
+                         norm_eps=norm_eps)
 
         self.blocks = make(rngs)
         self.remat = remat

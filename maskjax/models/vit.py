@@ -67,12 +67,15 @@ def _sincos_1d(dim: int, positions: np.ndarray) -> np.ndarray:
 
 def sincos_pos_embed(dim: int, grid: Sequence[int]) -> np.ndarray:
     """Fixed sin-cos position embedding [t*h*w, dim] (MAE's 2D form; time gets a quarter of the dims
-    when ``t > 1``). Constant: computed in NumPy at trace time, never a parameter."""
+    when ``t > 1``). Constant: computed in NumPy at trace time, never a parameter.
+
+    The order of the halves is the MAE release's (``util/pos_embed.py``: the first half encodes the
+    column, the second the row), so published MAE weights and Hugging Face ViTMAE tables match it."""
     t, h, w = grid
     gt, gy, gx = np.meshgrid(np.arange(t), np.arange(h), np.arange(w), indexing="ij")
     dim_t = 2 * (dim // 8) if t > 1 else 0
     dim_yx = 2 * ((dim - dim_t) // 4)
-    parts = [_sincos_1d(dim_yx, gy), _sincos_1d(dim_yx, gx)]
+    parts = [_sincos_1d(dim_yx, gx), _sincos_1d(dim_yx, gy)]
     if dim_t:
         parts.insert(0, _sincos_1d(dim_t, gt))
     emb = np.concatenate(parts, axis=1)
@@ -89,7 +92,8 @@ class ViTEncoder(nnx.Module):
 
     def __init__(self, *, patch_dim: int, grid: Sequence[int], width: int, depth: int, heads: int,
                  mlp_ratio: float = 4.0, cls_token: bool = True, dtype: str = "float32",
-                 remat: str = "none", one_hot_gather: bool = False, rngs: nnx.Rngs):
+                 remat: str = "none", one_hot_gather: bool = False, qkv_bias: bool = False,
+                 norm_eps: float = 1e-6, rngs: nnx.Rngs):
         self.grid = tuple(grid)
         self.width = width
         self.dtype = layers.compute_dtype(dtype)
@@ -99,8 +103,8 @@ class ViTEncoder(nnx.Module):
             if cls_token else None
         )
         self.blocks = layers.Stack(depth, width, heads, int(width * mlp_ratio), rngs=rngs,
-                                   dtype=self.dtype, remat=remat)
-        self.norm = layers.LayerNorm(width, rngs=rngs, dtype=self.dtype)
+                                   dtype=self.dtype, remat=remat, qkv_bias=qkv_bias, norm_eps=norm_eps)
+        self.norm = layers.LayerNorm(width, rngs=rngs, dtype=self.dtype, eps=norm_eps)
         self.one_hot_gather = one_hot_gather
 
     @property
@@ -143,5 +147,5 @@ def encoder_from_config(config, rngs: nnx.Rngs) -> ViTEncoder:
     return ViTEncoder(
         patch_dim=patch_dim, grid=grid, width=m.width, depth=m.depth, heads=m.heads,
         mlp_ratio=m.mlp_ratio, cls_token=m.cls_token, dtype=m.dtype, remat=m.remat,
-        one_hot_gather=m.get("one_hot_gather", False), rngs=rngs,
+        one_hot_gather=m.get("one_hot_gather", False), rngs=rngs, **layers.block_options(config),
     )

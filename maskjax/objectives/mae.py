@@ -48,14 +48,14 @@ class MAEDecoder(nnx.Module):
 
     def __init__(self, *, enc_width: int, width: int, depth: int, heads: int, mlp_ratio: float,
                  grid, target_dim: int, num_prefix: int, dtype: str, remat: str, one_hot_gather: bool,
-                 predict_loss: bool = False, rngs: nnx.Rngs):
+                 predict_loss: bool = False, qkv_bias: bool = False, norm_eps: float = 1e-6, rngs: nnx.Rngs):
         self.dtype = layers.compute_dtype(dtype)
         self.grid, self.width, self.num_prefix = tuple(grid), width, num_prefix
         self.embed = layers.Dense(enc_width, width, ("embed", "embed"), rngs=rngs, dtype=self.dtype)
         self.mask_token = layers.param(rngs, nnx.initializers.normal(0.02), (1, 1, width), (None, None, "embed"))
         self.blocks = layers.Stack(depth, width, heads, int(width * mlp_ratio), rngs=rngs,
-                                   dtype=self.dtype, remat=remat)
-        self.norm = layers.LayerNorm(width, rngs=rngs, dtype=self.dtype)
+                                   dtype=self.dtype, remat=remat, qkv_bias=qkv_bias, norm_eps=norm_eps)
+        self.norm = layers.LayerNorm(width, rngs=rngs, dtype=self.dtype, eps=norm_eps)
         self.pred = layers.Dense(width, target_dim, ("embed", "patch"), rngs=rngs, dtype=self.dtype)
         self.loss_pred = layers.Dense(width, 1, ("embed", None), rngs=rngs, dtype=self.dtype) if predict_loss else None
         self.one_hot_gather = one_hot_gather
@@ -138,7 +138,7 @@ class MAE(VisionObjective):
             enc_width=m.width, width=dec.width, depth=dec.depth, heads=dec.heads, mlp_ratio=m.mlp_ratio,
             grid=self.token_grid, target_dim=self.target_dim, num_prefix=encoder.num_prefix,
             dtype=m.dtype, remat=m.remat, one_hot_gather=m.get("one_hot_gather", False),
-            predict_loss=self.hpm, rngs=rngs,
+            predict_loss=self.hpm, rngs=rngs, **layers.block_options(self.config),
         )
         return MAEModel(encoder, decoder)
 

@@ -10,6 +10,7 @@ import numpy as np
 
 from maskjax import objectives
 from maskjax.config import ConfigError
+from maskjax.models import layers
 from maskjax.models import text as text_model
 
 
@@ -73,7 +74,7 @@ class TextObjective:
         return text_model.TextEncoder(
             vocab_size=self.tokenizer.vocab_size, max_len=m.max_len, width=m.width, depth=m.depth,
             heads=m.heads, mlp_ratio=m.mlp_ratio, positions=m.positions, pre_norm=m.pre_norm,
-            dtype=m.dtype, remat=m.remat, rngs=rngs,
+            dtype=m.dtype, remat=m.remat, rngs=rngs, **layers.block_options(self.config),
         )
 
     def batch_spec(self) -> dict:

@@ -1,0 +1,308 @@
+"""Export to and import from Hugging Face transformers (PyTorch, CPU) and timm-named .npz archives.
+
+Small trained runs (MAE, SimMIM, post-norm MLM) are exported; transformers loads them with its own
+classes and must produce maskjax's outputs on the same inputs within 1e-4; importing an export and
+exporting again gives back the same tensors; shape, config and architecture mismatches are one-line
+errors naming the parameter or key.
+"""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from tests.conftest import ROOT, load_config
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+TOL = 1e-4
+
+
+def _run(workdir, name, *overrides, data_dir):
+    """Trains configs/<name> in-process (a few steps) and returns its config."""
+    from maskjax import cli
+
+    args = ["train", "--config", os.path.join(ROOT, "configs", name), "--workdir", str(workdir), "--no_eval",
+            f"--config.data.data_dir={data_dir}", *[f"--config.{o}" for o in overrides]]
+    assert cli.main(args) == 0
+    return load_config(name, *overrides, data_dir=data_dir)
+
+
+def _export(workdir, out, *extra):
+    from maskjax import cli
+
+    assert cli.main(["export", "--workdir", str(workdir), "--out", str(out), *extra]) == 0
+
+
+def _params(config, workdir):
+    from maskjax import checkpoint, train
+
+    setup = train.build(config)
+    ckpt = checkpoint.Checkpointer(str(workdir))
+    state = ckpt.restore_state(ckpt.latest_step(), setup.abstract_state)
+    ckpt.close()
+    return setup, train.host_params(state["params"])
+
+
+def _model(setup, params):
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    return nnx.merge(setup.graphdef, jax.tree.map(jnp.asarray, params))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, data_dir):
+    root = tmp_path_factory.mktemp("interop")
+    mae = _run(root / "mae", "mae_digits.py:tiny", "model.qkv_bias=True", data_dir=data_dir)
+    simmim = _run(root / "simmim", "simmim_digits.py:tiny", data_dir=data_dir)
+    mlm = _run(root / "mlm", "mlm_text.py:tiny", "model.qkv_bias=True", "model.norm_eps=1e-12", data_dir=data_dir)
+    return {"root": root, "mae": (root / "mae", mae), "simmim": (root / "simmim", simmim), "mlm": (root / "mlm", mlm)}
+
+
+def _images(config, batch=3, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(batch, config.data.image_size, config.data.image_size, config.data.channels)).astype(np.float32)
+
+
+def _to_torch_images(images):
+    return torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+
+
+def test_mae_export_matches_vitmae_and_vit(runs):
+    from maskjax.models import vit
+
+    workdir, config = runs["mae"]
+    out = runs["root"] / "mae_hf"
+    _export(workdir, out)
+    setup, params = _params(config, workdir)
+    model = _model(setup, params)
+    images = _images(config)
+    patches = vit.patchify(images, config.model.patch_size)
+    batch, length = patches.shape[:2]
+    kept = int(length * (1 - config.mask.ratio))
+    # HF keeps argsort(noise)[:kept] and unshuffles with argsort(argsort(noise)): give both the same order.
+    noise = np.random.default_rng(1).uniform(size=(batch, length)).astype(np.float32)
+    order = np.argsort(noise, axis=1)
+    keep_idx, restore_idx = order[:, :kept], np.argsort(order, axis=1)
+    ours = model.decoder.pred(model.decoder(model.encoder(patches, keep_idx), restore_idx))
+
+    hf = transformers.ViTMAEForPreTraining.from_pretrained(str(out)).eval()
+    with torch.no_grad():
+        result = hf(pixel_values=_to_torch_images(images), noise=torch.from_numpy(noise))
+    np.testing.assert_allclose(result.logits.numpy(), np.asarray(ours), atol=TOL, rtol=0)
+    hidden = np.ones((batch, length), bool)
+    np.put_along_axis(hidden, keep_idx, False, axis=1)
+    np.testing.assert_array_equal(result.mask.numpy().astype(bool), hidden)
+
+    # The encoder alone as a ViTModel: every patch visible, cls first.
+    _export(workdir, runs["root"] / "mae_vit", "--arch", "vit")
+    vit_model = transformers.ViTModel.from_pretrained(str(runs["root"] / "mae_vit"), add_pooling_layer=False).eval()
+    with torch.no_grad():
+        hidden_states = vit_model(pixel_values=_to_torch_images(images)).last_hidden_state.numpy()
+    np.testing.assert_allclose(hidden_states, np.asarray(model.encoder(patches)), atol=TOL, rtol=0)
+
+
+def test_simmim_export_matches_vit_for_masked_image_modeling(runs):
+    from maskjax.models import vit
+
+    workdir, config = runs["simmim"]
+    out = runs["root"] / "simmim_hf"
+    _export(workdir, out)
+    setup, params = _params(config, workdir)
+    model = _model(setup, params)
+    images = _images(config, seed=2)
+    patches = vit.patchify(images, config.model.patch_size)
+    hidden = np.random.default_rng(3).uniform(size=patches.shape[:2]) < 0.5
+    ours = vit.unpatchify(np.asarray(model(patches, hidden)), images.shape[1:], config.model.patch_size)
+
+    hf = transformers.ViTForMaskedImageModeling.from_pretrained(str(out)).eval()
+    with torch.no_grad():
+        result = hf(pixel_values=_to_torch_images(images), bool_masked_pos=torch.from_numpy(hidden))
+    np.testing.assert_allclose(result.reconstruction.numpy(), np.asarray(ours).transpose(0, 3, 1, 2), atol=TOL, rtol=0)
+
+
+def test_mlm_export_matches_bert_for_masked_lm(runs):
+    workdir, config = runs["mlm"]
+    out = runs["root"] / "mlm_hf"
+    _export(workdir, out)
+    assert os.path.isfile(out / "vocab.txt")
+    setup, params = _params(config, workdir)
+    model = _model(setup, params)
+    vocab = params["token_embed"].shape[0]
+    length = config.data.seq_len
+    tokens = np.random.default_rng(4).integers(5, vocab, (2, length)).astype(np.int32)
+    positions = np.broadcast_to(np.arange(length, dtype=np.int32), tokens.shape)
+    ours = model.logits(model(tokens, np.ones_like(tokens), positions))
+
+    hf = transformers.BertForMaskedLM.from_pretrained(str(out)).eval()
+    assert hf.config.layer_norm_eps == 1e-12
+    with torch.no_grad():
+        logits = hf(input_ids=torch.from_numpy(tokens.astype(np.int64))).logits.numpy()
+    np.testing.assert_allclose(logits, np.asarray(ours), atol=TOL, rtol=0)
+    tokenizer = transformers.BertTokenizer.from_pretrained(str(out))
+    assert tokenizer.mask_token_id is not None and len(tokenizer) == vocab
+
+
+def _fresh(config):
+    from maskjax import train
+
+    setup = train.build(config)
+    return train.host_params(setup.init_fn()["params"])
+
+
+def _tensors(path):
+    from maskjax import export
+
+    if str(path).endswith(".npz"):
+        with np.load(path) as archive:
+            return {k: archive[k] for k in archive.files}
+    return export.read(str(path))[0]
+
+
+@pytest.mark.parametrize("name,fmt", [("mae", "hf"), ("mae", "npz"), ("simmim", "hf"), ("mlm", "hf"), ("mlm", "npz")])
+def test_import_then_export_gives_back_the_same_tensors(runs, name, fmt):
+    from maskjax import export
+
+    workdir, config = runs[name]
+    first = runs["root"] / f"{name}_first.{fmt}" if fmt == "npz" else runs["root"] / f"{name}_first"
+    _export(workdir, first, "--format", fmt)
+    params, report = export.import_params(config, _fresh(config), str(first))
+    assert "freshly initialised" not in report
+    trained = _params(config, workdir)[1]
+    for a, b in zip(jax_leaves(params), jax_leaves(trained)):
+        np.testing.assert_array_equal(a, b)
+    again = runs["root"] / f"{name}_again.{fmt}" if fmt == "npz" else runs["root"] / f"{name}_again"
+    export.export(config, params, fmt, str(again))
+    a, b = _tensors(first), _tensors(again)
+    assert sorted(a) == sorted(b)
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def jax_leaves(tree):
+    import jax
+
+    return jax.tree.leaves(tree)
+
+
+def test_timm_names_follow_the_mae_release(runs):
+    workdir, config = runs["mae"]
+    out = runs["root"] / "mae_names.npz"
+    _export(workdir, out, "--format", "npz")
+    tensors = _tensors(out)
+    d, p = config.model.width, config.model.patch_size
+    assert tensors["patch_embed.proj.weight"].shape == (d, config.data.channels, p, p)
+    assert tensors["blocks.0.attn.qkv.weight"].shape == (3 * d, d)
+    assert tensors["blocks.0.attn.qkv.bias"].shape == (3 * d,)
+    assert tensors["pos_embed"].shape == (1, 1 + (config.data.image_size // p) ** 2, d)
+    assert {"cls_token", "norm.weight", "mask_token", "decoder_pred.weight", "decoder_blocks.0.mlp.fc1.weight",
+            f"blocks.{config.model.depth - 1}.mlp.fc2.bias"} <= set(tensors)
+
+
+def test_training_starts_from_an_export(runs, data_dir, capsys):
+    """init_from: a SimMIM run starting from the MAE export keeps the encoder, freshly initialises its head."""
+    from maskjax import cli, export
+
+    mae_dir, mae_config = runs["mae"]
+    out = runs["root"] / "mae_init"
+    _export(mae_dir, out)
+    workdir = runs["root"] / "from_mae"
+    args = ["train", "--config", os.path.join(ROOT, "configs", "simmim_digits.py:tiny"), "--workdir", str(workdir),
+            "--no_eval", f"--config.data.data_dir={data_dir}", "--config.model.qkv_bias=True",
+            f"--config.init_from={out}", "--config.total_steps=1", "--config.optim.warmup_steps=0"]
+    assert cli.main(args) == 0
+    err = capsys.readouterr().err
+    assert "initialised" in err and "SimMIM mask token and head" in err and "ignored" in err
+    config = load_config("simmim_digits.py:tiny", "model.qkv_bias=True", data_dir=data_dir)
+    # the encoder after one step is close to the MAE encoder (lr warm-up 0 on step 0: the cosine starts at lr)
+    start, _ = export.import_params(config, _fresh(config), str(out))
+    encoder = _params(load_config("mae_digits.py:tiny", "model.qkv_bias=True", data_dir=data_dir), mae_dir)[1]["encoder"]
+    np.testing.assert_array_equal(start["encoder"]["cls"], encoder["cls"])
+
+
+def _error(capsys, args):
+    from maskjax import cli
+
+    status = cli.main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in err if line.startswith("maskjax: error:")]
+    assert status == 2 and len(errors) == 1, err
+    return errors[0]
+
+
+def test_mismatches_are_one_line_errors(runs, data_dir, capsys, tmp_path):
+    from safetensors.numpy import save_file
+
+    mae_dir, _ = runs["mae"]
+    out = runs["root"] / "mae_err"
+    _export(mae_dir, out)
+    base = ["train", "--config", os.path.join(ROOT, "configs", "mae_digits.py:tiny"), "--no_eval",
+            f"--config.data.data_dir={data_dir}", "--config.model.qkv_bias=True", f"--config.init_from={out}"]
+    line = _error(capsys, base + ["--workdir", str(tmp_path / "a"), "--config.model.width=48"])
+    assert "model.width" in line and "hidden_size=32" in line
+    line = _error(capsys, base + ["--workdir", str(tmp_path / "b"), "--config.model.qkv_bias=False"])
+    assert "model.qkv_bias" in line
+
+    # A file without config.json whose tensor has another shape: the tensor and the parameter are named.
+    from maskjax import export
+
+    tensors = export.read(str(out))[0]
+    tensors["vit.encoder.layer.1.intermediate.dense.weight"] = np.zeros((96, 32), np.float32)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    save_file(tensors, str(bad / "model.safetensors"))
+    line = _error(capsys, base[:-1] + [f"--config.init_from={bad}", "--workdir", str(tmp_path / "c")])
+    assert "vit.encoder.layer.1.intermediate.dense.weight" in line and "encoder/blocks/blocks/mlp/fc1/kernel" in line
+
+    # A deeper file than the config: the extra layer is named, not silently dropped.
+    del tensors["vit.encoder.layer.1.intermediate.dense.weight"]
+    for key in [k for k in tensors if k.startswith("vit.encoder.layer.1.")]:
+        tensors[key.replace("layer.1.", "layer.2.")] = tensors[key]
+    tensors["vit.encoder.layer.1.intermediate.dense.weight"] = tensors["vit.encoder.layer.0.intermediate.dense.weight"]
+    save_file(tensors, str(bad / "model.safetensors"))
+    line = _error(capsys, base[:-1] + [f"--config.init_from={bad}", "--workdir", str(tmp_path / "d")])
+    assert "model.depth" in line and "vit.encoder.layer.2." in line
+
+    # Unsupported architectures: a pre-norm text encoder as BERT, a video MAE, a text file as an image model.
+    from maskjax.config import ConfigError
+
+    mlm_dir, mlm_config = runs["mlm"]
+    with pytest.raises(ConfigError, match="model.pre_norm"):
+        export.check_exportable(load_config("mlm_text.py:tiny", "model.pre_norm=True"), "bert")
+    with pytest.raises(ConfigError, match="data.frames"):
+        export.check_exportable(load_config("videomae_digits.py:tiny"), "vit_mae")
+    line = _error(capsys, ["export", "--workdir", str(mae_dir), "--out", str(tmp_path / "y"), "--arch", "bert"])
+    assert "--arch bert" in line and "vit_mae" in line
+    mlm_out = runs["root"] / "mlm_err"
+    _export(mlm_dir, mlm_out)
+    line = _error(capsys, base[:-1] + [f"--config.init_from={mlm_out}", "--workdir", str(tmp_path / "e")])
+    assert "init_from" in line
+    assert not os.path.exists(tmp_path / "a" / "checkpoints" / "1")
+
+
+def test_config_json_describes_the_run(runs):
+    out = runs["root"] / "mae_hf_cfg"
+    workdir, config = runs["mae"]
+    _export(workdir, out)
+    info = json.loads((out / "config.json").read_text())
+    assert info["architectures"] == ["ViTMAEForPreTraining"] and info["hidden_size"] == config.model.width
+    assert info["decoder_num_hidden_layers"] == config.decoder.depth and info["qkv_bias"] is True
+
+
+def test_sincos_table_is_the_one_transformers_and_the_mae_release_compute():
+    """Published MAE weights were trained with this table (the MAE release's column-first layout):
+    transformers' ViTMAE computes it itself when it initialises a model."""
+    from maskjax import export
+
+    for width in (32, 64):
+        config = load_config("mae_digits.py:tiny", f"model.width={width}")
+        hf = transformers.ViTMAEForPreTraining(transformers.ViTMAEConfig(**export.hf_config(config, "vit_mae")))
+        embeddings = hf.vit.embeddings
+        embeddings.patch_embeddings.projection._is_hf_initialized = False
+        embeddings.initialize_weights()
+        np.testing.assert_allclose(embeddings.position_embeddings.detach().numpy(),
+                                   export.position_tables(config, "vit_mae")["vit.embeddings.position_embeddings"],
+                                   atol=1e-6)
