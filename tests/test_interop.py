@@ -306,3 +306,68 @@ def test_sincos_table_is_the_one_transformers_and_the_mae_release_compute():
         np.testing.assert_allclose(embeddings.position_embeddings.detach().numpy(),
                                    export.position_tables(config, "vit_mae")["vit.embeddings.position_embeddings"],
                                    atol=1e-6)
+
+
+def _import_model(config, path):
+    """A maskjax model of ``config`` initialised from ``path`` (the trainer's own init_from path)."""
+    from maskjax import config as config_lib
+    from maskjax import train
+
+    config = config_lib.override(config, [f"init_from={path}"])
+    setup = train.build(config)
+    state, report = train.initialize_from(setup, setup.init_fn(), str(path))
+    return _model(setup, train.host_params(state["params"])), report
+
+
+def test_models_saved_by_transformers_import_and_match(tmp_path, data_dir):
+    """Files written by transformers itself (its own names, BERT's token-type table, tied output
+    matrix, a sin-cos decoder table as on the Hub) give maskjax models with the same outputs."""
+    import jax.numpy as jnp
+
+    from maskjax import export
+    from maskjax.models import vit
+
+    torch.manual_seed(0)
+    config = load_config("mae_digits.py:tiny", "model.qkv_bias=True", "model.norm_eps=1e-12", data_dir=data_dir)
+    info = dict(export.hf_config(config, "vit_mae"), layer_norm_eps=1e-12)
+    hf = transformers.ViTMAEForPreTraining(transformers.ViTMAEConfig(**info)).eval()
+    with torch.no_grad():
+        for p in hf.parameters():  # trained-looking weights (transformers' init leaves biases at zero)
+            p.add_(0.05 * torch.randn_like(p))
+        tables = export.position_tables(config, "vit_mae")
+        hf.vit.embeddings.position_embeddings.copy_(torch.from_numpy(tables["vit.embeddings.position_embeddings"]))
+        hf.decoder.decoder_pos_embed.copy_(torch.from_numpy(tables["decoder.decoder_pos_embed"]))
+    hf.save_pretrained(str(tmp_path / "vitmae"))
+    model, report = _import_model(config, tmp_path / "vitmae")
+    assert "freshly" not in report
+    images = _images(config, seed=5)
+    patches = vit.patchify(images, config.model.patch_size)
+    batch, length = patches.shape[:2]
+    noise = np.random.default_rng(6).uniform(size=(batch, length)).astype(np.float32)
+    order = np.argsort(noise, axis=1)
+    kept = int(length * (1 - config.mask.ratio))
+    ours = model.decoder.pred(model.decoder(model.encoder(patches, order[:, :kept]), np.argsort(order, axis=1)))
+    with torch.no_grad():
+        theirs = hf(pixel_values=_to_torch_images(images), noise=torch.from_numpy(noise)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(ours), theirs, atol=TOL, rtol=0)
+
+    text = load_config("mlm_text.py:tiny", "model.qkv_bias=True", "model.norm_eps=1e-12", data_dir=data_dir)
+    from maskjax.objectives import get as get_objective
+
+    vocab = get_objective(text).tokenizer.vocab_size
+    bert_config = transformers.BertConfig(vocab_size=vocab, hidden_size=text.model.width,
+                                          num_hidden_layers=text.model.depth, num_attention_heads=text.model.heads,
+                                          intermediate_size=int(text.model.width * text.model.mlp_ratio),
+                                          max_position_embeddings=text.model.max_len, layer_norm_eps=1e-12)
+    bert = transformers.BertForMaskedLM(bert_config).eval()
+    with torch.no_grad():
+        for p in bert.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    bert.save_pretrained(str(tmp_path / "bert"))
+    model, _ = _import_model(text, tmp_path / "bert")
+    tokens = np.random.default_rng(7).integers(5, vocab, (2, text.data.seq_len)).astype(np.int32)
+    positions = np.broadcast_to(np.arange(text.data.seq_len, dtype=np.int32), tokens.shape)
+    ours = model.logits(model(jnp.asarray(tokens), jnp.ones_like(tokens), jnp.asarray(positions)))
+    with torch.no_grad():
+        theirs = bert(input_ids=torch.from_numpy(tokens.astype(np.int64))).logits.numpy()
+    np.testing.assert_allclose(np.asarray(ours), theirs, atol=TOL, rtol=0)
