@@ -16,6 +16,8 @@ learning-rate schedule (1M steps) are the same in both phases; only the packing 
 """
 from maskjax.config import base_config
 
+PAPER = "bert"  # the paper this recipe follows (maskjax.reference.PAPERS; docs/reference/recipes)
+
 
 def get_config(arg: str = "128"):
     if arg not in ("128", "512"):

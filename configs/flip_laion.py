@@ -18,6 +18,8 @@ SentencePiece vocabulary), crop scale (0.5, 1), the warm-up length, no zero-shot
 """
 from maskjax.config import base_config, variants
 
+PAPER = "flip"  # the paper this recipe follows (maskjax.reference.PAPERS; docs/reference/recipes)
+
 SAMPLES_SEEN = 6_400_000_000
 TOWERS = {
     "vit_b16": (dict(patch_size=16, width=768, depth=12, heads=12), dict(width=512, depth=12, heads=8), 512),

@@ -5,6 +5,8 @@ Variants: ``:tiny`` (a few seconds, for tests and smoke runs).
 """
 from maskjax.config import base_config
 
+PAPER = "mae"  # the paper this recipe follows (maskjax.reference.PAPERS; docs/reference/recipes)
+
 
 def get_config(arg: str = ""):
     c = base_config()

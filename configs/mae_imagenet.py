@@ -11,6 +11,8 @@ norm-pix loss, decoder 8 blocks x 512, random resized crop (0.2, 1) + flip.
 """
 from maskjax.config import base_config, steps_for_epochs
 
+PAPER = "mae"  # the paper this recipe follows (maskjax.reference.PAPERS; docs/reference/recipes)
+
 IMAGENET_TRAIN = 1_281_167
 VARIANTS = {
     "vit_b16": dict(patch_size=16, width=768, depth=12, heads=12),

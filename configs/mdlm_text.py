@@ -9,6 +9,8 @@ Variants (combine with commas): ``tiny`` (seconds, for tests), ``cosine`` (cosin
 from maskjax import config as config_lib
 from maskjax.config import small_text_config
 
+PAPER = "mdlm"  # the paper this recipe follows (maskjax.reference.PAPERS; docs/reference/recipes)
+
 VARIANTS = ("tiny", "cosine")
 
 

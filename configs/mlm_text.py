@@ -10,6 +10,8 @@ Variants (combine with commas, e.g. ``:span,tiny``): ``tiny`` (seconds, for test
 from maskjax import config as config_lib
 from maskjax.config import small_text_config
 
+PAPER = "bert"  # the paper this recipe follows (maskjax.reference.PAPERS; docs/reference/recipes)
+
 VARIANTS = ("tiny", "wwm", "span", "40", "decay")
 
 

@@ -4,6 +4,8 @@ maskjax train --config configs/simmim_digits.py --workdir runs/simmim_digits
 """
 from maskjax.config import base_config
 
+PAPER = "simmim"  # the paper this recipe follows (maskjax.reference.PAPERS; docs/reference/recipes)
+
 
 def get_config(arg: str = ""):
     c = base_config()

@@ -1,0 +1,303 @@
+"""The config and recipe reference in ``docs/reference/``, generated from the code so it cannot go stale.
+
+``python -m maskjax.reference`` rewrites ``docs/reference/config.md`` (every field of
+:func:`maskjax.config.base_config` with its default and meaning) and one page per shipped recipe
+(``configs/*.py``): the paper it follows, each of the paper's hyperparameters next to the recipe's
+value, and the differences marked. A test fails when a field has no description here or when the
+committed pages differ from what this module writes.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import importlib.util
+import math
+import os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OUT = os.path.join(ROOT, "docs", "reference")
+
+FIELDS = {
+    "objective": "Masked objective: mae, simmim, mlm, mdlm, flip (video MAE is mae with data.frames > 0).",
+    "init_from": "Start from published weights: a Hugging Face model directory (config.json + model.safetensors) "
+                 "or a maskjax/timm .npz; used only when the workdir has no checkpoint (see `maskjax export`).",
+    "seed": "Seed of parameter init, masks and data order (masks use fold_in(key, step)).",
+    "batch_size": "Global batch (examples per optimizer step, all processes together).",
+    "total_steps": "Optimizer steps of the run; the learning-rate schedule spans them.",
+    "log_every": "Steps between metric records (the host waits on the device only then).",
+    "eval_every": "Steps between evaluations during training; 0 = at the end only.",
+    "data.name": "TFDS dataset name (embedded: maskjax_digits, maskjax_moving_digits, maskjax_digit_captions, "
+                 "maskjax_text; maskjax_image_text_folder builds from data.manual_dir).",
+    "data.data_dir": "TFDS data_dir ('' = $MASKJAX_DATA_DIR or ~/tensorflow_datasets).",
+    "data.manual_dir": "TFDS manual_dir: archives downloaded by hand (ImageNet) or the folder of image + caption "
+                       "files of maskjax_image_text_folder.",
+    "data.image_size": "Side of the square crops fed to the model, pixels.",
+    "data.channels": "Image channels (1 for the digits, 3 for RGB).",
+    "data.frames": "Video clip length in frames; 0 = images.",
+    "data.frame_stride": "Temporal stride between sampled video frames.",
+    "data.train_split": "TFDS split for training (slicing syntax allowed, e.g. train[:99%]).",
+    "data.eval_split": "TFDS split for evaluation.",
+    "data.image_key": "Feature holding the image or video.",
+    "data.label_key": "Feature holding the class label (probes, k-NN, zero-shot).",
+    "data.crop_scale": "Random-resized-crop area range (min, max) as a fraction of the image.",
+    "data.flip": "Random horizontal flips.",
+    "data.mean": "Per-channel mean subtracted from pixels in [0, 1].",
+    "data.std": "Per-channel standard deviation pixels are divided by.",
+    "data.num_threads": "Grain worker threads for decoding and augmentation.",
+    "data.prefetch": "Batches prepared ahead of the device.",
+    "data.tokenizer": "Tokenizer file: a WordPiece vocab.txt or a SentencePiece .model ('' = the vocabulary "
+                      "stored beside an embedded corpus).",
+    "data.seq_len": "Packed text length in tokens (MLM, MDLM) or caption length (FLIP).",
+    "data.text_key": "Feature holding the text.",
+    "model.patch_size": "ViT patch side in pixels.",
+    "model.tubelet": "Frames per video token (3D tubelets).",
+    "model.width": "Encoder width (embedding size).",
+    "model.depth": "Encoder blocks.",
+    "model.heads": "Attention heads (must divide width).",
+    "model.mlp_ratio": "MLP hidden size / width (encoder and decoder).",
+    "model.cls_token": "Prepend a learned cls token to image encoders.",
+    "model.dtype": "Compute dtype: float32, bfloat16 or float16 (parameters stay float32).",
+    "model.remat": "Rematerialisation policy of the scanned blocks: none, full, dots, dots_no_batch.",
+    "model.one_hot_gather": "Select kept tokens with a one-hot einsum instead of a gather (better when the "
+                            "length axis is sharded; FLIP's trick).",
+    "model.max_len": "Text position table size (must cover data.seq_len).",
+    "model.positions": "Text positions: learned (BERT) or rotary.",
+    "model.pre_norm": "Text blocks: pre-norm with a final LayerNorm (True) or BERT's post-norm (False).",
+    "model.qkv_bias": "Biases on the query/key/value projections of every block (BERT, timm ViT, MAE release).",
+    "model.norm_eps": "LayerNorm epsilon of every block (1e-6 MAE/timm, 1e-12 BERT and Hugging Face ViT).",
+    "decoder.width": "MAE decoder width.",
+    "decoder.depth": "MAE decoder blocks.",
+    "decoder.heads": "MAE decoder attention heads.",
+    "text_model.width": "FLIP text tower width.",
+    "text_model.depth": "FLIP text tower blocks.",
+    "text_model.heads": "FLIP text tower heads.",
+    "text_model.mlp_ratio": "FLIP text tower MLP ratio.",
+    "text_model.positions": "FLIP text tower positions: learned or rotary.",
+    "flip.embed_dim": "Joint image-text embedding size.",
+    "flip.init_temperature": "Initial softmax temperature of the contrastive loss (learned).",
+    "flip.max_logit_scale": "Clip of the learned logit scale (1 / temperature).",
+    "flip.text_mask_ratio": "Share of caption tokens dropped (FLIP's text masking; 0 = off).",
+    "mask.kind": "Masker: random, block, grid, tube, spatiotemporal, filtered_noise (images, video); token, "
+                 "word, span (text).",
+    "mask.ratio": "Share of tokens hidden (MLM: selected for prediction).",
+    "mask.cell": "Grid masking (SimMIM): cell side in patches.",
+    "mask.min_patches": "Block masking (BEiT): smallest block in patches.",
+    "mask.min_aspect": "Block masking: smallest aspect ratio (largest is its inverse).",
+    "mask.filter": "Filtered-noise masking (ColorMAE): white, low, high or band.",
+    "mask.low": "Filtered-noise masking: lower cut-off frequency (fraction of Nyquist).",
+    "mask.high": "Filtered-noise masking: upper cut-off frequency.",
+    "mask.schedule": "MLM masking-rate schedule over training: constant, linear, cosine (to final_ratio).",
+    "mask.final_ratio": "MLM masking rate at the end of a linear or cosine schedule.",
+    "mask.decoder_ratio": "VideoMAE V2 dual masking: share of tokens the decoder drops (0 = off).",
+    "mlm.replace": "BERT's 80/10/10 rule ([MASK] / random token / unchanged); False = always [MASK].",
+    "mlm.max_predictions": "Predicted positions per sequence (static; the sparse head's size).",
+    "mlm.sparse": "Run the output head only at the predicted positions (False: at every position).",
+    "mlm.span_p": "SpanBERT: geometric distribution parameter of span lengths in words.",
+    "mlm.span_max": "SpanBERT: longest span in words.",
+    "diffusion.schedule": "Masked diffusion alpha(t) schedule: loglinear or cosine.",
+    "diffusion.eps": "Smallest diffusion time sampled.",
+    "diffusion.antithetic": "Low-discrepancy (antithetic) sampling of t across the batch.",
+    "diffusion.sample_steps": "Denoising steps of `maskjax sample`.",
+    "loss.norm_pix": "MAE: standardise every target patch by its own mean and variance.",
+    "loss.target": "Reconstruction target: pixels or hog (MaskFeat).",
+    "loss.hog_cell": "HOG cell side in pixels.",
+    "loss.hog_bins": "HOG orientation bins.",
+    "hpm.enabled": "Hard-patch mining (MAE): a head predicts patch losses; part of the mask takes the hardest.",
+    "hpm.final_share": "Share of the mask chosen from the predicted-hardest patches at the end of training.",
+    "hpm.weight": "Weight of the loss-prediction term.",
+    "optim.base_lr": "Learning rate per base_batch examples: lr = base_lr * batch_size / base_batch.",
+    "optim.base_batch": "Batch size base_lr refers to (256 for MAE, 512 for SimMIM).",
+    "optim.b1": "AdamW beta1.",
+    "optim.b2": "AdamW beta2.",
+    "optim.weight_decay": "AdamW decoupled weight decay on matrices (kernels, embedding tables), not on biases, "
+                           "norms, cls/mask tokens or position tables.",
+    "optim.warmup_steps": "Linear warm-up steps.",
+    "optim.schedule": "Decay after warm-up: cosine, linear or constant.",
+    "optim.min_lr_ratio": "Final learning rate as a fraction of the peak.",
+    "optim.clip_norm": "Global gradient-norm clip; 0 = off.",
+    "optim.grad_accum": "Micro-batches per step (gradient accumulation inside the jitted step).",
+    "mesh.data": "Data-parallel axis size; -1 = the devices left over.",
+    "mesh.fsdp": "Fully-sharded (ZeRO-3) axis size: parameters and optimizer state sharded, batch too.",
+    "mesh.tensor": "Tensor-parallel axis size (heads and MLP hidden units).",
+    "mesh_dcn.data": "Part of mesh.data that crosses slices / nodes (multi-slice TPU, multi-node GPU).",
+    "mesh_dcn.fsdp": "Part of mesh.fsdp that crosses slices / nodes.",
+    "mesh_dcn.tensor": "Part of mesh.tensor that crosses slices / nodes.",
+    "checkpoint.every": "Steps between Orbax checkpoints (state + loader position).",
+    "checkpoint.keep": "Checkpoints kept.",
+    "checkpoint.async_save": "Write checkpoints in the background.",
+    "checkpoint.checksum": "Record SHA-256 of every checkpoint file; verify before restoring, fall back past damage.",
+    "faults.nonfinite": "A step with a non-finite loss, gradient or update: stop (save the last good state, "
+                        "exit 5) or skip (leave the state unchanged, count it).",
+    "faults.max_skipped_steps": "With nonfinite=skip: stop after this many skipped steps; 0 = never.",
+    "faults.bad_records": "An undecodable record: stop (error naming it) or skip (count it, keep the data order).",
+    "eval.probe": "Linear probe and k-NN on frozen features after training (image encoders).",
+    "eval.knn_k": "Neighbours of the k-NN classifier.",
+    "eval.num_images": "Reconstructions drawn into reconstructions.png.",
+    "eval.batch_size": "Evaluation batch size.",
+    "eval.max_batches": "Evaluation batches per split; 0 = the whole split.",
+    "eval.finetune_epochs": "End-to-end fine-tuning epochs with a linear head (MAE's main protocol); 0 = off.",
+    "eval.finetune_lr": "Fine-tuning peak learning rate (AdamW, warm-up + cosine).",
+    "eval.zero_shot": "FLIP: zero-shot classification of the eval split.",
+    "eval.prompts": "FLIP zero-shot prompt templates ('{}' = class name).",
+    "eval.class_names": "FLIP zero-shot class names ('' = the dataset's labels).",
+}
+
+IMAGENET_TRAIN = 1_281_167
+# The hyperparameters each paper states, as maskjax config keys (recipes name one with ``PAPER = "key"``).
+PAPERS = {
+    "mae": {
+        "title": "Masked Autoencoders Are Scalable Vision Learners (He et al. 2021), ViT-B/16, 800 epochs",
+        "official": "facebookresearch/mae (models_mae.py, main_pretrain.py)",
+        "values": {"batch_size": 4096, "total_steps": math.ceil(800 * IMAGENET_TRAIN / 4096),
+                   "optim.warmup_steps": math.ceil(40 * IMAGENET_TRAIN / 4096), "optim.base_lr": 1.5e-4,
+                   "optim.base_batch": 256, "optim.b1": 0.9, "optim.b2": 0.95, "optim.weight_decay": 0.05,
+                   "optim.schedule": "cosine", "data.image_size": 224, "data.crop_scale": (0.2, 1.0),
+                   "data.flip": True, "model.patch_size": 16, "model.width": 768, "model.depth": 12,
+                   "model.heads": 12, "model.qkv_bias": True, "model.cls_token": True, "mask.kind": "random",
+                   "mask.ratio": 0.75, "loss.norm_pix": True, "decoder.width": 512, "decoder.depth": 8,
+                   "decoder.heads": 16},
+    },
+    "simmim": {
+        "title": "SimMIM: a Simple Framework for Masked Image Modeling (Xie et al. 2022), ViT-B/16, 800 epochs",
+        "official": "microsoft/SimMIM (data/data_simmim.py, models/simmim.py)",
+        "values": {"batch_size": 2048, "optim.base_lr": 1e-4, "optim.base_batch": 512, "optim.b1": 0.9,
+                   "optim.b2": 0.999, "optim.weight_decay": 0.05, "optim.clip_norm": 5.0, "data.image_size": 224,
+                   "model.patch_size": 16, "model.width": 768, "model.depth": 12, "mask.kind": "grid",
+                   "mask.ratio": 0.6, "mask.cell": 2, "loss.target": "pixels"},
+    },
+    "bert": {
+        "title": "BERT: Pre-training of Deep Bidirectional Transformers (Devlin et al. 2018), BERT-base",
+        "official": "google-research/bert (create_pretraining_data.py, run_pretraining.py)",
+        "values": {"batch_size": 256, "total_steps": 1_000_000, "optim.base_lr": 1e-4, "optim.warmup_steps": 10_000,
+                   "optim.weight_decay": 0.01, "optim.b1": 0.9, "optim.b2": 0.999, "optim.schedule": "linear",
+                   "data.seq_len": 128, "model.width": 768, "model.depth": 12, "model.heads": 12,
+                   "model.max_len": 512, "model.positions": "learned", "model.pre_norm": False,
+                   "model.qkv_bias": True, "model.norm_eps": 1e-12, "mask.ratio": 0.15, "mlm.replace": True,
+                   "mlm.max_predictions": 20},
+    },
+    "mdlm": {
+        "title": "Simple and Effective Masked Diffusion Language Models (Sahoo et al. 2024), OpenWebText",
+        "official": "kuleshov-group/mdlm (diffusion.py, configs/)",
+        "values": {"batch_size": 512, "data.seq_len": 1024, "optim.base_lr": 3e-4, "optim.warmup_steps": 2500,
+                   "model.width": 768, "model.depth": 12, "model.heads": 12, "model.positions": "rotary",
+                   "diffusion.schedule": "loglinear", "diffusion.antithetic": True},
+    },
+    "flip": {
+        "title": "Scaling Language-Image Pre-training via Masking (Li et al. 2023), ViT-B/16 on LAION-400M",
+        "official": "facebookresearch/flip (models_flip.py, configs/)",
+        "values": {"batch_size": 32768, "optim.base_lr": 4e-6, "optim.base_batch": 256, "optim.b1": 0.9,
+                   "optim.b2": 0.95, "optim.weight_decay": 0.2, "data.image_size": 224, "model.patch_size": 16,
+                   "model.width": 768, "model.depth": 12, "mask.kind": "random", "mask.ratio": 0.5,
+                   "flip.text_mask_ratio": 0.0},
+    },
+    "videomae": {
+        "title": "VideoMAE: Masked Autoencoders are Data-Efficient Learners (Tong et al. 2022), ViT-B on K400",
+        "official": "MCG-NJU/VideoMAE (masking_generator.py, run_mae_pretraining.py)",
+        "values": {"data.frames": 16, "model.tubelet": 2, "model.patch_size": 16, "data.image_size": 224,
+                   "model.width": 768, "model.depth": 12, "mask.kind": "tube", "mask.ratio": 0.9,
+                   "decoder.width": 384, "decoder.depth": 4, "optim.base_lr": 1.5e-4, "optim.base_batch": 256,
+                   "optim.b1": 0.9, "optim.b2": 0.95, "loss.norm_pix": True},
+    },
+}
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _fmt(value) -> str:
+    if isinstance(value, str):
+        return f"`{value!r}`"
+    if isinstance(value, float):
+        return f"`{value:g}`"
+    if isinstance(value, list):
+        value = tuple(value)
+    return f"`{value!r}`"
+
+
+def config_page() -> str:
+    from maskjax.config import base_config
+
+    defaults = flatten(base_config().to_dict())
+    lines = ["# Config reference", "",
+             "Every field the trainer reads, with its default (`maskjax.config.base_config`). Config files start",
+             "from these and change fields; `--config.KEY=VALUE` overrides any of them on the command line.",
+             "Generated by `python -m maskjax.reference`; do not edit by hand.", ""]
+    group = None
+    for key in sorted(defaults, key=lambda k: ("." in k, k)):
+        head = key.split(".")[0] if "." in key else "top level"
+        if head != group:
+            group = head
+            lines += ["", f"## {group}", "", "| field | default | meaning |", "|---|---|---|"]
+        lines.append(f"| `{key}` | {_fmt(defaults[key])} | {FIELDS[key]} |")
+    return "\n".join(lines) + "\n"
+
+
+def _module(path: str):
+    spec = importlib.util.spec_from_file_location(f"maskjax_recipe_{os.path.basename(path)[:-3]}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def recipe_page(path: str) -> str:
+    module = _module(path)
+    name = os.path.basename(path)[:-3]
+    config = flatten(module.get_config().to_dict())
+    paper = PAPERS[module.PAPER]
+    doc = (module.__doc__ or "").strip()
+    lines = [f"# Recipe `configs/{name}.py`", "", f"**Follows:** {paper['title']}.  ",
+             f"**Official code:** {paper['official']}.", "", "```text", doc, "```", "",
+             "## Against the paper", "",
+             "The paper's hyperparameters (as maskjax config keys) next to this recipe's default variant;",
+             "**differs** marks each one the recipe changes.", "", "| field | paper | this recipe | |", "|---|---|---|---|"]
+    differs = 0
+    for key, value in paper["values"].items():
+        ours = config[key]
+        same = (math.isclose(ours, value, rel_tol=1e-9) if isinstance(value, float) and not isinstance(ours, str)
+                else tuple(ours) == tuple(value) if isinstance(value, tuple) else ours == value)
+        differs += not same
+        lines.append(f"| `{key}` | {_fmt(value)} | {_fmt(ours)} | {'' if same else '**differs**'} |")
+    lines += ["", f"{differs} of {len(paper['values'])} paper hyperparameters differ."]
+    return "\n".join(lines) + "\n"
+
+
+def pages() -> dict[str, str]:
+    """File name (under docs/reference) -> content."""
+    out = {"config.md": config_page()}
+    recipes = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
+    index = ["# Recipes", "", "One page per shipped config: the paper it follows and what differs from it.", "",
+             "| recipe | follows | differs |", "|---|---|---|"]
+    for path in recipes:
+        name = os.path.basename(path)[:-3]
+        page = recipe_page(path)
+        out[f"recipes/{name}.md"] = page
+        module = _module(path)
+        count = page.rsplit("\n", 2)[-2].split(" of ")[0]
+        index.append(f"| [{name}](recipes/{name}.md) | {PAPERS[module.PAPER]['title'].split(' (')[0]} | "
+                     f"{count} of {len(PAPERS[module.PAPER]['values'])} |")
+    out["recipes.md"] = "\n".join(index) + "\n"
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m maskjax.reference", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=OUT, help="output folder (default: docs/reference)")
+    args = parser.parse_args(argv)
+    for name, content in pages().items():
+        path = os.path.join(args.out, name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            f.write(content)
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
