@@ -455,6 +455,8 @@ def export(config, params: dict, fmt: str, out: str, arch: str | None = None, st
 def read(path: str) -> tuple[dict[str, np.ndarray], dict | None]:
     """(tensors under canonical Hugging Face names, the file's config.json or None) of a model
     directory (``model.safetensors``) or an ``.npz`` archive."""
+    if not os.path.exists(path):
+        raise InteropError(f"init_from {path!r} does not exist")
     if os.path.isdir(path):
         weights = os.path.join(path, "model.safetensors")
         if not os.path.isfile(weights):
@@ -525,11 +527,11 @@ def import_params(config, params: dict, path: str) -> tuple[dict, str]:
     """``params`` (host NumPy nested dict of a fresh run of ``config``) with every tensor ``path`` provides
     for it; returns (params, a one-line report). Errors name the tensor, the parameter or the config key."""
     tensors, info = read(path)
-    check_file_config(config, info, path)
     if config.objective in ("mlm", "mdlm"):
         check_exportable(config, "bert")
         if "bert.embeddings.word_embeddings.weight" not in tensors:
             raise InteropError(f"init_from {path!r} is not a BERT model (no bert.embeddings.word_embeddings.weight)")
+        check_file_config(config, info, path)  # after the architecture: a ViT file for a BERT run says so first
         tensors = dict(tensors)
         types = tensors.pop("bert.embeddings.token_type_embeddings.weight", None)
         if types is not None:  # maskjax feeds segment type 0 everywhere
@@ -542,6 +544,7 @@ def import_params(config, params: dict, path: str) -> tuple[dict, str]:
         if not prefixes:
             raise InteropError(f"init_from {path!r} is not a ViT / ViTMAE model "
                                "(no embeddings.patch_embeddings.projection.weight)")
+        check_file_config(config, info, path)
         found = groups(config, "import", prefixes[0])
         tables = position_tables(config, "import", prefixes[0])
         for name, table in tables.items():

@@ -71,23 +71,33 @@ def _to_torch_images(images):
     return torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
 
 
+def _exported(runs, name, *extra):
+    """(workdir, config, maskjax model of the run's newest checkpoint, export directory)."""
+    workdir, config = runs[name]
+    out = runs["root"] / f"{name}_hf{''.join(extra).replace('-', '_')}"
+    _export(workdir, out, *extra)
+    return workdir, config, _model(*_params(config, workdir)), out
+
+
+def _mae_predict(model, config, patches, seed):
+    """maskjax MAE predictions with the kept patches transformers picks for ``noise``: it keeps
+    argsort(noise)[:kept] and unshuffles with argsort(argsort(noise)). -> (noise, keep_idx, predictions)."""
+    batch, length = patches.shape[:2]
+    kept = int(length * (1 - config.mask.ratio))
+    noise = np.random.default_rng(seed).uniform(size=(batch, length)).astype(np.float32)
+    order = np.argsort(noise, axis=1)
+    keep_idx, restore_idx = order[:, :kept], np.argsort(order, axis=1)
+    return noise, keep_idx, model.decoder.pred(model.decoder(model.encoder(patches, keep_idx), restore_idx))
+
+
 def test_mae_export_matches_vitmae_and_vit(runs):
     from maskjax.models import vit
 
-    workdir, config = runs["mae"]
-    out = runs["root"] / "mae_hf"
-    _export(workdir, out)
-    setup, params = _params(config, workdir)
-    model = _model(setup, params)
+    workdir, config, model, out = _exported(runs, "mae")
     images = _images(config)
     patches = vit.patchify(images, config.model.patch_size)
     batch, length = patches.shape[:2]
-    kept = int(length * (1 - config.mask.ratio))
-    # HF keeps argsort(noise)[:kept] and unshuffles with argsort(argsort(noise)): give both the same order.
-    noise = np.random.default_rng(1).uniform(size=(batch, length)).astype(np.float32)
-    order = np.argsort(noise, axis=1)
-    keep_idx, restore_idx = order[:, :kept], np.argsort(order, axis=1)
-    ours = model.decoder.pred(model.decoder(model.encoder(patches, keep_idx), restore_idx))
+    noise, keep_idx, ours = _mae_predict(model, config, patches, seed=1)
 
     hf = transformers.ViTMAEForPreTraining.from_pretrained(str(out)).eval()
     with torch.no_grad():
@@ -108,11 +118,7 @@ def test_mae_export_matches_vitmae_and_vit(runs):
 def test_simmim_export_matches_vit_for_masked_image_modeling(runs):
     from maskjax.models import vit
 
-    workdir, config = runs["simmim"]
-    out = runs["root"] / "simmim_hf"
-    _export(workdir, out)
-    setup, params = _params(config, workdir)
-    model = _model(setup, params)
+    _, config, model, out = _exported(runs, "simmim")
     images = _images(config, seed=2)
     patches = vit.patchify(images, config.model.patch_size)
     hidden = np.random.default_rng(3).uniform(size=patches.shape[:2]) < 0.5
@@ -125,13 +131,9 @@ def test_simmim_export_matches_vit_for_masked_image_modeling(runs):
 
 
 def test_mlm_export_matches_bert_for_masked_lm(runs):
-    workdir, config = runs["mlm"]
-    out = runs["root"] / "mlm_hf"
-    _export(workdir, out)
+    _, config, model, out = _exported(runs, "mlm")
     assert os.path.isfile(out / "vocab.txt")
-    setup, params = _params(config, workdir)
-    model = _model(setup, params)
-    vocab = params["token_embed"].shape[0]
+    vocab = model.token_embed.shape[0]
     length = config.data.seq_len
     tokens = np.random.default_rng(4).integers(5, vocab, (2, length)).astype(np.int32)
     positions = np.broadcast_to(np.arange(length, dtype=np.int32), tokens.shape)
@@ -236,26 +238,33 @@ def _error(capsys, args):
 def test_mismatches_are_one_line_errors(runs, data_dir, capsys, tmp_path):
     from safetensors.numpy import save_file
 
-    mae_dir, _ = runs["mae"]
+    from maskjax import config as config_lib
+    from maskjax import export
+    from maskjax.config import ConfigError
+
+    mae_dir, mae_config = runs["mae"]
     out = runs["root"] / "mae_err"
     _export(mae_dir, out)
-    base = ["train", "--config", os.path.join(ROOT, "configs", "mae_digits.py:tiny"), "--no_eval",
-            f"--config.data.data_dir={data_dir}", "--config.model.qkv_bias=True", f"--config.init_from={out}"]
-    line = _error(capsys, base + ["--workdir", str(tmp_path / "a"), "--config.model.width=48"])
+    # Through the CLI: one error line naming the key and the file's value; nothing written.
+    line = _error(capsys, ["train", "--config", os.path.join(ROOT, "configs", "mae_digits.py:tiny"), "--no_eval",
+                           "--workdir", str(tmp_path / "a"), f"--config.data.data_dir={data_dir}",
+                           "--config.model.qkv_bias=True", f"--config.init_from={out}", "--config.model.width=48"])
     assert "model.width" in line and "hidden_size=32" in line
-    line = _error(capsys, base + ["--workdir", str(tmp_path / "b"), "--config.model.qkv_bias=False"])
-    assert "model.qkv_bias" in line
+    assert not os.path.exists(tmp_path / "a" / "checkpoints" / "1")
+    fresh = _fresh(mae_config)
+    with pytest.raises(ConfigError, match="model.qkv_bias"):
+        export.import_params(config_lib.override(load_config("mae_digits.py:tiny"), ["model.qkv_bias=False"]),
+                             _fresh(load_config("mae_digits.py:tiny", data_dir=data_dir)), str(out))
 
     # A file without config.json whose tensor has another shape: the tensor and the parameter are named.
-    from maskjax import export
-
     tensors = export.read(str(out))[0]
     tensors["vit.encoder.layer.1.intermediate.dense.weight"] = np.zeros((96, 32), np.float32)
     bad = tmp_path / "bad"
     bad.mkdir()
     save_file(tensors, str(bad / "model.safetensors"))
-    line = _error(capsys, base[:-1] + [f"--config.init_from={bad}", "--workdir", str(tmp_path / "c")])
-    assert "vit.encoder.layer.1.intermediate.dense.weight" in line and "encoder/blocks/blocks/mlp/fc1/kernel" in line
+    with pytest.raises(export.InteropError, match=r"vit.encoder.layer.1.intermediate.dense.weight.*"
+                                                  r"encoder/blocks/blocks/mlp/fc1/kernel"):
+        export.import_params(mae_config, fresh, str(bad))
 
     # A deeper file than the config: the extra layer is named, not silently dropped.
     del tensors["vit.encoder.layer.1.intermediate.dense.weight"]
@@ -263,24 +272,22 @@ def test_mismatches_are_one_line_errors(runs, data_dir, capsys, tmp_path):
         tensors[key.replace("layer.1.", "layer.2.")] = tensors[key]
     tensors["vit.encoder.layer.1.intermediate.dense.weight"] = tensors["vit.encoder.layer.0.intermediate.dense.weight"]
     save_file(tensors, str(bad / "model.safetensors"))
-    line = _error(capsys, base[:-1] + [f"--config.init_from={bad}", "--workdir", str(tmp_path / "d")])
-    assert "model.depth" in line and "vit.encoder.layer.2." in line
+    with pytest.raises(ConfigError, match=r"model.depth.*vit.encoder.layer.2."):
+        export.import_params(mae_config, fresh, str(bad))
 
-    # Unsupported architectures: a pre-norm text encoder as BERT, a video MAE, a text file as an image model.
-    from maskjax.config import ConfigError
-
-    mlm_dir, mlm_config = runs["mlm"]
+    # Unsupported architectures: a pre-norm text encoder as BERT, a video MAE, MAE weights as BERT.
     with pytest.raises(ConfigError, match="model.pre_norm"):
         export.check_exportable(load_config("mlm_text.py:tiny", "model.pre_norm=True"), "bert")
     with pytest.raises(ConfigError, match="data.frames"):
         export.check_exportable(load_config("videomae_digits.py:tiny"), "vit_mae")
     line = _error(capsys, ["export", "--workdir", str(mae_dir), "--out", str(tmp_path / "y"), "--arch", "bert"])
     assert "--arch bert" in line and "vit_mae" in line
-    mlm_out = runs["root"] / "mlm_err"
-    _export(mlm_dir, mlm_out)
-    line = _error(capsys, base[:-1] + [f"--config.init_from={mlm_out}", "--workdir", str(tmp_path / "e")])
-    assert "init_from" in line
-    assert not os.path.exists(tmp_path / "a" / "checkpoints" / "1")
+    mlm_dir, mlm_config = runs["mlm"]
+    _export(mlm_dir, tmp_path / "mlm")
+    with pytest.raises(export.InteropError, match="not a ViT"):
+        export.import_params(mae_config, fresh, str(tmp_path / "mlm"))
+    with pytest.raises(export.InteropError, match="not a BERT"):
+        export.import_params(mlm_config, _fresh(mlm_config), str(out))
 
 
 def test_config_json_describes_the_run(runs):
@@ -341,12 +348,7 @@ def test_models_saved_by_transformers_import_and_match(tmp_path, data_dir):
     model, report = _import_model(config, tmp_path / "vitmae")
     assert "freshly" not in report
     images = _images(config, seed=5)
-    patches = vit.patchify(images, config.model.patch_size)
-    batch, length = patches.shape[:2]
-    noise = np.random.default_rng(6).uniform(size=(batch, length)).astype(np.float32)
-    order = np.argsort(noise, axis=1)
-    kept = int(length * (1 - config.mask.ratio))
-    ours = model.decoder.pred(model.decoder(model.encoder(patches, order[:, :kept]), np.argsort(order, axis=1)))
+    noise, _, ours = _mae_predict(model, config, vit.patchify(images, config.model.patch_size), seed=6)
     with torch.no_grad():
         theirs = hf(pixel_values=_to_torch_images(images), noise=torch.from_numpy(noise)).logits.numpy()
     np.testing.assert_allclose(np.asarray(ours), theirs, atol=TOL, rtol=0)
