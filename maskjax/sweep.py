@@ -387,18 +387,7 @@ def report(workdir: str, stream=None) -> dict:
     stream = stream or sys.stdout
     rows = collect(workdir)
     done = [r for r in rows if r["status"] == "done" and "final_loss" in r]
-    fits = {}
-    frontier = compute_frontier(done)
-    for axis, key in AXES.items():
-        # Loss against compute is fitted on the compute-optimal frontier (the best loss each budget reached,
-        # as in the scaling-law papers) when it has 4 points; parameters and data on every finished point.
-        points = frontier if axis == "compute" and len(frontier) >= 4 else done
-        if len({r[key] for r in points}) >= 4:
-            try:
-                fits[axis] = {"x": key, "on": "frontier" if points is frontier else "all points",
-                              **fit_power_law([r[key] for r in points], [r["final_loss"] for r in points])}
-            except (SweepError, RuntimeError, ValueError) as err:
-                fits[axis] = {"x": key, "error": str(err)}
+    fits, frontier = loss_fits(done)
     out = {"workdir": os.path.abspath(workdir), "points": [{k: v for k, v in r.items() if k != "curve"} for r in rows],
            "fits": fits, "compute_optimal_frontier": [r["name"] for r in frontier],
            "failed": [r["name"] for r in rows if r["status"] == "failed"]}
@@ -408,6 +397,31 @@ def report(workdir: str, stream=None) -> dict:
     out["plots"] = plots(workdir, rows, fits, frontier)
     stream.write(format_report(out) + "\n")
     return out
+
+
+def loss_fits(done: list[dict]) -> tuple[dict, list[dict]]:
+    """Power-law fits of the final loss against compute, parameters and data, and the compute-optimal
+    frontier. Loss against compute is fitted on the frontier (the best loss each budget reached, as in
+    the scaling-law papers) when it has 4 points; parameters and data on every finished point. When the
+    points' losses measure different things (another objective or mask ratio: MAE's loss is over the
+    hidden patches, MLM's over the masked tokens) nothing is fitted and the reason is recorded."""
+    fits: dict = {}
+    differs = [key for key in ("objective", "mask_ratio") if len({r.get(key) for r in done}) > 1]
+    if differs:
+        reason = (f"the loss is not comparable across points ({', '.join(differs)} varies); compare the "
+                  "downstream metric instead")
+        return {axis: {"x": key, "error": reason} for axis, key in AXES.items()
+                if len({r[key] for r in done}) >= 4}, []
+    frontier = compute_frontier(done)
+    for axis, key in AXES.items():
+        points = frontier if axis == "compute" and len(frontier) >= 4 else done
+        if len({r[key] for r in points}) >= 4:
+            try:
+                fits[axis] = {"x": key, "on": "frontier" if points is frontier else "all points",
+                              **fit_power_law([r[key] for r in points], [r["final_loss"] for r in points])}
+            except (SweepError, RuntimeError, ValueError) as err:
+                fits[axis] = {"x": key, "error": str(err)}
+    return fits, frontier
 
 
 def compute_frontier(rows: list[dict]) -> list[dict]:

@@ -103,3 +103,15 @@ def test_run_resumes_records_failures_and_reports(data_dir, tmp_path):
     for name in ("report.json", "report.csv", "loss_vs_compute.png", "loss_curves.png"):
         assert (workdir / name).stat().st_size > 0
     assert "failed" in (workdir / "report.csv").read_text()
+
+
+def test_no_loss_fit_across_mask_ratios():
+    """MAE's loss is over the hidden patches: across mask ratios it measures different things, so the
+    report fits nothing and says why; at one ratio the same points are fitted."""
+    rows = [{"name": f"{i:03d}", "objective": "mae", "mask_ratio": ratio, "train_flops": 1e12 * (i + 1),
+             "non_embedding_parameters": 1000, "examples_seen": 1000, "final_loss": 1.0 / (i + 1) ** 0.3 + 0.1}
+            for i, ratio in enumerate([0.25, 0.5, 0.75, 0.9])]
+    fits, frontier = sweep.loss_fits(rows)
+    assert frontier == [] and "mask_ratio varies" in fits["compute"]["error"]
+    fits, frontier = sweep.loss_fits([dict(r, mask_ratio=0.75) for r in rows])
+    assert len(frontier) == 4 and abs(fits["compute"]["b"] - 0.3) < 0.05
