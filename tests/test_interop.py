@@ -373,3 +373,25 @@ def test_models_saved_by_transformers_import_and_match(tmp_path, data_dir):
     with torch.no_grad():
         theirs = bert(input_ids=torch.from_numpy(tokens.astype(np.int64))).logits.numpy()
     np.testing.assert_allclose(np.asarray(ours), theirs, atol=TOL, rtol=0)
+
+
+def test_flip_image_tower_exports_as_vit_model(tmp_path, data_dir):
+    """FLIP's image tower (under ``image``) as a ViTModel, from freshly initialised parameters."""
+    import jax.numpy as jnp
+
+    from maskjax import export, train
+    from maskjax.models import vit
+
+    config = load_config("flip_digits.py:tiny", data_dir=data_dir)
+    setup = train.build(config)
+    params = train.host_params(setup.init_fn()["params"])
+    params["image"]["patch_embed"]["bias"] = params["image"]["patch_embed"]["bias"] + 0.1  # not all zero, so a misplaced bias would show
+    export.export(config, params, "hf", str(tmp_path / "flip"))
+    info = json.loads((tmp_path / "flip" / "config.json").read_text())
+    assert info["architectures"] == ["ViTModel"]
+    images = _images(config, seed=8)
+    ours = _model(setup, params).image(vit.patchify(jnp.asarray(images), config.model.patch_size))
+    hf = transformers.ViTModel.from_pretrained(str(tmp_path / "flip"), add_pooling_layer=False).eval()
+    with torch.no_grad():
+        theirs = hf(pixel_values=_to_torch_images(images)).last_hidden_state.numpy()
+    np.testing.assert_allclose(theirs, np.asarray(ours), atol=TOL, rtol=0)
