@@ -438,7 +438,11 @@ def export(config, params: dict, fmt: str, out: str, arch: str | None = None, st
     os.makedirs(out, exist_ok=True)
     hf = hf_config(config, arch, vocab.vocab_size if vocab else 0, vocab.pad_id if vocab else 0)
     hf["maskjax_step"] = step
-    save_file(tensors, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
+    weights = os.path.join(out, "model.safetensors")
+    save_file(tensors, weights, metadata={"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(weights, 0o666 & ~umask)  # safetensors creates the file private; readable like config.json
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(hf, f, indent=2, sort_keys=True)
     if vocab is not None and vocab.path.endswith(".txt"):  # BertTokenizer reads vocab.txt from the same folder
