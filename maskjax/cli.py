@@ -50,10 +50,12 @@ def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="maskjax", description="Masked pretraining in JAX/Flax.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    def common(p, config_required: bool):
+    def common(p, config_required: bool, step: bool = False):
         p.add_argument("--config", required=config_required,
                        help="config file and optional variant: path/to/file.py[:variant]")
         p.add_argument("--workdir", required=True, help="run directory: checkpoints, metrics, plots")
+        if step:  # commands that read a checkpoint of the run
+            p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
         p.add_argument("--debug", action="store_true", help="show tracebacks")
         multi_process_flags(p)
 
@@ -65,11 +67,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="leave after this step with a checkpoint; the schedule still spans total_steps "
                             "(e.g. the end of BERT's sequence-length-128 phase)")
     ev = sub.add_parser("eval", help="linear probe and k-NN of a run's newest checkpoint -> eval.json")
-    common(ev, False)
-    ev.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
+    common(ev, False, step=True)
     sample = sub.add_parser("sample", help="generate text from a masked diffusion run by iterative unmasking")
-    common(sample, False)
-    sample.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
+    common(sample, False, step=True)
     sample.add_argument("--steps", type=int, default=None, help="denoising steps (default: diffusion.sample_steps)")
     sample.add_argument("--num", type=int, default=4, help="number of sequences")
     sample.add_argument("--seed", type=int, default=0)
@@ -105,12 +105,11 @@ def _parser() -> argparse.ArgumentParser:
         epilog="Architectures: vit_mae (ViTMAEForPreTraining, MAE), vit_mim (ViTForMaskedImageModeling, SimMIM), "
                "vit (ViTModel: any image encoder, FLIP's image tower), bert (BertForMaskedLM: post-norm MLM / MDLM). "
                "Start a run from such weights with --config.init_from=PATH.")
-    common(export, False)
+    common(export, False, step=True)
     export.add_argument("--format", default="hf", choices=("hf", "npz"), help="hf: config.json + model.safetensors; "
                         "npz: one .npz file")
     export.add_argument("--out", required=True, help="output directory (hf) or .npz file")
     export.add_argument("--arch", default=None, help="target architecture (default: the objective's own)")
-    export.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
     sweep = sub.add_parser(
         "sweep", help="scaling studies: train every point of a sweep file (resumable), print launch commands "
                       "for a cluster (--emit), or collect, fit and plot a sweep (--report DIR)",

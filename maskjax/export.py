@@ -35,6 +35,7 @@ from typing import Any, Callable
 import numpy as np
 
 from maskjax.config import ConfigError
+from maskjax.models import layers
 
 FORMATS = ("hf", "npz")
 ARCHS = {  # --arch -> transformers class
@@ -180,10 +181,6 @@ def bert_rules(qkv_bias: bool) -> list[Rule]:
 
 # ----------------------------------------------------------------------------------- architectures
 
-def _qkv_bias(config) -> bool:
-    return bool(config.model.get("qkv_bias", False))
-
-
 def check_exportable(config, arch: str) -> None:
     """Raises :class:`InteropError` naming the config key when ``arch`` cannot represent this run."""
     objective = config.objective
@@ -216,7 +213,7 @@ def check_exportable(config, arch: str) -> None:
 def groups(config, arch: str, encoder_prefix: str | None = None) -> list[Group]:
     """The rule groups of ``arch`` for a run of ``config`` (the encoder's file prefix may be overridden
     for imports: a ``ViTModel`` file has no 'vit.' prefix)."""
-    bias = _qkv_bias(config)
+    bias = layers.block_options(config)["qkv_bias"]
     if arch == "bert":
         return [Group("text encoder", bert_rules(bias))]
     prefix = encoder_prefix if encoder_prefix is not None else ("" if arch == "vit" else "vit.")
@@ -255,17 +252,17 @@ def position_tables(config, arch: str, prefix: str = "vit.") -> dict[str, np.nda
 
 def hf_config(config, arch: str, vocab_size: int = 0, pad_id: int = 0) -> dict:
     """The transformers ``config.json`` describing this run's model (no dropout: maskjax trains without)."""
-    m = config.model
+    m, block = config.model, layers.block_options(config)
     common = dict(hidden_size=m.width, num_hidden_layers=m.depth, num_attention_heads=m.heads,
                   intermediate_size=int(m.width * m.mlp_ratio), hidden_act="gelu", hidden_dropout_prob=0.0,
-                  attention_probs_dropout_prob=0.0, initializer_range=0.02, layer_norm_eps=m.get("norm_eps", 1e-6),
+                  attention_probs_dropout_prob=0.0, initializer_range=0.02, layer_norm_eps=block["norm_eps"],
                   architectures=[ARCHS[arch]], maskjax_objective=config.objective)
     if arch == "bert":
         return dict(common, model_type="bert", vocab_size=vocab_size, max_position_embeddings=m.max_len,
                     type_vocab_size=2, pad_token_id=pad_id, position_embedding_type="absolute",
                     tie_word_embeddings=True)
     vision = dict(common, image_size=config.data.image_size, patch_size=m.patch_size,
-                  num_channels=config.data.channels, qkv_bias=_qkv_bias(config))
+                  num_channels=config.data.channels, qkv_bias=block["qkv_bias"])
     if arch == "vit_mae":
         dec = config.decoder
         mask_ratio = config.mask.get("ratio", 0.75)
@@ -447,9 +444,8 @@ def export(config, params: dict, fmt: str, out: str, arch: str | None = None, st
         json.dump(hf, f, indent=2, sort_keys=True)
     if vocab is not None and vocab.path.endswith(".txt"):  # BertTokenizer reads vocab.txt from the same folder
         shutil.copyfile(vocab.path, os.path.join(out, "vocab.txt"))
-        lower = not any(p[:1].isupper() for p in vocab.pieces if not p.startswith("["))
         with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
-            json.dump({"tokenizer_class": "BertTokenizer", "do_lower_case": lower,
+            json.dump({"tokenizer_class": "BertTokenizer", "do_lower_case": vocab.lowercase,
                        "model_max_length": config.model.max_len}, f, indent=2)
     return {"out": out, "format": fmt, "arch": arch, "tensors": len(tensors), "step": step}
 
@@ -492,17 +488,17 @@ def read(path: str) -> tuple[dict[str, np.ndarray], dict | None]:
 
 # (file config key, maskjax key, value of the run) pairs checked on import
 def _expected(config, info: dict) -> list[tuple[str, str, Any]]:
-    m = config.model
+    m, block = config.model, layers.block_options(config)
     pairs = [("hidden_size", "model.width", m.width), ("num_hidden_layers", "model.depth", m.depth),
              ("num_attention_heads", "model.heads", m.heads),
              ("intermediate_size", "model.mlp_ratio", int(m.width * m.mlp_ratio)),
-             ("layer_norm_eps", "model.norm_eps", m.get("norm_eps", 1e-6))]
+             ("layer_norm_eps", "model.norm_eps", block["norm_eps"])]
     if info.get("model_type") == "bert":
         pairs.append(("max_position_embeddings", "model.max_len", m.max_len))
     else:
         pairs += [("patch_size", "model.patch_size", m.patch_size), ("image_size", "data.image_size",
                   config.data.image_size), ("num_channels", "data.channels", config.data.channels),
-                  ("qkv_bias", "model.qkv_bias", _qkv_bias(config))]
+                  ("qkv_bias", "model.qkv_bias", block["qkv_bias"])]
         if info.get("model_type") == "vit_mae" and config.objective == "mae":
             d = config.decoder
             pairs += [("decoder_hidden_size", "decoder.width", d.width), ("decoder_num_hidden_layers", "decoder.depth",
@@ -541,7 +537,7 @@ def import_params(config, params: dict, path: str) -> tuple[dict, str]:
         if types is not None:  # maskjax feeds segment type 0 everywhere
             tensors["bert.embeddings.position_embeddings.weight"] = \
                 tensors["bert.embeddings.position_embeddings.weight"] + types[0]
-        found = groups(config, "bert")
+        found, tables = groups(config, "bert"), {}
     elif config.objective in ENCODER_PATH:
         check_exportable(config, "vit")
         prefixes = [p for p in ("vit.", "") if f"{p}embeddings.patch_embeddings.projection.weight" in tensors]
@@ -580,9 +576,9 @@ def import_params(config, params: dict, path: str) -> tuple[dict, str]:
                     raise InteropError(f"init_from {path!r} has no tensor {name!r} (for maskjax parameter "
                                        f"{rule.path}{'' if i is None else f' layer {i}'})")
             shape = current.shape if "{i}" not in rule.name else current.shape[1:]
+            want = LAYOUTS[rule.layout][0](np.zeros(shape, np.float32), ctx).shape
             values = []
             for name, i in expanded:
-                want = LAYOUTS[rule.layout][0](np.zeros(shape, np.float32), ctx).shape
                 if tensors[name].shape != want:
                     raise InteropError(f"init_from {path!r}: tensor {name!r} has shape {tuple(tensors[name].shape)}, "
                                        f"maskjax parameter {rule.path} needs {tuple(want)}")
@@ -591,8 +587,7 @@ def import_params(config, params: dict, path: str) -> tuple[dict, str]:
             _set(params, rule.path, (np.stack(values) if "{i}" in rule.name else values[0]).astype(current.dtype))
     # Tensors left over: a layer beyond the run's depth is an error, anything else (a pooler, a tied
     # output matrix, another objective's head) is named in the report.
-    ignored = sorted(set(tensors) - used - set(position_tables(config, "import", "vit.") if config.objective in
-                                               ENCODER_PATH else ()) - {"embeddings.position_embeddings"})
+    ignored = sorted(set(tensors) - used - set(tables))
     for name in ignored:
         if any(name.startswith(stack) for stack in stacks):
             raise ConfigError("model.depth" if "decoder" not in name else "decoder.depth",

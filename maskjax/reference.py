@@ -246,7 +246,8 @@ def _module(path: str):
     return module
 
 
-def recipe_page(path: str) -> str:
+def recipe_page(path: str) -> tuple[str, dict, int]:
+    """(the page of the recipe at ``path``, the paper it follows, how many of the paper's values it changes)."""
     module = _module(path)
     name = os.path.basename(path)[:-3]
     config = flatten(module.get_config().to_dict())
@@ -265,23 +266,19 @@ def recipe_page(path: str) -> str:
         differs += not same
         lines.append(f"| `{key}` | {_fmt(value)} | {_fmt(ours)} | {'' if same else '**differs**'} |")
     lines += ["", f"{differs} of {len(paper['values'])} paper hyperparameters differ."]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n", paper, differs
 
 
 def pages() -> dict[str, str]:
     """File name (under docs/reference) -> content."""
     out = {"config.md": config_page()}
-    recipes = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
     index = ["# Recipes", "", "One page per shipped config: the paper it follows and what differs from it.", "",
              "| recipe | follows | differs |", "|---|---|---|"]
-    for path in recipes:
+    for path in sorted(glob.glob(os.path.join(ROOT, "configs", "*.py"))):
         name = os.path.basename(path)[:-3]
-        page = recipe_page(path)
-        out[f"recipes/{name}.md"] = page
-        module = _module(path)
-        count = page.rsplit("\n", 2)[-2].split(" of ")[0]
-        index.append(f"| [{name}](recipes/{name}.md) | {PAPERS[module.PAPER]['title'].split(' (')[0]} | "
-                     f"{count} of {len(PAPERS[module.PAPER]['values'])} |")
+        out[f"recipes/{name}.md"], paper, differs = recipe_page(path)
+        index.append(f"| [{name}](recipes/{name}.md) | {paper['title'].split(' (')[0]} | "
+                     f"{differs} of {len(paper['values'])} |")
     out["recipes.md"] = "\n".join(index) + "\n"
     return out
 

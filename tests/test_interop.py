@@ -178,7 +178,7 @@ def test_import_then_export_gives_back_the_same_tensors(runs, name, fmt, arch):
     params, report = export.import_params(config, _fresh(config), str(first))
     assert ("freshly initialised: MAE decoder" in report) == (arch == "vit")
     trained = _params(config, workdir)[1]
-    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax_leaves(trained)):
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(trained)):
         if arch != "vit" or "encoder" in jax.tree_util.keystr(path):
             np.testing.assert_array_equal(a, b)
     again = runs["root"] / (f"{stem}_again.npz" if fmt == "npz" else f"{stem}_again")
@@ -187,12 +187,6 @@ def test_import_then_export_gives_back_the_same_tensors(runs, name, fmt, arch):
     assert sorted(a) == sorted(b)
     for key in a:
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
-
-
-def jax_leaves(tree):
-    import jax
-
-    return jax.tree.leaves(tree)
 
 
 def test_timm_names_follow_the_mae_release(runs):

@@ -32,12 +32,14 @@ class Tokenizer:
 
     Attributes: ``vocab_size``, ``pad_id``, ``unk_id``, ``cls_id``, ``sep_id``, ``mask_id``,
     ``special_ids`` (ids never masked by MLM), ``word_start`` (bool [vocab]: the entry begins a
-    word; special tokens count as words of their own), ``path``.
+    word; special tokens count as words of their own), ``path``, ``lowercase`` (a WordPiece
+    vocabulary without upper-case pieces: text is lower-cased before splitting).
     """
 
     def __init__(self, path: str, pieces: Sequence[str], ids: dict[str, int], word_start: np.ndarray, backend):
         self.path, self.pieces, self._backend = path, list(pieces), backend
         self.vocab_size = len(self.pieces)
+        self.lowercase = getattr(backend, "lowercase", False)
         self.pad_id, self.unk_id = ids["pad"], ids["unk"]
         self.cls_id, self.sep_id, self.mask_id = ids["cls"], ids["sep"], ids["mask"]
         self.special_ids = sorted({self.pad_id, self.cls_id, self.sep_id, self.mask_id})
@@ -75,6 +77,7 @@ class _WordPiece:
         from tokenizers import Tokenizer as HFTokenizer
         from tokenizers import decoders, models, normalizers, pre_tokenizers
 
+        self.lowercase = lowercase
         unk = "[UNK]" if "[UNK]" in vocab else "<unk>"
         self.tok = HFTokenizer(models.WordPiece(vocab, unk_token=unk, max_input_chars_per_word=100))
         self.tok.normalizer = normalizers.BertNormalizer(clean_text=True, lowercase=lowercase, strip_accents=None)
