@@ -205,7 +205,7 @@ def test_timm_names_follow_the_mae_release(runs):
 
 def test_training_starts_from_an_export(runs, data_dir, capsys):
     """init_from: a SimMIM run starting from the MAE export keeps the encoder, freshly initialises its head."""
-    from maskjax import cli, export
+    from maskjax import cli
 
     mae_dir, mae_config = runs["mae"]
     out = runs["root"] / "mae_init"
@@ -213,15 +213,17 @@ def test_training_starts_from_an_export(runs, data_dir, capsys):
     workdir = runs["root"] / "from_mae"
     args = ["train", "--config", os.path.join(ROOT, "configs", "simmim_digits.py:tiny"), "--workdir", str(workdir),
             "--no_eval", f"--config.data.data_dir={data_dir}", "--config.model.qkv_bias=True",
-            f"--config.init_from={out}", "--config.total_steps=1", "--config.optim.warmup_steps=0"]
+            f"--config.init_from={out}", "--config.total_steps=1", "--config.optim.warmup_steps=0", "--config.seed=1"]
     assert cli.main(args) == 0
     err = capsys.readouterr().err
     assert "initialised" in err and "SimMIM mask token and head" in err and "ignored" in err
-    config = load_config("simmim_digits.py:tiny", "model.qkv_bias=True", data_dir=data_dir)
-    # the encoder after one step is close to the MAE encoder (lr warm-up 0 on step 0: the cosine starts at lr)
-    start, _ = export.import_params(config, _fresh(config), str(out))
-    encoder = _params(load_config("mae_digits.py:tiny", "model.qkv_bias=True", data_dir=data_dir), mae_dir)[1]["encoder"]
-    np.testing.assert_array_equal(start["encoder"]["cls"], encoder["cls"])
+    # The run's checkpoint after one step: its encoder is the MAE encoder moved by one AdamW step (about the
+    # learning rate per weight), far closer to it than the run's own initialisation (seed 1) is.
+    config = load_config("simmim_digits.py:tiny", "model.qkv_bias=True", "seed=1", data_dir=data_dir)
+    trained = _params(config, workdir)[1]["encoder"]
+    mae = _params(mae_config, mae_dir)[1]["encoder"]
+    distance = lambda a, b: max(float(np.max(np.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    assert distance(trained, mae) < 0.1 * distance(_fresh(config)["encoder"], mae)
 
 
 def _error(capsys, args):
