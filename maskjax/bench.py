@@ -25,6 +25,7 @@ import numpy as np
 
 from maskjax import aot, config as config_lib, distributed, train
 from maskjax import data as data_lib
+from maskjax.models import layers
 
 # Dense peak FLOP/s per JAX device: (bfloat16, float32). TPU v2/v3 devices are single cores; v4 and
 # later are chips. GPU float32 is the TF32 tensor-core rate that JAX's default matmul precision uses.
@@ -104,6 +105,13 @@ def tokens_per_example(objective) -> int:
     return int(objective.seq_len)
 
 
+def attention_kernel(config) -> str:
+    """The attention implementation ('xla' or 'cudnn') the encoder's blocks run with (on this backend)."""
+    m = config.model
+    return layers.attention_implementation(m.get("attention", "auto"), layers.compute_dtype(m.dtype),
+                                           m.width // m.heads)
+
+
 def peak_memory(setup) -> int | None:
     """Largest ``peak_bytes_in_use`` over this process's devices (None where the backend keeps none)."""
     values = []
@@ -162,7 +170,8 @@ def run(config, steps: int, warmup: int, data: str = "real", progress: bool = Tr
     return {
         "objective": config.objective, "batch_size": batch, "mask_ratio": float(config.mask.ratio),
         "devices": devices, "device_kind": setup.mesh.devices.flat[0].device_kind, "mesh": dict(setup.mesh.shape),
-        "dtype": config.model.dtype, "data": data, "steps": steps, "warmup": warmup,
+        "dtype": config.model.dtype, "attention": attention_kernel(config), "data": data, "steps": steps,
+        "warmup": warmup,
         "compile_seconds": lower_s + compile_s, "lower_seconds": lower_s,
         "step_seconds_median": median, "step_seconds_min": best,
         "examples_per_second": batch / median, "examples_per_second_per_device": batch / median / devices,
@@ -233,7 +242,7 @@ def format_row(row: dict, keys: list[str]) -> str:
 
 def report(rows: list[dict], keys: list[str]) -> str:
     first = rows[0]
-    lines = [f"{first['objective']} on {first['devices']} x {first['device_kind']} ({first['dtype']}, {first['data']} "
+    lines = [f"{first['objective']} on {first['devices']} x {first['device_kind']} ({first['dtype']}, {first['attention']} attention, {first['data']} "
              f"data, {first['steps']} timed steps after {first['warmup']} warm-up); peak "
              f"{first['peak_tflops_per_device'] or 0:.3f} TFLOP/s per device ({first['peak_source']})",
              header(keys)]

@@ -48,6 +48,8 @@ def base_config() -> ml_collections.ConfigDict:
         max_len=512, positions="learned", pre_norm=True,
         # every transformer block (encoders, MAE decoder, FLIP text tower): biases on q/k/v, LayerNorm epsilon
         qkv_bias=False, norm_eps=1e-6,
+        # attention kernel: 'auto' (cuDNN flash attention on a CUDA GPU in bf16/fp16, else XLA), 'xla', 'cudnn'
+        attention="auto",
     )
     c.decoder = dict(width=64, depth=2, heads=4)
     # FLIP: the text tower (dtype and remat follow model.*; its position table covers data.seq_len)
@@ -245,6 +247,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
                 raise ConfigError(f"faults.{key}", f"must be one of {allowed}, got {faults.get(key)!r}")
         if not isinstance(faults.max_skipped_steps, int) or faults.max_skipped_steps < 0:
             raise ConfigError("faults.max_skipped_steps", f"must be an int >= 0, got {faults.max_skipped_steps!r}")
+    if config.model.get("attention", "auto") not in ("auto", "xla", "cudnn"):
+        raise ConfigError("model.attention", f"must be auto, xla or cudnn, got {config.model.attention!r}")
     eps = config.model.get("norm_eps", 1e-6)
     if not (isinstance(eps, float) and eps > 0):
         raise ConfigError("model.norm_eps", f"must be a positive float, got {eps!r}")

@@ -64,6 +64,8 @@ FIELDS = {
     "model.positions": "Text positions: learned (BERT) or rotary.",
     "model.pre_norm": "Text blocks: pre-norm with a final LayerNorm (True) or BERT's post-norm (False).",
     "model.qkv_bias": "Biases on the query/key/value projections of every block (BERT, timm ViT, MAE release).",
+    "model.attention": "Attention kernel: auto (cuDNN flash attention on a CUDA GPU in bfloat16/float16 where "
+                       "the head size allows, else XLA), xla, or cudnn (an error where it cannot run).",
     "model.norm_eps": "LayerNorm epsilon of every block (1e-6 MAE/timm, 1e-12 BERT and Hugging Face ViT).",
     "decoder.width": "MAE decoder width.",
     "decoder.depth": "MAE decoder blocks.",

@@ -63,6 +63,7 @@ def test_bench_mae_digits_writes_every_field(data_dir, tmp_path, capsys):
     assert row["examples_per_second"] == pytest.approx(128 / row["step_seconds_median"])
     assert row["tokens_per_second"] == pytest.approx(row["examples_per_second"] * 16)  # 16x16 image, patch 4
     assert 0 < row["data_wait_fraction"] < 1 and row["data"] == "real"
+    assert row["attention"] == "xla" and "xla attention" in text  # 'auto' on CPU
     assert row["peak_source"] == "measured float32 matmul on these devices" and row["mfu"] > 0
     assert row["mfu"] == pytest.approx(row["achieved_tflops_per_device"] / row["peak_tflops_per_device"])
     assert row["peak_memory_bytes"] is None  # XLA:CPU keeps no allocator statistics

@@ -47,6 +47,8 @@ def test_overrides_are_typed():
     (["optim.warmup_steps=99999"], "optim.warmup_steps"),
     (["model.dtype=float8"], "model.dtype"),
     (["mask.kind=stripes"], "mask"),
+    (["model.attention=flash"], "model.attention"),
+    (["model.attention=cudnn"], "model.attention"),  # no CUDA GPU here
 ])
 def test_errors_name_the_key(overrides, key):
     with pytest.raises(config_lib.ConfigError) as err:

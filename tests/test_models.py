@@ -120,7 +120,42 @@ def test_scan_keeps_compile_time_flat_in_depth():
     (lambda: layers.Attention(30, 4, rngs=nnx.Rngs(0)), "heads=4"),
     (lambda: layers.compute_dtype("float8"), "dtype='float8'"),
     (lambda: encoder(remat="some"), "remat='some'"),
+    (lambda: layers.Attention(32, 4, rngs=nnx.Rngs(0), attention="flash"), "attention='flash'"),
 ])
 def test_bad_model_arguments(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+@pytest.mark.parametrize("mode,dtype,head_dim,length,masked,platform,expected", [
+    ("auto", jnp.bfloat16, 64, 197, False, "cpu", "xla"),
+    ("auto", jnp.bfloat16, 64, 197, False, "gpu", "cudnn"),
+    ("auto", jnp.float16, 128, 512, True, "gpu", "cudnn"),
+    ("auto", jnp.float32, 64, 197, False, "gpu", "xla"),      # cuDNN flash attention is half precision only
+    ("auto", jnp.bfloat16, 20, 197, False, "gpu", "xla"),     # head size not a multiple of 8
+    ("auto", jnp.bfloat16, 64, 197, True, "gpu", "xla"),      # masked (packed) with an odd length
+    ("xla", jnp.bfloat16, 64, 512, False, "gpu", "xla"),
+    ("cudnn", jnp.bfloat16, 64, 512, False, "gpu", "cudnn"),
+    ("cudnn", jnp.bfloat16, 64, 512, False, "cpu", "needs a CUDA GPU"),
+    ("cudnn", jnp.float32, 64, 512, False, "gpu", "needs model.dtype bfloat16 or float16"),
+])
+def test_attention_implementation_choice(mode, dtype, head_dim, length, masked, platform, expected):
+    if expected in ("xla", "cudnn"):
+        assert layers.attention_implementation(mode, dtype, head_dim, length, masked, platform) == expected
+    else:
+        with pytest.raises(ValueError, match=expected):
+            layers.attention_implementation(mode, dtype, head_dim, length, masked, platform)
+
+
+def test_attention_option_reaches_every_block_and_xla_matches_auto_on_cpu():
+    from maskjax import config as config_lib, objectives
+    config = config_lib.override(config_lib.load("configs/mae_digits.py"), ["model.attention=xla"])
+    model = objectives.get(config).build(nnx.Rngs(0))
+    assert model.encoder.blocks.blocks.attn.attention == "xla"
+    assert model.decoder.blocks.blocks.attn.attention == "xla"
+    x = jax.random.normal(jax.random.key(1), (2, 7, 32))
+    auto = layers.Attention(32, 4, rngs=nnx.Rngs(0))
+    xla = layers.Attention(32, 4, rngs=nnx.Rngs(0), attention="xla")
+    np.testing.assert_array_equal(auto(x), xla(x))  # 'auto' is XLA on CPU
+    with pytest.raises(ValueError, match="attention='cudnn' needs a CUDA GPU"):
+        layers.Attention(32, 4, rngs=nnx.Rngs(0), attention="cudnn")(x)

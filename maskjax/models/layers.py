@@ -1,7 +1,8 @@
 """Transformer building blocks (Flax NNX) with logical axis names on every parameter.
 
 Parameters are float32; each layer casts them and its input to the compute ``dtype`` at call time.
-Attention goes through ``jax.nn.dot_product_attention`` so that cuDNN flash attention is used on GPU.
+Attention goes through ``jax.nn.dot_product_attention``: XLA's implementation, or cuDNN's fused flash
+attention on a CUDA GPU in bfloat16/float16 (``model.attention``, see :func:`attention_implementation`).
 Blocks are stacked with ``nnx.vmap`` at construction and run with ``nnx.scan``, so compile time does
 not grow with depth.
 """
@@ -40,9 +41,48 @@ zeros = nnx.initializers.zeros
 ones = nnx.initializers.ones
 
 
+ATTENTION = ("auto", "xla", "cudnn")
+
+
 def block_options(config) -> dict:
-    """``qkv_bias`` and ``norm_eps`` of ``config.model`` (defaults for configs written before they existed)."""
-    return {"qkv_bias": config.model.get("qkv_bias", False), "norm_eps": config.model.get("norm_eps", 1e-6)}
+    """``qkv_bias``, ``norm_eps`` and ``attention`` of ``config.model`` (defaults for configs written
+    before they existed)."""
+    m = config.model
+    return {"qkv_bias": m.get("qkv_bias", False), "norm_eps": m.get("norm_eps", 1e-6),
+            "attention": m.get("attention", "auto")}
+
+
+def cudnn_unsupported(dtype, head_dim: int, length: int | None = None, masked: bool = False,
+                      platform: str | None = None) -> str | None:
+    """Why cuDNN flash attention cannot run this attention (None when it can): it needs a CUDA GPU,
+    float16/bfloat16, a head dimension that is a multiple of 8 and at most 128 (256 on Hopper and
+    later; 128 is the bound checked here) and, with a mask (packed text), even sequence lengths."""
+    platform = platform or jax.default_backend()
+    if platform not in ("gpu", "cuda"):
+        return f"needs a CUDA GPU (this run is on {platform})"
+    if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        return f"needs model.dtype bfloat16 or float16 (got {jnp.dtype(dtype).name})"
+    if head_dim % 8 or head_dim > 128:
+        return f"needs a head dimension that is a multiple of 8 and <= 128 (got {head_dim})"
+    if masked and length is not None and length % 2:
+        return f"needs an even sequence length with a mask (got {length})"
+    return None
+
+
+def attention_implementation(mode: str, dtype, head_dim: int, length: int | None = None, masked: bool = False,
+                             platform: str | None = None) -> str:
+    """'xla' or 'cudnn' for ``model.attention`` = ``mode``: 'auto' takes cuDNN flash attention wherever it
+    can run (:func:`cudnn_unsupported`) and XLA elsewhere; 'cudnn' insists (a ValueError saying why not)."""
+    if mode not in ATTENTION:
+        raise ValueError(f"attention={mode!r} must be one of {ATTENTION}")
+    if mode == "xla":
+        return "xla"
+    why = cudnn_unsupported(dtype, head_dim, length, masked, platform)
+    if why is None:
+        return "cudnn"
+    if mode == "cudnn":
+        raise ValueError(f"attention='cudnn' {why}")
+    return "xla"
 
 
 class Dense(nnx.Module):
@@ -83,12 +123,16 @@ class Attention(nnx.Module):
     ``mask``: optional boolean [batch, 1 or heads, q_len, kv_len], True = may attend (used for
     packed text segments). ``rope``: optional (sin, cos) from :func:`rotary_tables` for rotary
     positions on queries and keys. ``qkv_bias``: biases on the query, key and value projections
-    (BERT, timm's ViT and the MAE release have them; the small recipes do not).
+    (BERT, timm's ViT and the MAE release have them; the small recipes do not). ``attention``: 'auto',
+    'xla' or 'cudnn', resolved per call by :func:`attention_implementation`.
     """
 
-    def __init__(self, dim: int, heads: int, *, rngs: nnx.Rngs, dtype=jnp.float32, qkv_bias: bool = False):
+    def __init__(self, dim: int, heads: int, *, rngs: nnx.Rngs, dtype=jnp.float32, qkv_bias: bool = False,
+                 attention: str = "auto"):
         if dim % heads:
             raise ValueError(f"heads={heads} must divide width={dim}")
+        if attention not in ATTENTION:
+            raise ValueError(f"attention={attention!r} must be one of {ATTENTION}")
         head_dim = dim // heads
         init = nnx.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=0, out_axis=(1, 2))
         self.query = param(rngs, init, (dim, heads, head_dim), ("embed", "heads", "kv"))
@@ -102,7 +146,7 @@ class Attention(nnx.Module):
         out_init = nnx.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=(0, 1), out_axis=2)
         self.out = param(rngs, out_init, (heads, head_dim, dim), ("heads", "kv", "embed"))
         self.out_bias = param(rngs, zeros, (dim,), ("embed",))
-        self.dtype = dtype
+        self.dtype, self.attention = dtype, attention
 
     def __call__(self, x: jax.Array, mask: jax.Array | None = None, rope: tuple | None = None) -> jax.Array:
         x = x.astype(self.dtype)
@@ -116,7 +160,9 @@ class Attention(nnx.Module):
                    project(self.value, self.value_bias))
         if rope is not None:
             q, k = apply_rotary(q, rope), apply_rotary(k, rope)
-        y = jax.nn.dot_product_attention(q, k, v, mask=mask)
+        implementation = attention_implementation(self.attention, self.dtype, q.shape[-1], q.shape[1],
+                                                  mask is not None)
+        y = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
         return jnp.einsum("blnh,nhd->bld", y, cast(self.out)) + cast(self.out_bias)
 
 
@@ -150,9 +196,9 @@ class Block(nnx.Module):
     """Transformer block; pre-norm (ViT, MAE) or post-norm (original BERT)."""
 
     def __init__(self, dim: int, heads: int, mlp_dim: int, *, rngs: nnx.Rngs, dtype=jnp.float32,
-                 pre_norm: bool = True, qkv_bias: bool = False, norm_eps: float = 1e-6):
+                 pre_norm: bool = True, qkv_bias: bool = False, norm_eps: float = 1e-6, attention: str = "auto"):
         self.norm1 = LayerNorm(dim, rngs=rngs, dtype=dtype, eps=norm_eps)
-        self.attn = Attention(dim, heads, rngs=rngs, dtype=dtype, qkv_bias=qkv_bias)
+        self.attn = Attention(dim, heads, rngs=rngs, dtype=dtype, qkv_bias=qkv_bias, attention=attention)
         self.norm2 = LayerNorm(dim, rngs=rngs, dtype=dtype, eps=norm_eps)
         self.mlp = Mlp(dim, mlp_dim, rngs=rngs, dtype=dtype)
         self.pre_norm = pre_norm
@@ -170,13 +216,13 @@ class Block(nnx.Module):
 class Stack(nnx.Module):
     """``depth`` identical blocks with stacked parameters (leading ``layers`` axis), run by a scan.
 
-    remat: a key of ``REMAT_POLICIES``; 'none' keeps every activation. qkv_bias, norm_eps: see
-    :class:`Attention` and :class:`LayerNorm`.
+    remat: a key of ``REMAT_POLICIES``; 'none' keeps every activation. qkv_bias, attention, norm_eps:
+    see :class:`Attention` and :class:`LayerNorm`.
     """
 
     def __init__(self, depth: int, dim: int, heads: int, mlp_dim: int, *, rngs: nnx.Rngs,
                  dtype=jnp.float32, pre_norm: bool = True, remat: str = "none", qkv_bias: bool = False,
-                 norm_eps: float = 1e-6):
+                 norm_eps: float = 1e-6, attention: str = "auto"):
         if depth < 1:
             raise ValueError(f"depth={depth} must be >= 1")
         if remat not in REMAT_POLICIES:
@@ -186,7 +232,7 @@ class Stack(nnx.Module):
         @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
         def make(rngs):
             return Block(dim, heads, mlp_dim, rngs=rngs, dtype=dtype, pre_norm=pre_norm, qkv_bias=qkv_bias,
-                         norm_eps=norm_eps)
+                         norm_eps=norm_eps, attention=attention)
 
         self.blocks = make(rngs)
         self.remat = remat

@@ -30,7 +30,7 @@ class TextEncoder(nnx.Module):
     def __init__(self, *, vocab_size: int, max_len: int, width: int, depth: int, heads: int,
                  mlp_ratio: float = 4.0, positions: str = "learned", pre_norm: bool = True,
                  dtype: str = "float32", remat: str = "none", lm_head: bool = True, qkv_bias: bool = False,
-                 norm_eps: float = 1e-6, rngs: nnx.Rngs):
+                 norm_eps: float = 1e-6, attention: str = "auto", rngs: nnx.Rngs):
         if positions not in POSITIONS:
             raise ValueError(f"positions={positions!r} must be one of {POSITIONS}")
         self.dtype = layers.compute_dtype(dtype)
@@ -43,7 +43,8 @@ class TextEncoder(nnx.Module):
         norm = lambda: layers.LayerNorm(width, rngs=rngs, dtype=self.dtype, eps=norm_eps)
         self.embed_norm = None if pre_norm else norm()
         self.blocks = layers.Stack(depth, width, heads, int(width * mlp_ratio), rngs=rngs, dtype=self.dtype,
-                                   pre_norm=pre_norm, remat=remat, qkv_bias=qkv_bias, norm_eps=norm_eps)
+                                   pre_norm=pre_norm, remat=remat, qkv_bias=qkv_bias, norm_eps=norm_eps,
+                                   attention=attention)
         self.final_norm = norm() if pre_norm else None
         if lm_head:  # BERT's prediction head; a contrastive text tower (FLIP) has none
             self.head_dense = layers.Dense(width, width, ("embed", "embed"), rngs=rngs, dtype=self.dtype)

@@ -93,7 +93,7 @@ class ViTEncoder(nnx.Module):
     def __init__(self, *, patch_dim: int, grid: Sequence[int], width: int, depth: int, heads: int,
                  mlp_ratio: float = 4.0, cls_token: bool = True, dtype: str = "float32",
                  remat: str = "none", one_hot_gather: bool = False, qkv_bias: bool = False,
-                 norm_eps: float = 1e-6, rngs: nnx.Rngs):
+                 norm_eps: float = 1e-6, attention: str = "auto", rngs: nnx.Rngs):
         self.grid = tuple(grid)
         self.width = width
         self.dtype = layers.compute_dtype(dtype)
@@ -103,7 +103,8 @@ class ViTEncoder(nnx.Module):
             if cls_token else None
         )
         self.blocks = layers.Stack(depth, width, heads, int(width * mlp_ratio), rngs=rngs,
-                                   dtype=self.dtype, remat=remat, qkv_bias=qkv_bias, norm_eps=norm_eps)
+                                   dtype=self.dtype, remat=remat, qkv_bias=qkv_bias, norm_eps=norm_eps,
+                                   attention=attention)
         self.norm = layers.LayerNorm(width, rngs=rngs, dtype=self.dtype, eps=norm_eps)
         self.one_hot_gather = one_hot_gather
 

@@ -44,9 +44,10 @@ def register(cls):
     return cls
 
 
-def check_transformer(model_config, group: str = "model") -> None:
+def check_transformer(model_config, group: str = "model", config=None) -> None:
     """Config checks every transformer shares: heads divide width, known dtype and remat policy
-    (where the group has them). ``group`` names the config group in errors."""
+    (where the group has them). ``group`` names the config group in errors. With ``config`` (the whole
+    run's), ``model.attention='cudnn'`` is checked against this group's head dimension."""
     from maskjax.models import layers
 
     m = model_config
@@ -59,6 +60,13 @@ def check_transformer(model_config, group: str = "model") -> None:
         raise ConfigError(f"{group}.dtype", f"must be one of {tuple(layers.DTYPES)}, got {m.dtype!r}")
     if "remat" in m and m.remat not in layers.REMAT_POLICIES:
         raise ConfigError(f"{group}.remat", f"must be one of {tuple(layers.REMAT_POLICIES)}, got {m.remat!r}")
+    if config is not None and config.model.get("attention", "auto") == "cudnn":
+        dtype = layers.compute_dtype(config.model.dtype)
+        why = layers.cudnn_unsupported(dtype, 8)  # the platform and dtype, whatever the head size
+        if why is None and layers.cudnn_unsupported(dtype, m.width // m.heads):
+            why = f"{layers.cudnn_unsupported(dtype, m.width // m.heads)} in {group}.width / {group}.heads"
+        if why:
+            raise ConfigError("model.attention", f"'cudnn' {why}")
 
 
 def get(config) -> Objective:

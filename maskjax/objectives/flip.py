@@ -103,7 +103,7 @@ class FLIP(VisionObjective):
     def validate(self) -> None:
         super().validate()
         c = self.config
-        objectives.check_transformer(c.text_model, "text_model")
+        objectives.check_transformer(c.text_model, "text_model", config=c)
         if c.text_model.positions not in text_model.POSITIONS:
             raise ConfigError("text_model.positions", f"must be one of {text_model.POSITIONS}, "
                                                       f"got {c.text_model.positions!r}")

@@ -48,13 +48,15 @@ class MAEDecoder(nnx.Module):
 
     def __init__(self, *, enc_width: int, width: int, depth: int, heads: int, mlp_ratio: float,
                  grid, target_dim: int, num_prefix: int, dtype: str, remat: str, one_hot_gather: bool,
-                 predict_loss: bool = False, qkv_bias: bool = False, norm_eps: float = 1e-6, rngs: nnx.Rngs):
+                 predict_loss: bool = False, qkv_bias: bool = False, norm_eps: float = 1e-6,
+                 attention: str = "auto", rngs: nnx.Rngs):
         self.dtype = layers.compute_dtype(dtype)
         self.grid, self.width, self.num_prefix = tuple(grid), width, num_prefix
         self.embed = layers.Dense(enc_width, width, ("embed", "embed"), rngs=rngs, dtype=self.dtype)
         self.mask_token = layers.param(rngs, nnx.initializers.normal(0.02), (1, 1, width), (None, None, "embed"))
         self.blocks = layers.Stack(depth, width, heads, int(width * mlp_ratio), rngs=rngs,
-                                   dtype=self.dtype, remat=remat, qkv_bias=qkv_bias, norm_eps=norm_eps)
+                                   dtype=self.dtype, remat=remat, qkv_bias=qkv_bias, norm_eps=norm_eps,
+                                   attention=attention)
         self.norm = layers.LayerNorm(width, rngs=rngs, dtype=self.dtype, eps=norm_eps)
         self.pred = layers.Dense(width, target_dim, ("embed", "patch"), rngs=rngs, dtype=self.dtype)
         self.loss_pred = layers.Dense(width, 1, ("embed", None), rngs=rngs, dtype=self.dtype) if predict_loss else None
@@ -108,9 +110,7 @@ class MAE(VisionObjective):
 
     def validate(self) -> None:
         super().validate()
-        dec = self.config.decoder
-        if dec.width % dec.heads:
-            raise ConfigError("decoder.heads", f"{dec.heads} does not divide decoder.width={dec.width}")
+        objectives.check_transformer(self.config.decoder, "decoder", config=self.config)
         if self.dual:
             try:
                 self.decoder_masker()

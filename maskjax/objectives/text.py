@@ -55,7 +55,7 @@ class TextObjective:
     # ---------------------------------------------------------------- config
     def validate(self) -> None:
         m, d = self.config.model, self.config.data
-        objectives.check_transformer(m)
+        objectives.check_transformer(m, config=self.config)
         for key, value in (("data.seq_len", d.seq_len), ("model.max_len", m.max_len)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 2:
                 raise ConfigError(key, f"must be an int >= 2, got {value!r}")

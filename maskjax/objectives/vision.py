@@ -64,7 +64,7 @@ class VisionObjective:
         except ValueError as err:
             key = "data.frames" if "frames" in str(err) else "model.tubelet" if "tubelet=" in str(err) else "data.image_size"
             raise ConfigError(key, str(err)) from None
-        objectives.check_transformer(model)
+        objectives.check_transformer(model, config=self.config)
         if data.channels < 1:
             raise ConfigError("data.channels", f"must be >= 1, got {data.channels}")
         stride = data.get("frame_stride", 1)
