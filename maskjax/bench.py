@@ -8,13 +8,22 @@ measured in the same run with a large float32 matmul on every device at once.
 
 Each step is timed from asking for the batch to the new state being ready, so the input pipeline's
 share is in the number (and reported separately as ``data_wait``).
+
+``--profile DIR``: one more step after the timed ones runs under ``jax.profiler``; its trace (TensorBoard's
+profile plugin, or the ``.trace.json.gz`` in Perfetto) lands in DIR and the device time of that step is
+summed per operation (the JAX primitive each compiled XLA op came from) for the terminal and the JSON.
 """
 from __future__ import annotations
 
+import collections
 import functools
+import glob
+import gzip
 import itertools
+import json
 import math
 import os
+import re
 import statistics
 import time
 from typing import Any, Iterator
@@ -124,8 +133,56 @@ def peak_memory(setup) -> int | None:
     return max(values) if values else None
 
 
-def run(config, steps: int, warmup: int, data: str = "real", progress: bool = True) -> dict:
-    """Benchmarks ``config``'s train step; returns one result row (all times in seconds)."""
+_INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%?([\w.\-]+) = ([^\n]*)$', re.M)
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+_CONTAINER = re.compile(r"\s(?:while|conditional|call)\(")
+
+
+def op_kinds(hlo_text: str) -> dict[str, str]:
+    """Compiled HLO instruction name -> what it computes: the JAX primitive in its metadata
+    (``.../bld,dnh->blnh/dot_general`` -> ``dot_general``), else its name without the ``.N`` suffix.
+    Loops, conditionals and calls are left out (their ops are counted themselves)."""
+    kinds = {}
+    for name, rest in _INSTRUCTION.findall(hlo_text):
+        if _CONTAINER.search(rest):  # its time is its body's ops' time, counted there
+            continue
+        op_name = _OP_NAME.search(rest)
+        kinds[name] = (op_name.group(1).rsplit("/", 1)[-1] if op_name
+                       else re.sub(r"^wrapped_|\.\d+$", "", name))
+    return kinds
+
+
+def op_breakdown(trace_dir: str, hlo_text: str, top: int = 8) -> list[dict]:
+    """Time per operation kind (:func:`op_kinds`) in the newest Perfetto trace under ``trace_dir``: the
+    ``top`` largest as {op, seconds, share}, share of all XLA-op time in the trace (ops that run
+    concurrently on several threads are each counted in full)."""
+    files = sorted(glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True), key=os.path.getmtime)
+    if not files:
+        return []
+    with gzip.open(files[-1]) as f:
+        events = json.load(f)
+    events = events.get("traceEvents", []) if isinstance(events, dict) else events
+    kinds, totals = op_kinds(hlo_text), collections.Counter()
+    for event in events:
+        if event.get("ph") == "X" and event.get("name") in kinds:
+            totals[kinds[event["name"]]] += event.get("dur", 0)
+    whole = sum(totals.values())
+    return [{"op": op, "seconds": us / 1e6, "share": us / whole} for op, us in totals.most_common(top)]
+
+
+def profile_step(compiled, state, batch, trace_dir: str):
+    """One step under ``jax.profiler`` into ``trace_dir``; returns (state, :func:`op_breakdown`)."""
+    os.makedirs(trace_dir, exist_ok=True)
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+        state, _ = compiled(state, batch)
+        jax.block_until_ready(state)
+    return state, op_breakdown(trace_dir, compiled.as_text())
+
+
+def run(config, steps: int, warmup: int, data: str = "real", progress: bool = True,
+        profile: str | None = None) -> dict:
+    """Benchmarks ``config``'s train step; returns one result row (all times in seconds). ``profile``: a
+    directory for the trace of one extra step (:func:`profile_step`)."""
     if steps < 1:
         raise BenchError(f"--steps {steps} must be >= 1")
     if warmup < 0:
@@ -156,6 +213,10 @@ def run(config, steps: int, warmup: int, data: str = "real", progress: bool = Tr
                 print(f"\rbench step {i + 1}/{warmup + steps} ({'warm-up' if i < warmup else 'timed'}) "
                       f"{1000 * (ended - started):.0f} ms", end="", flush=True)
         loss = float(metrics["loss"])
+        if profile:
+            if jax.process_count() > 1:
+                profile = os.path.join(profile, f"process-{jax.process_index()}")
+            state, ops = profile_step(compiled, state, setup.global_batch(next(loader)), profile)
     finally:
         if hasattr(loader, "close"):
             loader.close()
@@ -183,6 +244,7 @@ def run(config, steps: int, warmup: int, data: str = "real", progress: bool = Tr
         "peak_tflops_per_device": None if peak_flops is None else peak_flops / 1e12, "peak_source": peak_source,
         "mfu": None if peak_flops is None else achieved / peak_flops,
         "final_loss": loss,
+        "profile": None if not profile else {"dir": profile, "ops": ops},
     }
 
 
@@ -201,13 +263,17 @@ def parse_sweeps(items: list[str]) -> list[tuple[str, list[str]]]:
 
 
 def sweep(config_fn, sweeps: list[tuple[str, list[str]]], steps: int, warmup: int, data: str,
-          progress: bool = True) -> list[dict]:
-    """One row per point of the grid of ``sweeps``; ``config_fn()`` gives a fresh config each time."""
+          progress: bool = True, profile: str | None = None) -> list[dict]:
+    """One row per point of the grid of ``sweeps``; ``config_fn()`` gives a fresh config each time.
+    ``profile``: a directory; each point's trace goes to a folder named after its values."""
     keys = [k for k, _ in sweeps]
     rows: list[dict] = []
     for values in itertools.product(*[v for _, v in sweeps]) if sweeps else [()]:
         config = config_lib.override(config_fn(), [f"{k}={v}" for k, v in zip(keys, values)])
-        row = run(config, steps, warmup, data, progress=progress and jax.process_index() == 0)
+        point_dir = profile
+        if profile and keys:
+            point_dir = os.path.join(profile, re.sub(r"[^\w.=,-]", "_", ",".join(f"{k}={v}" for k, v in zip(keys, values))))
+        row = run(config, steps, warmup, data, progress=progress and jax.process_index() == 0, profile=point_dir)
         row["point"] = dict(zip(keys, values))
         rows.append(row)
         if progress and jax.process_index() == 0:
@@ -247,6 +313,12 @@ def report(rows: list[dict], keys: list[str]) -> str:
              f"{first['peak_tflops_per_device'] or 0:.3f} TFLOP/s per device ({first['peak_source']})",
              header(keys)]
     lines += [format_row(row, keys) for row in rows]
+    for row in rows:
+        if row.get("profile"):
+            point = ", ".join(f"{k}={v}" for k, v in row.get("point", {}).items())
+            ops = " | ".join(f"{op['op']} {100 * op['share']:.0f}%" for op in row["profile"]["ops"])
+            lines.append(f"profile{' ' + point if point else ''}: {ops or 'no XLA op events in the trace'}")
+            lines.append(f"  trace in {row['profile']['dir']} (tensorboard --logdir, or the .trace.json.gz in Perfetto)")
     return "\n".join(lines)
 
 

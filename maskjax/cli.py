@@ -97,6 +97,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="real: the config's dataset through the input pipeline; synthetic: random arrays")
     bench.add_argument("--sweep", action="append", default=[], help="KEY=V1,V2,...: one row per value")
     bench.add_argument("--json", default=None, help="write all results to this JSON file")
+    bench.add_argument("--profile", default=None, metavar="DIR",
+                       help="trace one extra step with jax.profiler into DIR and print its time per operation")
     bench.add_argument("--debug", action="store_true", help="show tracebacks")
     multi_process_flags(bench)
     export = sub.add_parser(
@@ -315,7 +317,7 @@ def _bench(args, overrides) -> int:
     sweeps = bench.parse_sweeps(args.sweep)
     config_fn = lambda: config_lib.override(config_lib.load(args.config), list(overrides))
     config_fn()  # a bad config or override fails before anything is compiled
-    rows = bench.sweep(config_fn, sweeps, args.steps, args.warmup, args.data, progress=True)
+    rows = bench.sweep(config_fn, sweeps, args.steps, args.warmup, args.data, progress=True, profile=args.profile)
     keys = [k for k, _ in sweeps]
     if jax.process_index() != 0:
         return 0

@@ -1,5 +1,6 @@
 """``maskjax bench``: analytic FLOPs against XLA's count, the JSON fields, sweeps and bad flags.
 Speed targets are measured with the benchmark and written in docs/performance.md, never asserted."""
+import glob
 import json
 import math
 import os
@@ -51,7 +52,8 @@ FIELDS = ["compile_seconds", "step_seconds_median", "step_seconds_min", "example
 def test_bench_mae_digits_writes_every_field(data_dir, tmp_path, capsys):
     out = tmp_path / "out.json"
     code = cli.main(["bench", "--config", os.path.join(ROOT, "configs", "mae_digits.py"), "--steps", "4",
-                     "--warmup", "1", "--json", str(out), f"--config.data.data_dir={data_dir}"])
+                     "--warmup", "1", "--json", str(out), f"--config.data.data_dir={data_dir}",
+                     "--profile", str(tmp_path / "trace")])
     text = capsys.readouterr().out
     assert code == 0, text
     result = json.loads(out.read_text())
@@ -68,6 +70,12 @@ def test_bench_mae_digits_writes_every_field(data_dir, tmp_path, capsys):
     assert row["mfu"] == pytest.approx(row["achieved_tflops_per_device"] / row["peak_tflops_per_device"])
     assert row["peak_memory_bytes"] is None  # XLA:CPU keeps no allocator statistics
     assert "MFU %" in text and "median ms" in text
+    # --profile: one more step traced; its XLA op time summed per JAX primitive, loops not double counted
+    ops = {op["op"]: op for op in row["profile"]["ops"]}
+    assert "dot_general" in ops and "while" not in ops and all(op["seconds"] > 0 for op in ops.values())
+    assert 0 < sum(op["share"] for op in ops.values()) <= 1 + 1e-9
+    assert glob.glob(str(tmp_path / "trace" / "**" / "*.trace.json.gz"), recursive=True)
+    assert "profile: dot_general" in text or "% | dot_general" in text
 
 
 def test_mask_ratio_sweep_rows(data_dir, tmp_path, capsys):
