@@ -102,7 +102,9 @@ class Dense(nnx.Module):
 
 
 class LayerNorm(nnx.Module):
-    """LayerNorm over the last axis, statistics in float32."""
+    """LayerNorm over the last axis, statistics in float32. The variance is E[x^2] - E[x]^2 (clamped at
+    0), both means in one pass over x, as Flax's LayerNorm does by default: 3.6-5% of a ViT-B MAE step on
+    CPU against the two-pass E[(x - E[x])^2] (docs/performance.md)."""
 
     def __init__(self, dim: int, *, rngs: nnx.Rngs, dtype=jnp.float32, eps: float = 1e-6):
         self.scale = param(rngs, ones, (dim,), ("embed",))
@@ -112,7 +114,7 @@ class LayerNorm(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         mean = jnp.mean(x32, axis=-1, keepdims=True)
-        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        var = jnp.maximum(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) - jnp.square(mean), 0.0)
         y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
         return y.astype(self.dtype)
 
