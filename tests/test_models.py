@@ -147,6 +147,26 @@ def test_attention_implementation_choice(mode, dtype, head_dim, length, masked, 
             layers.attention_implementation(mode, dtype, head_dim, length, masked, platform)
 
 
+def test_auto_attention_asks_jax_for_cudnn_on_a_gpu_in_bfloat16(monkeypatch):
+    """What the module hands to jax.nn.dot_product_attention when the backend is a GPU (faked: this
+    machine has none; the call itself then runs XLA's attention so the test can finish)."""
+    asked = []
+    real = jax.nn.dot_product_attention
+
+    def record(*args, implementation=None, **kw):
+        asked.append(implementation)
+        return real(*args, implementation="xla", **kw)
+
+    monkeypatch.setattr(layers.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(layers.jax.nn, "dot_product_attention", record)
+    x = jnp.ones((2, 8, 32))
+    layers.Attention(32, 4, rngs=nnx.Rngs(0), dtype=jnp.bfloat16)(x)       # head size 8: cuDNN
+    layers.Attention(32, 4, rngs=nnx.Rngs(0), dtype=jnp.float32)(x)        # float32: XLA
+    layers.Attention(32, 4, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, attention="xla")(x)
+    layers.Attention(36, 3, rngs=nnx.Rngs(0), dtype=jnp.bfloat16)(jnp.ones((2, 8, 36)))  # head size 12: XLA
+    assert asked == ["cudnn", "xla", "xla", "xla"]
+
+
 def test_attention_option_reaches_every_block_and_xla_matches_auto_on_cpu():
     from maskjax import config as config_lib, objectives
     config = config_lib.override(config_lib.load("configs/mae_digits.py"), ["model.attention=xla"])
