@@ -139,6 +139,8 @@ def peak_memory(setup) -> int | None:
 
 _INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%?([\w.\-]+) = ([^\n]*)$', re.M)
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
+_CALLS = {"closed_call", "core_call", "pjit", "jit", "remat", "checkpoint", "custom_jvp_call", "custom_vjp_call",
+          "while", "body", "cond", "branch", "scan"}
 _CONTAINER = re.compile(r"\s(?:while|conditional|call)\(")
 
 
@@ -151,8 +153,10 @@ def op_kinds(hlo_text: str) -> dict[str, str]:
         if _CONTAINER.search(rest):  # its time is its body's ops' time, counted there
             continue
         op_name = _OP_NAME.search(rest)
-        kinds[name] = (op_name.group(1).rsplit("/", 1)[-1] if op_name
-                       else re.sub(r"^wrapped_|\.\d+$", "", name))
+        primitive = op_name.group(1).rsplit("/", 1)[-1] if op_name else ""
+        if not primitive or primitive in _CALLS or primitive.startswith(("jit(", "pjit(")):
+            primitive = re.sub(r"^wrapped_|\.\d+$", "", name)  # a call's own ops: name them by what they are
+        kinds[name] = primitive
     return kinds
 
 
