@@ -315,6 +315,8 @@ def _bench(args, overrides) -> int:
     from maskjax import bench, config as config_lib
 
     sweeps = bench.parse_sweeps(args.sweep)
+    if args.profile and os.path.exists(args.profile) and not os.path.isdir(args.profile):
+        raise UsageError(f"--profile {args.profile!r} is a file, not a directory")
     config_fn = lambda: config_lib.override(config_lib.load(args.config), list(overrides))
     config_fn()  # a bad config or override fails before anything is compiled
     rows = bench.sweep(config_fn, sweeps, args.steps, args.warmup, args.data, progress=True, profile=args.profile)

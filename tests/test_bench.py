@@ -113,6 +113,7 @@ def test_bench_bad_flags(capsys):
         (["--sweep", "model.nope=1,2"], "config.model.nope: unknown key"),
         (["--steps", "0"], "--steps 0 must be >= 1"),
         (["--config.batch_size=abc"], "config.batch_size: cannot parse 'abc' as int"),
+        (["--profile", path], f"--profile {path!r} is a file, not a directory"),
     ]:
         assert cli.main(["bench", "--config", path] + args) == 2
         assert message in capsys.readouterr().err
