@@ -222,6 +222,7 @@ def lookup(config, key: str):
 def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
     """Checks the trainer's keys, the mesh against the device count, then the objective's own keys."""
     from maskjax import objectives, sharding  # late: objectives import models (and JAX)
+    from maskjax.models import layers
 
     for key in ("objective", "seed", "batch_size", "total_steps", "log_every", "data", "model",
                 "optim", "mesh", "checkpoint", "eval"):
@@ -247,8 +248,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
                 raise ConfigError(f"faults.{key}", f"must be one of {allowed}, got {faults.get(key)!r}")
         if not isinstance(faults.max_skipped_steps, int) or faults.max_skipped_steps < 0:
             raise ConfigError("faults.max_skipped_steps", f"must be an int >= 0, got {faults.max_skipped_steps!r}")
-    if config.model.get("attention", "auto") not in ("auto", "xla", "cudnn"):
-        raise ConfigError("model.attention", f"must be auto, xla or cudnn, got {config.model.attention!r}")
+    if config.model.get("attention", "auto") not in layers.ATTENTION:
+        raise ConfigError("model.attention", f"must be one of {layers.ATTENTION}, got {config.model.attention!r}")
     eps = config.model.get("norm_eps", 1e-6)
     if not (isinstance(eps, float) and eps > 0):
         raise ConfigError("model.norm_eps", f"must be a positive float, got {eps!r}")

@@ -52,17 +52,18 @@ def block_options(config) -> dict:
             "attention": m.get("attention", "auto")}
 
 
-def cudnn_unsupported(dtype, head_dim: int, length: int | None = None, masked: bool = False,
+def cudnn_unsupported(dtype, head_dim: int | None = None, length: int | None = None, masked: bool = False,
                       platform: str | None = None) -> str | None:
     """Why cuDNN flash attention cannot run this attention (None when it can): it needs a CUDA GPU,
     float16/bfloat16, a head dimension that is a multiple of 8 and at most 128 (256 on Hopper and
-    later; 128 is the bound checked here) and, with a mask (packed text), even sequence lengths."""
+    later; 128 is the bound checked here) and, with a mask (packed text), even sequence lengths.
+    Without ``head_dim`` only the platform and dtype are checked."""
     platform = platform or jax.default_backend()
     if platform not in ("gpu", "cuda"):
         return f"needs a CUDA GPU (this run is on {platform})"
     if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         return f"needs model.dtype bfloat16 or float16 (got {jnp.dtype(dtype).name})"
-    if head_dim % 8 or head_dim > 128:
+    if head_dim is not None and (head_dim % 8 or head_dim > 128):
         return f"needs a head dimension that is a multiple of 8 and <= 128 (got {head_dim})"
     if masked and length is not None and length % 2:
         return f"needs an even sequence length with a mask (got {length})"

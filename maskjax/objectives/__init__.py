@@ -62,9 +62,10 @@ def check_transformer(model_config, group: str = "model", config=None) -> None:
         raise ConfigError(f"{group}.remat", f"must be one of {tuple(layers.REMAT_POLICIES)}, got {m.remat!r}")
     if config is not None and config.model.get("attention", "auto") == "cudnn":
         dtype = layers.compute_dtype(config.model.dtype)
-        why = layers.cudnn_unsupported(dtype, 8)  # the platform and dtype, whatever the head size
-        if why is None and layers.cudnn_unsupported(dtype, m.width // m.heads):
-            why = f"{layers.cudnn_unsupported(dtype, m.width // m.heads)} in {group}.width / {group}.heads"
+        why = layers.cudnn_unsupported(dtype)  # the platform and dtype
+        if why is None:
+            why = layers.cudnn_unsupported(dtype, m.width // m.heads)
+            why = why and f"{why} in {group}.width / {group}.heads"
         if why:
             raise ConfigError("model.attention", f"'cudnn' {why}")
 
