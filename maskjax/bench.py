@@ -335,4 +335,5 @@ def environment() -> dict[str, Any]:
     import platform
 
     return {"jax": jax.__version__, "backend": jax.default_backend(), "device_count": jax.device_count(),
-            "process_count": jax.process_count(), "host": platform.node(), "cpu_count": os.cpu_count()}
+            "process_count": jax.process_count(), "host": platform.node(), "cpu_count": os.cpu_count(),
+            "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}

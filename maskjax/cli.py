@@ -365,6 +365,10 @@ def _check_workdir(workdir: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # the command itself (not a call from Python): large host buffers on huge pages
+        from maskjax import hostmem
+
+        hostmem.reexec_with_huge_pages()
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     if not debug:  # TFDS and Orbax log through absl; keep stderr to our own lines

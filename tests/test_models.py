@@ -148,23 +148,60 @@ def test_attention_implementation_choice(mode, dtype, head_dim, length, masked, 
 
 
 def test_auto_attention_asks_jax_for_cudnn_on_a_gpu_in_bfloat16(monkeypatch):
-    """What the module hands to jax.nn.dot_product_attention when the backend is a GPU (faked: this
-    machine has none; the call itself then runs XLA's attention so the test can finish)."""
+    """Which kernel the module runs when the backend is a GPU (faked: this machine has none; the cuDNN
+    call itself then runs jax's XLA attention so the test can finish), and that both layouts (cuDNN's
+    [batch, length, heads, head_dim], xla_attention's heads-major) give the same layer output, biases
+    and rotary positions included."""
     asked = []
-    real = jax.nn.dot_product_attention
+    real_jax, real_xla = jax.nn.dot_product_attention, layers.xla_attention
 
-    def record(*args, implementation=None, **kw):
+    def jax_attention(*args, implementation=None, **kw):
         asked.append(implementation)
-        return real(*args, implementation="xla", **kw)
+        return real_jax(*args, implementation="xla", **kw)
 
+    def xla_attention(*args):
+        asked.append("xla")
+        return real_xla(*args)
+
+    monkeypatch.setattr(layers.jax.nn, "dot_product_attention", jax_attention)
+    monkeypatch.setattr(layers, "xla_attention", xla_attention)
+    x = jax.random.normal(jax.random.key(0), (2, 8, 32))
+    rope = layers.rotary_tables(jnp.broadcast_to(jnp.arange(8), (2, 8)), 8)
+    module = layers.Attention(32, 4, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, qkv_bias=True)
+    for name in ("query_bias", "key_bias", "value_bias"):
+        getattr(module, name)[...] = jax.random.normal(jax.random.key(len(name)), (4, 8))
+    on_cpu = module(x, rope=rope)
     monkeypatch.setattr(layers.jax, "default_backend", lambda: "gpu")
-    monkeypatch.setattr(layers.jax.nn, "dot_product_attention", record)
-    x = jnp.ones((2, 8, 32))
-    layers.Attention(32, 4, rngs=nnx.Rngs(0), dtype=jnp.bfloat16)(x)       # head size 8: cuDNN
+    on_gpu = module(x, rope=rope)                                           # head size 8: cuDNN
+    np.testing.assert_allclose(np.asarray(on_gpu, np.float32), np.asarray(on_cpu, np.float32), atol=0.05)
     layers.Attention(32, 4, rngs=nnx.Rngs(0), dtype=jnp.float32)(x)        # float32: XLA
     layers.Attention(32, 4, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, attention="xla")(x)
     layers.Attention(36, 3, rngs=nnx.Rngs(0), dtype=jnp.bfloat16)(jnp.ones((2, 8, 36)))  # head size 12: XLA
-    assert asked == ["cudnn", "xla", "xla", "xla"]
+    assert asked == ["xla", "cudnn", "xla", "xla", "xla"]
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_xla_attention_values_and_gradients_match_jax(masked):
+    """xla_attention (heads-major, flash-style backward) against jax.nn.dot_product_attention, incl. a
+    query row with nothing to attend to (uniform probabilities, no gradient through its scores)."""
+    keys = jax.random.split(jax.random.key(0), 4)
+    q, k, v = (jax.random.normal(keys[i], (2, 13, 4, 8)) for i in range(3))
+    mask = None
+    if masked:
+        mask = jax.random.bernoulli(keys[3], 0.6, (2, 1, 13, 13)).at[0, 0, 3].set(False)
+    heads_major = lambda a: a.transpose(0, 2, 1, 3)
+
+    def ours(q, k, v):
+        return heads_major(layers.xla_attention(heads_major(q), heads_major(k), heads_major(v), mask))
+
+    def theirs(q, k, v):
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
+
+    np.testing.assert_allclose(ours(q, k, v), theirs(q, k, v), atol=1e-6)
+    loss = lambda f: lambda *a: jnp.sum(jnp.sin(f(*a)) * jnp.arange(8.0))
+    for mine, ref in zip(jax.grad(loss(ours), argnums=(0, 1, 2))(q, k, v),
+                         jax.grad(loss(theirs), argnums=(0, 1, 2))(q, k, v)):
+        np.testing.assert_allclose(mine, ref, atol=1e-5)
 
 
 def test_attention_option_reaches_every_block_and_xla_matches_auto_on_cpu():
