@@ -46,10 +46,10 @@ def huge_pages_available(setting_file: str = THP_SETTING) -> bool:
 def reexec_with_huge_pages() -> None:
     """Replaces this process by the same command with ``glibc.malloc.hugetlb=1`` (see the module
     docstring); returns where that does not apply."""
-    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc" or not sys.executable:
-        return
     tunables = tunables_with_huge_pages(os.environ.get("GLIBC_TUNABLES"))
-    if tunables is None or not huge_pages_available():
+    if tunables is None or sys.platform != "linux" or not sys.executable or not huge_pages_available():
+        return
+    if platform.libc_ver()[0] != "glibc":  # e.g. musl: no such tunable
         return
     sys.stdout.flush()
     sys.stderr.flush()

@@ -129,3 +129,43 @@ def test_peak_table_and_parse():
     assert bench.parse_sweeps(["batch=64,128"]) == [("batch_size", ["64", "128"])]
     config = config_lib.override(load_config("mae_digits.py:tiny"), ["mask.ratio=0.5"])
     assert config.mask.ratio == 0.5
+
+
+def test_huge_page_tunable_is_added_once_and_never_overrides_the_users():
+    from maskjax import hostmem
+
+    assert hostmem.tunables_with_huge_pages(None) == "glibc.malloc.hugetlb=1"
+    assert hostmem.tunables_with_huge_pages("glibc.malloc.arena_max=2") == \
+        "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+    assert hostmem.tunables_with_huge_pages("glibc.malloc.hugetlb=0") is None       # the user's choice
+    assert hostmem.tunables_with_huge_pages("glibc.malloc.hugetlb=1:x.y=2") is None  # already started again
+
+
+def test_huge_pages_available_reads_the_kernel_setting(tmp_path):
+    from maskjax import hostmem
+
+    setting = tmp_path / "enabled"
+    for text, expected in (("always [madvise] never", True), ("[always] madvise never", True),
+                           ("always madvise [never]", False)):
+        setting.write_text(text)
+        assert hostmem.huge_pages_available(str(setting)) is expected
+    assert not hostmem.huge_pages_available(str(tmp_path / "missing"))
+
+
+def test_the_command_runs_with_huge_page_malloc(tmp_path):
+    """`maskjax` started as a program (not called from Python) starts itself again with the tunable, and
+    the bench JSON records it (a user's own setting stands: the test above)."""
+    import subprocess
+    import sys
+
+    from maskjax import hostmem
+
+    out = tmp_path / "out.json"
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    done = subprocess.run([sys.executable, "-m", "maskjax", "bench", "--config",
+                           os.path.join(ROOT, "configs", "mae_digits.py:tiny"), "--data", "synthetic", "--steps", "1",
+                           "--warmup", "0", "--json", str(out)], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    expected = "glibc.malloc.hugetlb=1" if hostmem.huge_pages_available() else ""  # no THP: nothing to ask for
+    assert json.loads(out.read_text())["environment"]["glibc_tunables"] == expected
