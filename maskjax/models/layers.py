@@ -1,8 +1,9 @@
 """Transformer building blocks (Flax NNX) with logical axis names on every parameter.
 
 Parameters are float32; each layer casts them and its input to the compute ``dtype`` at call time.
-Attention goes through ``jax.nn.dot_product_attention``: XLA's implementation, or cuDNN's fused flash
-attention on a CUDA GPU in bfloat16/float16 (``model.attention``, see :func:`attention_implementation`).
+Attention is :func:`xla_attention` (heads-major, flash attention's backward pass), or cuDNN's fused
+flash attention through ``jax.nn.dot_product_attention`` on a CUDA GPU in bfloat16/float16
+(``model.attention``, see :func:`attention_implementation`).
 Blocks are stacked with ``nnx.vmap`` at construction and run with ``nnx.scan``, so compile time does
 not grow with depth.
 """
@@ -99,7 +100,7 @@ def _attention_scores(q: jax.Array, k: jax.Array, mask: jax.Array | None) -> jax
 def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None) -> jax.Array:
     """softmax(q k^T / sqrt(head_dim)) v for q, k, v [batch, heads, length, head_dim] (heads-major);
     ``mask`` as in :class:`Attention`. The values of ``jax.nn.dot_product_attention(implementation=
-    'xla')``, with two changes that make a ViT-B MAE train step on CPU ~20% faster (8-layer decoder on
+    'xla')``, with two changes that make a ViT-B MAE train step on CPU ~12% faster (8-layer decoder on
     197 tokens; docs/performance.md):
 
     - heads-major operands: every matmul here is a plain batched GEMM over (batch, heads), where
