@@ -10,11 +10,16 @@ Data: image + caption pairs through the ``maskjax_image_text_folder`` TFDS build
 (``data.manual_dir``: files ``NAME.jpg`` + ``NAME.txt``), or any TFDS image-text dataset prepared as
 array_record (set ``data.name``, ``data.image_key``, ``data.text_key``, ``data.tokenizer``).
 
-From the paper: mask 0.5, batch 32,768, lr 4e-6 x batch / 256, AdamW (0.9, 0.95), weight decay
-0.2, text length 32, learnable temperature starting at 0.01 (FLIP's config), 6.4B samples seen.
-Ours, not the paper's: the WordPiece tokenizer trained on the captions (FLIP used a BPE/
-SentencePiece vocabulary), crop scale (0.5, 1), the warm-up length, no zero-shot eval during training
-(LAION has no labels; run ``maskjax eval`` with a labelled ``data.name`` and ``data.tokenizer``).
+From the paper and the official code (facebookresearch/flip ``configs/default.py``, ``models_flip.py``
+``compute_contrastive_loss``): mask 0.5, batch 32,768, lr 4e-6 x batch / 256, AdamW (0.9, 0.95), weight
+decay 0.2 on every weight matrix including both projections, text length 32, a *learnable* temperature
+starting at 0.07 (logit scale 1/0.07) with the log-scale clipped to [0, log 100]; the config's
+``clr.tau = 0.01`` is only used when the temperature is fixed (``tau_learnable=False``), which is not the
+default. 6.4B samples seen. FLIP's text tokenizer is BERT's uncased WordPiece (``tf_bert``, 30,523
+tokens, length 32): pass BERT's ``vocab.txt`` as ``data.tokenizer`` to match it.
+Ours, not the paper's: without ``data.tokenizer``, a WordPiece vocabulary trained on the captions;
+crop scale (0.5, 1), the warm-up length, no zero-shot eval during training (LAION has no labels; run
+``maskjax eval`` with a labelled ``data.name`` and ``data.tokenizer``).
 """
 from maskjax.config import base_config, variants
 
@@ -45,7 +50,7 @@ def get_config(arg: str = "vit_b16"):
     c.model.update(mlp_ratio=4.0, cls_token=True, dtype="bfloat16", remat="dots", one_hot_gather=True, **image)
     c.text_model.update(mlp_ratio=4.0, positions="learned", **text)
     c.mask.update(kind="random", ratio=0.5)
-    c.flip.update(embed_dim=embed, init_temperature=0.01, max_logit_scale=100.0, text_mask_ratio=0.0)
+    c.flip.update(embed_dim=embed, init_temperature=0.07, max_logit_scale=100.0, text_mask_ratio=0.0)
     c.optim.update(base_lr=4e-6, base_batch=256, b1=0.9, b2=0.95, weight_decay=0.2,
                    warmup_steps=1600, schedule="cosine")
     c.mesh.update(data=-1, fsdp=1, tensor=1)

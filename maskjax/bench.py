@@ -54,11 +54,13 @@ class BenchError(ValueError):
 
 
 def table_peak(device: jax.Device, dtype: str) -> float | None:
+    """Dense peak FLOP/s of ``device`` for matmuls in ``dtype``: float16 and bfloat16 run at the same
+    tensor-core rate, float32 at the (TF32 on GPUs) float32 rate; None where the table has no entry."""
     known = aot.by_device_kind(PEAK_FLOPS, device.device_kind)
     if known is None:
         return None
-    bf16, fp32 = known[1]
-    return bf16 if dtype == "bfloat16" else fp32
+    half, fp32 = known[1]
+    return half if dtype in ("bfloat16", "float16") else fp32
 
 
 _BEST_PEAK: dict[tuple, float] = {}

@@ -3,6 +3,7 @@
     maskjax train  --config configs/mae_digits.py[:variant] --workdir DIR [--config.KEY=VALUE ...]
     maskjax eval   --workdir DIR [--config FILE] [--config.KEY=VALUE ...]
     maskjax sample --workdir DIR [--steps K] [--num N] [--out FILE]     (masked diffusion runs)
+    maskjax params --config FILE [--mesh data=8,fsdp=4] [--devices N] [--json OUT]
     maskjax compile-check --config FILE [--mesh data=8,fsdp=4] [--devices N] [--device_memory 16GiB]
     maskjax bench  --config FILE [--steps N] [--warmup W] [--sweep mask_ratio=0,0.75] [--json OUT]
     maskjax sweep  --sweep configs/sweeps/FILE.py --workdir DIR [--emit slurm]    |    maskjax sweep --report DIR
@@ -74,6 +75,15 @@ def _parser() -> argparse.ArgumentParser:
     sample.add_argument("--num", type=int, default=4, help="number of sequences")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--out", default=None, help="also write the samples to this text file")
+    params = sub.add_parser(
+        "params", help="list a config's parameters: shape, logical axes, sharding on the mesh, role, weight decay, "
+                       "trainable; totals and bytes per device (nothing compiled or allocated)",
+        epilog="Override any config field with --config.KEY=VALUE")
+    params.add_argument("--config", required=True, help="config file and optional variant: path/to/file.py[:variant]")
+    params.add_argument("--mesh", default=None, help="mesh sizes, e.g. data=16,fsdp=16,tensor=1 (axes left out are 1)")
+    params.add_argument("--devices", type=int, default=None, help="lay the mesh over this many virtual CPU devices")
+    params.add_argument("--json", default=None, help="also write the rows and totals to this JSON file")
+    params.add_argument("--debug", action="store_true", help="show tracebacks")
     check = sub.add_parser(
         "compile-check", help="compile the train step for a config and mesh without running it: memory and FLOPs "
                               "per device, and whether it fits (exit 4 when it does not)",
@@ -156,11 +166,9 @@ def load_config(spec: str | None, workdir: str, overrides: list[str]):
             raise UsageError(f"--workdir {workdir!r} has no config.json; pass --config")
         import json
 
-        import ml_collections
-
         try:
             with open(saved) as f:
-                config = ml_collections.ConfigDict(json.load(f))
+                config = config_lib.from_saved(json.load(f))
         except (ValueError, OSError) as err:
             raise UsageError(f"{saved}: not a readable config ({type(err).__name__}: {err}); pass --config") from None
         config.lock()
@@ -270,18 +278,56 @@ def _sample(args, overrides) -> int:
     return 0
 
 
-def _compile_check(args, overrides) -> int:
-    if args.devices is not None:
-        if args.devices < 1:
-            raise UsageError(f"--devices {args.devices} must be >= 1")
-        # Read by XLA when the CPU backend starts, which has not happened yet.
-        import re
+def _virtual_devices(count: int | None) -> None:
+    """``--devices N``: N virtual CPU devices (read by XLA when the backend starts, not yet here)."""
+    if count is None:
+        return
+    if count < 1:
+        raise UsageError(f"--devices {count} must be >= 1")
+    import re
 
-        flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
-        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={args.devices}".strip()
-        os.environ["JAX_PLATFORMS"] = "cpu"
-    from maskjax import aot, config as config_lib, train
+    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
+    os.environ["JAX_PLATFORMS"] = "cpu"
+
+
+def _mesh_overrides(mesh: str | None) -> list[str]:
+    """``--mesh data=8,fsdp=4`` as config overrides (axes left out are 1)."""
+    if mesh is None:
+        return []
     from maskjax.sharding import MESH_AXES
+
+    sizes = {}
+    for item in filter(None, mesh.split(",")):
+        axis, sep, value = item.partition("=")
+        if not sep or axis.strip() not in MESH_AXES:
+            raise UsageError(f"--mesh {mesh!r}: expected AXIS=SIZE items with AXIS in {MESH_AXES}")
+        sizes[axis.strip()] = value.strip()
+    return [f"mesh.{axis}={sizes.get(axis, 1)}" for axis in MESH_AXES]
+
+
+def _write_json(path: str, value) -> None:
+    import json
+
+    with open(path, "w") as f:
+        json.dump(value, f, indent=2)
+
+
+def _params(args, overrides) -> int:
+    _virtual_devices(args.devices)
+    from maskjax import config as config_lib, params, train
+
+    config = config_lib.override(config_lib.load(args.config), _mesh_overrides(args.mesh) + overrides)
+    result = params.table(train.build(config))
+    print(params.format_table(result))
+    if args.json:
+        _write_json(args.json, result)
+    return 0
+
+
+def _compile_check(args, overrides) -> int:
+    _virtual_devices(args.devices)
+    from maskjax import aot, config as config_lib, train
 
     capacity = None
     if args.device_memory is not None:
@@ -289,23 +335,11 @@ def _compile_check(args, overrides) -> int:
             capacity = aot.parse_bytes(args.device_memory)
         except ValueError as err:
             raise UsageError(f"--device_memory: {err}") from None
-    if args.mesh is not None:
-        sizes = {}
-        for item in filter(None, args.mesh.split(",")):
-            axis, sep, value = item.partition("=")
-            if not sep or axis.strip() not in MESH_AXES:
-                raise UsageError(f"--mesh {args.mesh!r}: expected AXIS=SIZE items with AXIS in {MESH_AXES}")
-            sizes[axis.strip()] = value.strip()
-        overrides = [f"mesh.{axis}={sizes.get(axis, 1)}" for axis in MESH_AXES] + overrides
-    config = config_lib.load(args.config)
-    config = config_lib.override(config, overrides)
+    config = config_lib.override(config_lib.load(args.config), _mesh_overrides(args.mesh) + overrides)
     report = aot.check(train.build(config), capacity)
     print(aot.format_report(report))
     if args.json:
-        import json
-
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+        _write_json(args.json, report)
     return 0 if report["fits"] is not False else aot.EXIT_DOES_NOT_FIT
 
 
@@ -391,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
         args = _parser().parse_args(rest)
         if hasattr(args, "coordinator"):
             _join(args)
-        commands = {"train": _train, "eval": _eval, "sample": _sample, "compile-check": _compile_check,
+        commands = {"train": _train, "eval": _eval, "sample": _sample, "compile-check": _compile_check, "params": _params,
                     "bench": _bench, "sweep": _sweep, "export": _export}
         return commands[args.command](args, overrides)
     except KeyboardInterrupt:

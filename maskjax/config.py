@@ -70,9 +70,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss = dict(norm_pix=True, target="pixels", hog_cell=8, hog_bins=9)
     # hard-patch mining (MAE): share of the mask from the predicted-hardest patches, 0 -> final_share
     c.hpm = dict(enabled=False, final_share=0.5, weight=1.0)
+    # decay_roles: which parameter roles (maskjax.models.layers.ROLES) weight decay applies to
     c.optim = dict(
-        base_lr=1.5e-4, base_batch=256, b1=0.9, b2=0.95, weight_decay=0.05, warmup_steps=100,
-        schedule="cosine", min_lr_ratio=0.0, clip_norm=0.0, grad_accum=1,
+        base_lr=1.5e-4, base_batch=256, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.05, warmup_steps=100,
+        schedule="cosine", min_lr_ratio=0.0, clip_norm=0.0, grad_accum=1, decay_roles=("kernel",),
     )
     c.mesh = dict(data=-1, fsdp=1, tensor=1)
     # multi-slice TPU / multi-node GPU: the part of each mesh axis that crosses slices or nodes (the
@@ -150,6 +151,20 @@ def load(spec: str) -> ml_collections.ConfigDict:
         raise ConfigError("file", f"{path!r}: get_config() must return an ml_collections.ConfigDict")
     config.lock()
     return config
+
+
+def from_saved(saved: dict) -> ml_collections.ConfigDict:
+    """A run's saved ``config.json`` merged over :func:`base_config`'s defaults, so a field added after
+    the run was written reads as its default instead of being missing. Saved values win; groups the
+    defaults lack are kept as saved."""
+
+    def merge(defaults: dict, values: dict) -> dict:
+        out = dict(defaults)
+        for key, value in values.items():
+            out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        return out
+
+    return ml_collections.ConfigDict(merge(base_config().to_dict(), saved))
 
 
 def _parse(key: str, text: str, current):

@@ -266,7 +266,7 @@ def filtered_noise_mask(
 
 def running_cell_mask(key: jax.Array, batch: int, frames: int, grid: Sequence[int], ratio: float = 0.5) -> Mask:
     """VideoMAE V2's decoder mask ("running cell"): the grid is tiled with 2x2 cells and each cell
-    hides ``round(4 * ratio)`` of its 4 tokens; the hidden pattern moves one slot per token frame, so
+    hides ``int(4 * ratio)`` (1 to 3) of its 4 tokens; the hidden pattern moves one slot per token frame, so
     every frame hides the same share and each position is hidden in turn. A random start slot per
     example. Returns the decoder's Mask (``mask`` True = dropped by the decoder)."""
     height, width = _check_grid(grid)
@@ -274,9 +274,13 @@ def running_cell_mask(key: jax.Array, batch: int, frames: int, grid: Sequence[in
     check_ratio(ratio, "mask.decoder_ratio")
     if height % 2 or width % 2:
         raise ValueError(f"running-cell masks need an even token grid, got {height}x{width}")
-    hidden_per_cell = int(round(4 * ratio))
+    hidden_per_cell = int(4 * ratio)  # VideoMAE V2's RunningCellMaskingGenerator truncates, and needs 1..3
     if hidden_per_cell < 1:
-        raise ValueError(f"mask.decoder_ratio={ratio} hides nothing in a 2x2 cell (use 0 to turn dual masking off)")
+        raise ValueError(f"mask.decoder_ratio={ratio} hides nothing in a 2x2 cell (int(4 * ratio) = 0; use 0 to "
+                         f"turn dual masking off)")
+    if hidden_per_cell > 3:
+        raise ValueError(f"mask.decoder_ratio={ratio} hides all 4 tokens of every 2x2 cell (int(4 * ratio) = 4), so "
+                         f"the decoder would predict nothing; use a ratio below 1")
     # slot of each token inside its cell: 0 1 / 3 2 (clockwise, so a run of slots is contiguous)
     slot_of = jnp.array([[0, 1], [3, 2]], jnp.int32)
     slots = jnp.tile(slot_of, (height // 2, width // 2)).reshape(1, 1, height * width)

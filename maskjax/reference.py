@@ -111,8 +111,11 @@ FIELDS = {
     "optim.base_batch": "Batch size base_lr refers to (256 for MAE, 512 for SimMIM).",
     "optim.b1": "AdamW beta1.",
     "optim.b2": "AdamW beta2.",
-    "optim.weight_decay": "AdamW decoupled weight decay on matrices (kernels, embedding tables), not on biases, "
-                           "norms, cls/mask tokens or position tables.",
+    "optim.eps": "AdamW epsilon (BERT's optimizer uses 1e-6).",
+    "optim.weight_decay": "AdamW decoupled weight decay, on the parameters whose role is in optim.decay_roles.",
+    "optim.decay_roles": "Parameter roles weight decay applies to: kernel (weight matrices), embedding (token "
+                         "tables), position (learned position tables), token (cls/mask), bias, norm, temperature. "
+                         "`maskjax params` lists each parameter's role and whether it decays.",
     "optim.warmup_steps": "Linear warm-up steps.",
     "optim.schedule": "Decay after warm-up: cosine, linear or constant.",
     "optim.min_lr_ratio": "Final learning rate as a fraction of the peak.",
@@ -153,7 +156,7 @@ PAPERS = {
         "values": {"batch_size": 4096, "total_steps": math.ceil(800 * IMAGENET_TRAIN / 4096),
                    "optim.warmup_steps": math.ceil(40 * IMAGENET_TRAIN / 4096), "optim.base_lr": 1.5e-4,
                    "optim.base_batch": 256, "optim.b1": 0.9, "optim.b2": 0.95, "optim.weight_decay": 0.05,
-                   "optim.schedule": "cosine", "data.image_size": 224, "data.crop_scale": (0.2, 1.0),
+                   "optim.decay_roles": ("kernel",), "optim.schedule": "cosine", "data.image_size": 224, "data.crop_scale": (0.2, 1.0),
                    "data.flip": True, "model.patch_size": 16, "model.width": 768, "model.depth": 12,
                    "model.heads": 12, "model.qkv_bias": True, "model.cls_token": True, "mask.kind": "random",
                    "mask.ratio": 0.75, "loss.norm_pix": True, "decoder.width": 512, "decoder.depth": 8,
@@ -171,7 +174,8 @@ PAPERS = {
         "title": "BERT: Pre-training of Deep Bidirectional Transformers (Devlin et al. 2018), BERT-base",
         "official": "google-research/bert (create_pretraining_data.py, run_pretraining.py)",
         "values": {"batch_size": 256, "total_steps": 1_000_000, "optim.base_lr": 1e-4, "optim.warmup_steps": 10_000,
-                   "optim.weight_decay": 0.01, "optim.b1": 0.9, "optim.b2": 0.999, "optim.schedule": "linear",
+                   "optim.weight_decay": 0.01, "optim.b1": 0.9, "optim.b2": 0.999, "optim.eps": 1e-6,
+                   "optim.decay_roles": ("kernel", "embedding", "position"), "optim.schedule": "linear",
                    "data.seq_len": 128, "model.width": 768, "model.depth": 12, "model.heads": 12,
                    "model.max_len": 512, "model.positions": "learned", "model.pre_norm": False,
                    "model.qkv_bias": True, "model.norm_eps": 1e-12, "mask.ratio": 0.15, "mlm.replace": True,
@@ -190,7 +194,7 @@ PAPERS = {
         "values": {"batch_size": 32768, "optim.base_lr": 4e-6, "optim.base_batch": 256, "optim.b1": 0.9,
                    "optim.b2": 0.95, "optim.weight_decay": 0.2, "data.image_size": 224, "model.patch_size": 16,
                    "model.width": 768, "model.depth": 12, "mask.kind": "random", "mask.ratio": 0.5,
-                   "flip.text_mask_ratio": 0.0},
+                   "flip.text_mask_ratio": 0.0, "flip.init_temperature": 0.07, "flip.max_logit_scale": 100.0},
     },
     "videomae": {
         "title": "VideoMAE: Masked Autoencoders are Data-Efficient Learners (Tong et al. 2022), ViT-B on K400",

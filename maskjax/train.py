@@ -25,6 +25,7 @@ from maskjax import config as config_lib
 from maskjax import metrics as metrics_lib
 from maskjax import distributed, faults, objectives, sharding
 from maskjax import data
+from maskjax.models import layers
 
 # =========================================================================== 1. setup
 
@@ -45,18 +46,23 @@ def learning_rate_schedule(config) -> optax.Schedule:
     return optax.join_schedules([warmup, decay], [o.warmup_steps])
 
 
-def decay_mask(axes: Any) -> Any:
-    """Weight decay on matrices only: a parameter decays when it has two or more named feature axes
-    (kernels), not on biases, norms, cls/mask tokens (MAE's ``param_groups_lrd`` rule)."""
-    return jax.tree.map(
-        lambda names: sum(n not in (None, "layers") for n in names) >= 2, axes)
+def decay_mask(roles: Any, decay_roles) -> Any:
+    """True where a parameter is weight-decayed: its role (``layers.ROLES``, set where the parameter is
+    created) is one of ``decay_roles`` (``optim.decay_roles``). Biases, norms, cls/mask tokens, position
+    tables and temperatures are never decayed in the published recipes; kernels always are; token
+    embedding tables as each recipe's official code does (BERT decays them, and its position tables)."""
+    decay_roles = frozenset(decay_roles)
+    return jax.tree.map(lambda role: role in decay_roles, roles)
 
 
-def make_optimizer(config, axes: Any) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(config, roles: Any) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW (with global-norm clipping when ``optim.clip_norm`` > 0) and its LR schedule. ``roles``:
+    the tree of parameter roles (:func:`maskjax.models.layers.param_roles`)."""
     o = config.optim
     schedule = learning_rate_schedule(config)
     parts = [optax.clip_by_global_norm(o.clip_norm)] if o.clip_norm > 0 else []
-    parts.append(optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, mask=decay_mask(axes)))
+    parts.append(optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
+                             mask=decay_mask(roles, o.decay_roles)))
     return optax.chain(*parts), schedule
 
 
@@ -89,6 +95,7 @@ class Setup:
     mesh: jax.sharding.Mesh
     graphdef: Any
     param_axes: Any
+    param_roles: Any  # layers.ROLES name of each parameter (weight decay, `maskjax params`)
     state_shardings: Any
     abstract_state: Any  # ShapeDtypeStructs carrying shardings (for restore)
     optimizer: optax.GradientTransformation
@@ -129,7 +136,8 @@ def build(config, devices=None) -> Setup:
     abstract_model = nnx.eval_shape(lambda: objective.build(nnx.Rngs(params=init_key)))
     graphdef, abstract_params_state = nnx.split(abstract_model)
     param_axes = sharding.logical_axes(abstract_params_state)
-    optimizer, schedule = make_optimizer(config, param_axes)
+    param_roles = layers.param_roles(abstract_params_state)
+    optimizer, schedule = make_optimizer(config, param_roles)
 
     def init_params(key):
         return nnx.to_pure_dict(nnx.state(objective.build(nnx.Rngs(params=key))))
@@ -209,7 +217,7 @@ def build(config, devices=None) -> Setup:
         donate_argnums=(0,),
     )
     return Setup(
-        config=config, objective=objective, mesh=mesh, graphdef=graphdef, param_axes=param_axes,
+        config=config, objective=objective, mesh=mesh, graphdef=graphdef, param_axes=param_axes, param_roles=param_roles,
         state_shardings=state_shardings,
         abstract_state=ckpt_lib.abstract_with_shardings(abstract, state_shardings),
         optimizer=optimizer, schedule=schedule, init_fn=init_fn, step_fn=step_fn, batch_shardings=batch_shardings,

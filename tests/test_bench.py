@@ -124,6 +124,8 @@ def test_peak_table_and_parse():
         device_kind, platform = "NVIDIA H100 80GB HBM3", "gpu"
 
     assert bench.table_peak(Device, "bfloat16") == 989e12
+    assert bench.table_peak(Device, "float16") == 989e12  # tensor-core rate, not the float32 one
+    assert bench.table_peak(Device, "float32") == 494e12
     Device.device_kind = "TPU v5 lite"
     assert bench.table_peak(Device, "bfloat16") == 197e12
     assert bench.parse_sweeps(["batch=64,128"]) == [("batch_size", ["64", "128"])]

@@ -266,6 +266,8 @@ def test_pairwise_rank_loss_rewards_the_right_order():
     ("mae_digits.py:tiny", ["loss.target=hog", "loss.hog_cell=3"], "loss.hog_cell"),
     ("mae_digits.py:tiny", ["loss.target=edges"], "loss.target"),
     ("videomae_digits.py:tiny", ["mask.decoder_ratio=0.1"], "mask.decoder_ratio"),
+    ("flip_digits.py:tiny", ["flip.init_temperature=0.01"], "flip.init_temperature"),  # at the clip: no gradient
+    ("flip_digits.py:tiny", ["flip.init_temperature=1.5"], "flip.init_temperature"),  # below log-scale 0
     ("videomae_digits.py:tiny,dual", ["hpm.enabled=true"], "hpm.enabled"),
 ])
 def test_config_errors_name_the_key(data_dir, name, overrides, key):

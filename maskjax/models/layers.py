@@ -32,9 +32,25 @@ def compute_dtype(name: str):
     return DTYPES[name]
 
 
-def param(rngs: nnx.Rngs, init: Callable, shape: Sequence[int], axes: Sequence[str | None]) -> nnx.Param:
-    """A float32 parameter tagged with logical axis names (sharded later by the trainer)."""
-    return nnx.Param(init(rngs.params(), tuple(shape), jnp.float32), out_sharding=tuple(axes), eager_sharding=False)
+# What a parameter is for. The optimizer decides weight decay from this (``optim.decay_roles``), never
+# from the number of axes: q/k/v biases have two axes and projection kernels may have one named axis.
+ROLES = ("kernel", "embedding", "position", "token", "bias", "norm", "temperature")
+
+
+def param(rngs: nnx.Rngs, init: Callable, shape: Sequence[int], axes: Sequence[str | None], role: str) -> nnx.Param:
+    """A float32 parameter tagged with logical axis names (sharded later by the trainer) and its
+    ``role`` (one of :data:`ROLES`: a weight matrix, a token-embedding table, a position table, a
+    cls/mask token, a bias, a norm scale or shift, a temperature)."""
+    if role not in ROLES:
+        raise ValueError(f"role={role!r} must be one of {ROLES}")
+    return nnx.Param(init(rngs.params(), tuple(shape), jnp.float32), out_sharding=tuple(axes),
+                     eager_sharding=False, role=role)
+
+
+def param_roles(state: nnx.State):
+    """Pure-dict tree of each parameter's role, parallel to ``nnx.to_pure_dict(state)``."""
+    return nnx.to_pure_dict(jax.tree.map(lambda var: var.get_metadata()["role"], state,
+                                         is_leaf=lambda x: isinstance(x, nnx.Variable)))
 
 
 xavier = nnx.initializers.xavier_uniform()
@@ -146,8 +162,8 @@ class Dense(nnx.Module):
 
     def __init__(self, din: int, dout: int, axes: tuple, *, rngs: nnx.Rngs, dtype=jnp.float32,
                  use_bias: bool = True, init: Callable = xavier):
-        self.kernel = param(rngs, init, (din, dout), axes)
-        self.bias = param(rngs, zeros, (dout,), axes[1:]) if use_bias else None
+        self.kernel = param(rngs, init, (din, dout), axes, "kernel")
+        self.bias = param(rngs, zeros, (dout,), axes[1:], "bias") if use_bias else None
         self.dtype = dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -163,8 +179,8 @@ class LayerNorm(nnx.Module):
     CPU against the two-pass E[(x - E[x])^2] (docs/performance.md)."""
 
     def __init__(self, dim: int, *, rngs: nnx.Rngs, dtype=jnp.float32, eps: float = 1e-6):
-        self.scale = param(rngs, ones, (dim,), ("embed",))
-        self.bias = param(rngs, zeros, (dim,), ("embed",))
+        self.scale = param(rngs, ones, (dim,), ("embed",), "norm")
+        self.bias = param(rngs, zeros, (dim,), ("embed",), "norm")
         self.dtype, self.eps = dtype, eps
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -193,17 +209,17 @@ class Attention(nnx.Module):
             raise ValueError(f"attention={attention!r} must be one of {ATTENTION}")
         head_dim = dim // heads
         init = nnx.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=0, out_axis=(1, 2))
-        self.query = param(rngs, init, (dim, heads, head_dim), ("embed", "heads", "kv"))
-        self.key = param(rngs, init, (dim, heads, head_dim), ("embed", "heads", "kv"))
-        self.value = param(rngs, init, (dim, heads, head_dim), ("embed", "heads", "kv"))
+        self.query = param(rngs, init, (dim, heads, head_dim), ("embed", "heads", "kv"), "kernel")
+        self.key = param(rngs, init, (dim, heads, head_dim), ("embed", "heads", "kv"), "kernel")
+        self.value = param(rngs, init, (dim, heads, head_dim), ("embed", "heads", "kv"), "kernel")
         if qkv_bias:
             self.query_bias, self.key_bias, self.value_bias = (
-                param(rngs, zeros, (heads, head_dim), ("heads", "kv")) for _ in range(3))
+                param(rngs, zeros, (heads, head_dim), ("heads", "kv"), "bias") for _ in range(3))
         else:
             self.query_bias = self.key_bias = self.value_bias = None
         out_init = nnx.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=(0, 1), out_axis=2)
-        self.out = param(rngs, out_init, (heads, head_dim, dim), ("heads", "kv", "embed"))
-        self.out_bias = param(rngs, zeros, (dim,), ("embed",))
+        self.out = param(rngs, out_init, (heads, head_dim, dim), ("heads", "kv", "embed"), "kernel")
+        self.out_bias = param(rngs, zeros, (dim,), ("embed",), "bias")
         self.dtype, self.attention = dtype, attention
 
     def __call__(self, x: jax.Array, mask: jax.Array | None = None, rope: tuple | None = None) -> jax.Array:

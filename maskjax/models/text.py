@@ -37,8 +37,8 @@ class TextEncoder(nnx.Module):
         self.width, self.heads = width, heads
         self.positions, self.pre_norm = positions, pre_norm
         init = nnx.initializers.normal(0.02)
-        self.token_embed = layers.param(rngs, init, (vocab_size, width), ("vocab", "embed"))
-        self.pos_embed = (layers.param(rngs, init, (max_len, width), (None, "embed"))
+        self.token_embed = layers.param(rngs, init, (vocab_size, width), ("vocab", "embed"), "embedding")
+        self.pos_embed = (layers.param(rngs, init, (max_len, width), (None, "embed"), "position")
                           if positions == "learned" else None)
         norm = lambda: layers.LayerNorm(width, rngs=rngs, dtype=self.dtype, eps=norm_eps)
         self.embed_norm = None if pre_norm else norm()
@@ -49,7 +49,7 @@ class TextEncoder(nnx.Module):
         if lm_head:  # BERT's prediction head; a contrastive text tower (FLIP) has none
             self.head_dense = layers.Dense(width, width, ("embed", "embed"), rngs=rngs, dtype=self.dtype)
             self.head_norm = norm()
-            self.output_bias = layers.param(rngs, layers.zeros, (vocab_size,), ("vocab",))
+            self.output_bias = layers.param(rngs, layers.zeros, (vocab_size,), ("vocab",), "bias")
 
     def embed(self, tokens: jax.Array, positions: jax.Array) -> jax.Array:
         x = jnp.take(self.token_embed[...], tokens, axis=0)

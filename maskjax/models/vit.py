@@ -99,7 +99,7 @@ class ViTEncoder(nnx.Module):
         self.dtype = layers.compute_dtype(dtype)
         self.patch_embed = layers.Dense(patch_dim, width, ("patch", "embed"), rngs=rngs, dtype=self.dtype)
         self.cls = (
-            layers.param(rngs, nnx.initializers.normal(0.02), (1, 1, width), (None, None, "embed"))
+            layers.param(rngs, nnx.initializers.normal(0.02), (1, 1, width), (None, None, "embed"), "token")
             if cls_token else None
         )
         self.blocks = layers.Stack(depth, width, heads, int(width * mlp_ratio), rngs=rngs,

@@ -4,11 +4,12 @@ patches dropped before the image tower.
 Image tower: the ViT on the visible patches only (``mask.*``; FLIP uses random masking at 0.5),
 mean-pooled. Text tower: the text encoder (``text_model.*``) on the caption, optionally with a share
 ``flip.text_mask_ratio`` of its words dropped, read at [CLS]. Linear projections to
-``flip.embed_dim``, L2 normalisation, a learnable temperature (``log`` of the logit scale, clipped at
-``flip.max_logit_scale``), and the symmetric InfoNCE loss over the **global** batch: the loss is
-written on global arrays inside the jitted step, so every image is contrasted with every caption of
-the whole batch on every device and host (the compiler gathers the embeddings; the logits stay
-sharded by rows). Unmasked tuning is the same config with ``mask.ratio=0``.
+``flip.embed_dim``, L2 normalisation, a learnable temperature (the log of the logit scale, starting
+at ``log(1 / flip.init_temperature)`` and clipped to [0, log ``flip.max_logit_scale``]), and the
+symmetric InfoNCE loss over the **global** batch: the loss is written on global arrays inside the
+jitted step, so every image is contrasted with every caption of the whole batch on every device and
+host (the compiler gathers the embeddings; the logits stay sharded by rows). Unmasked tuning is the
+same config with ``mask.ratio=0``.
 
 Zero-shot classification (``eval.zero_shot``): each class name in each prompt template through the
 text tower, averaged per class; an image's class is its most similar class embedding.
@@ -57,7 +58,7 @@ class FLIPModel(nnx.Module):
         self.text_proj = layers.Dense(text.width, embed_dim, ("embed", None), rngs=rngs, dtype=text.dtype,
                                       use_bias=False)
         scale = math.log(1.0 / init_temperature)
-        self.log_scale = layers.param(rngs, nnx.initializers.constant(scale), (), ())
+        self.log_scale = layers.param(rngs, nnx.initializers.constant(scale), (), (), "temperature")
 
     def embed_image(self, patches: jax.Array, keep_idx: jax.Array | None = None) -> jax.Array:
         """[B, L, P] patches (only ``keep_idx`` tokens encoded) -> [B, E] unit vectors."""
@@ -111,9 +112,16 @@ class FLIP(VisionObjective):
             raise ConfigError("data.seq_len", f"must be an int >= 3 ([CLS] word [SEP]), got {c.data.seq_len!r}")
         if not isinstance(c.flip.embed_dim, int) or c.flip.embed_dim < 1:
             raise ConfigError("flip.embed_dim", f"must be a positive int, got {c.flip.embed_dim!r}")
-        if not c.flip.init_temperature > 0 or not 1.0 / c.flip.init_temperature <= c.flip.max_logit_scale:
-            raise ConfigError("flip.init_temperature", f"{c.flip.init_temperature} must be > 0 with 1/temperature "
-                                                       f"<= flip.max_logit_scale={c.flip.max_logit_scale}")
+        if not c.flip.max_logit_scale > 1.0:
+            raise ConfigError("flip.max_logit_scale", f"must be > 1, got {c.flip.max_logit_scale}")
+        # The log-scale is clipped to [0, log max_logit_scale]; a start on or outside that range gets no
+        # gradient from step 0, so the temperature would never learn. Checked in float32, as trained.
+        temperature = c.flip.init_temperature
+        start = np.float32(-math.log(temperature)) if temperature > 0 else np.float32(np.inf)
+        if not 0.0 < start < np.float32(math.log(c.flip.max_logit_scale)):
+            raise ConfigError("flip.init_temperature", f"{temperature} must be in (1/flip.max_logit_scale, 1) = "
+                                                       f"({1.0 / c.flip.max_logit_scale:g}, 1), or the clipped "
+                                                       f"logit scale gets no gradient and never learns")
         try:
             masking.check_ratio(c.flip.text_mask_ratio, "flip.text_mask_ratio")
         except ValueError as err:
@@ -147,7 +155,9 @@ class FLIP(VisionObjective):
         return batch
 
     def logit_scale(self, model: FLIPModel) -> jax.Array:
-        return jnp.minimum(jnp.exp(model.log_scale[...]), self.config.flip.max_logit_scale)
+        """exp of the learned log-scale clipped to [0, log flip.max_logit_scale] (FLIP's
+        ``compute_contrastive_loss``): inside the range the gradient flows, at the clip it stops."""
+        return jnp.exp(jnp.clip(model.log_scale[...], 0.0, math.log(self.config.flip.max_logit_scale)))
 
     def loss(self, model: FLIPModel, batch: dict, key: jax.Array, step: jax.Array):
         image_key, text_key = jax.random.split(key)

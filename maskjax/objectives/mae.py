@@ -53,7 +53,7 @@ class MAEDecoder(nnx.Module):
         self.dtype = layers.compute_dtype(dtype)
         self.grid, self.width, self.num_prefix = tuple(grid), width, num_prefix
         self.embed = layers.Dense(enc_width, width, ("embed", "embed"), rngs=rngs, dtype=self.dtype)
-        self.mask_token = layers.param(rngs, nnx.initializers.normal(0.02), (1, 1, width), (None, None, "embed"))
+        self.mask_token = layers.param(rngs, nnx.initializers.normal(0.02), (1, 1, width), (None, None, "embed"), "token")
         self.blocks = layers.Stack(depth, width, heads, int(width * mlp_ratio), rngs=rngs,
                                    dtype=self.dtype, remat=remat, qkv_bias=qkv_bias, norm_eps=norm_eps,
                                    attention=attention)

@@ -18,7 +18,7 @@ from maskjax.objectives.vision import VisionObjective
 class SimMIMModel(nnx.Module):
     def __init__(self, encoder: vit.ViTEncoder, target_dim: int, rngs: nnx.Rngs):
         self.encoder = encoder
-        self.mask_token = layers.param(rngs, nnx.initializers.normal(0.02), (1, 1, encoder.width), (None, None, "embed"))
+        self.mask_token = layers.param(rngs, nnx.initializers.normal(0.02), (1, 1, encoder.width), (None, None, "embed"), "token")
         self.head = layers.Dense(encoder.width, target_dim, ("embed", "patch"), rngs=rngs, dtype=encoder.dtype)
 
     def __call__(self, patches: jax.Array, hidden: jax.Array) -> jax.Array:
