@@ -1,6 +1,6 @@
 """BERT-base pretraining recipe (Devlin et al. 2018; google-research/bert): 12 layers x 768, post-norm,
 learned positions, 15% masking with 80/10/10, batch 256, Adam lr 1e-4 with 10k warm-up and linear
-decay over 1M steps, weight decay 0.01; 90% of the steps at sequence length 128 with 20 predictions
+decay over 1M steps, weight decay 0.01 on every weight matrix and embedding table (not LayerNorm or biases); 90% of the steps at sequence length 128 with 20 predictions
 per sequence, the last 10% at 512 with 80.
 
 Needs a tokenizer file (BERT's uncased ``vocab.txt``, or any WordPiece/SentencePiece file with a
@@ -33,8 +33,11 @@ def get_config(arg: str = "128"):
                    pre_norm=False, qkv_bias=True, norm_eps=1e-12, dtype="bfloat16", remat="none")
     c.mask.update(kind="token", ratio=0.15, schedule="constant")
     c.mlm.update(replace=True, max_predictions=20 if arg == "128" else 80, sparse=True)
-    c.optim.update(base_lr=1e-4, base_batch=256, b1=0.9, b2=0.999, weight_decay=0.01, warmup_steps=10_000,
-                   schedule="linear", min_lr_ratio=0.0, clip_norm=1.0)
+    # google-research/bert optimization.py: epsilon 1e-6; decay on everything but LayerNorm and biases (so
+    # the word and position tables too); linear decay of the global step from 0, warm-up replacing its start
+    c.optim.update(base_lr=1e-4, base_batch=256, b1=0.9, b2=0.999, eps=1e-6, weight_decay=0.01,
+                   decay_roles=("kernel", "embedding", "position"), warmup_steps=10_000, schedule="linear",
+                   decay_start="zero", min_lr_ratio=0.0, clip_norm=1.0)
     c.checkpoint.update(every=10_000, keep=3)
     c.eval.update(batch_size=256, max_batches=100)
     return c

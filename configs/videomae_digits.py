@@ -24,12 +24,14 @@ def get_config(arg: str = ""):
     c.model.update(patch_size=4, tubelet=2, width=128, depth=4, heads=4, mlp_ratio=4.0)
     c.decoder.update(width=64, depth=4, heads=4)
     c.mask.update(kind="tube", ratio=0.9)
-    c.loss.norm_pix = True
+    # VideoMAE standardises each channel within a tubelet (engine_for_pretraining.py); MAE-ST each patch
+    c.loss.update(norm_pix=True, norm_pix_mode="channel")
     c.optim.update(base_lr=1e-3, base_batch=16, b1=0.9, b2=0.95, weight_decay=0.05, warmup_steps=80)
     c.checkpoint.update(every=400, keep=2)
     c.eval.update(batch_size=128, num_images=4)
     if "st" in chosen:
         c.mask.kind = "spatiotemporal"
+        c.loss.norm_pix_mode = "patch"
     if "dual" in chosen:
         c.mask.decoder_ratio = 0.5
     if "tiny" in chosen:

@@ -8,7 +8,8 @@ Data: ``data.name`` must be a TFDS video dataset prepared as array_record whose 
 decodes to uint8 [T, H, W, 3] (e.g. a Kinetics-400 builder of your own; clips shorter than
 16 x 4 frames are an error naming the record).
 
-From the paper: tubelets 2x16x16, tube masking 0.9, decoder 4 blocks x 384, normalised-pixel MSE,
+From the paper: tubelets 2x16x16, tube masking 0.9, decoder 4 blocks x 384, MSE on pixels standardised
+per channel within each tubelet (MCG-NJU/VideoMAE ``engine_for_pretraining.py``; MAE-ST per patch),
 lr 1.5e-4 x batch / 256, AdamW (0.9, 0.95), weight decay 0.05, 40 warm-up epochs, 800 epochs
 (1600 for the best numbers), multi-scale crop + flip. Ours: the batch of 512 and random resized
 crop (0.5, 1) in place of the multi-scale crop.
@@ -39,13 +40,15 @@ def get_config(arg: str = "vit_b"):
                    **SIZES[sizes[0]])
     c.decoder.update(width=384, depth=4, heads=6)
     c.mask.update(kind="tube", ratio=0.9)
-    c.loss.norm_pix = True
+    # VideoMAE standardises each channel within a tubelet (engine_for_pretraining.py); MAE-ST each patch
+    c.loss.update(norm_pix=True, norm_pix_mode="channel")
     c.optim.update(base_lr=1.5e-4, base_batch=256, b1=0.9, b2=0.95, weight_decay=0.05,
                    warmup_steps=steps_for_epochs(warmup_epochs, K400_TRAIN, c.batch_size), schedule="cosine")
     c.checkpoint.update(every=1000, keep=3)
     c.eval.update(probe=False, num_images=4, batch_size=64)
     if "st" in chosen:
         c.mask.kind = "spatiotemporal"
+        c.loss.norm_pix_mode = "patch"
         c.decoder.update(width=512, depth=4, heads=16)
     if "dual" in chosen:
         c.mask.decoder_ratio = 0.5

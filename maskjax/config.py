@@ -67,13 +67,15 @@ def base_config() -> ml_collections.ConfigDict:
     # Masked diffusion: alpha(t) schedule, t in [eps, 1], antithetic t, sampler steps
     c.diffusion = dict(schedule="loglinear", eps=1e-3, antithetic=True, sample_steps=128)
     # targets: 'pixels' or 'hog' (MaskFeat: hog_bins orientations per hog_cell x hog_cell pixels)
-    c.loss = dict(norm_pix=True, target="pixels", hog_cell=8, hog_bins=9)
+    # norm_pix_mode: 'patch' (MAE, MAE-ST: each patch vector) or 'channel' (VideoMAE: each channel of a tubelet)
+    c.loss = dict(norm_pix=True, norm_pix_mode="patch", target="pixels", hog_cell=8, hog_bins=9)
     # hard-patch mining (MAE): share of the mask from the predicted-hardest patches, 0 -> final_share
     c.hpm = dict(enabled=False, final_share=0.5, weight=1.0)
     # decay_roles: which parameter roles (maskjax.models.layers.ROLES) weight decay applies to
     c.optim = dict(
         base_lr=1.5e-4, base_batch=256, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.05, warmup_steps=100,
-        schedule="cosine", min_lr_ratio=0.0, clip_norm=0.0, grad_accum=1, decay_roles=("kernel",),
+        schedule="cosine", decay_start="warmup_end", min_lr_ratio=0.0, clip_norm=0.0, grad_accum=1,
+        decay_roles=("kernel",),
     )
     c.mesh = dict(data=-1, fsdp=1, tensor=1)
     # multi-slice TPU / multi-node GPU: the part of each mesh axis that crosses slices or nodes (the
@@ -256,6 +258,13 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
             raise ConfigError(key, f"must be in [0, 1), got {lookup(config, key)}")
     if optim.schedule not in ("cosine", "constant", "linear"):
         raise ConfigError("optim.schedule", f"must be cosine, linear or constant, got {optim.schedule!r}")
+    if optim.get("decay_start", "warmup_end") not in ("warmup_end", "zero"):
+        raise ConfigError("optim.decay_start", f"must be warmup_end or zero, got {optim.decay_start!r}")
+    if not (isinstance(optim.get("eps", 1e-8), float) and optim.get("eps", 1e-8) > 0):
+        raise ConfigError("optim.eps", f"must be a positive float, got {optim.eps!r}")
+    roles = optim.get("decay_roles", ("kernel",))
+    if isinstance(roles, str) or any(role not in layers.ROLES for role in roles):
+        raise ConfigError("optim.decay_roles", f"must be a tuple of roles from {layers.ROLES}, got {roles!r}")
     faults = config.get("faults")
     if faults is not None:
         for key, allowed in (("nonfinite", ("stop", "skip")), ("bad_records", ("stop", "skip"))):

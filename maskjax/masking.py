@@ -357,8 +357,10 @@ def _per_word(values: jax.Array, words: jax.Array, length: int, op) -> jax.Array
 
 def select_words(key: jax.Array, word_start: jax.Array, eligible: jax.Array, budget: jax.Array
                  ) -> tuple[jax.Array, jax.Array]:
-    """Whole-word masking: words in random order are taken while the running token count stays
-    within ``budget`` (a word is eligible when all its tokens are); selections cover whole words."""
+    """Whole-word masking as BERT's ``create_pretraining_data.py`` does it: words in random order, a
+    word is taken when it fits the remaining budget and skipped when it would overshoot (the next
+    words are still tried, so the budget is met whenever small enough words remain). A word is
+    eligible when all its tokens are; selections cover whole words."""
     batch, length = eligible.shape
     words = word_ids(word_start)
     word_len = _per_word(jnp.ones_like(words), words, length, jax.ops.segment_sum)
@@ -367,45 +369,66 @@ def select_words(key: jax.Array, word_start: jax.Array, eligible: jax.Array, bud
     priority = jnp.where(word_ok, jax.random.uniform(key, (batch, length)), jnp.inf)
     order = jnp.argsort(priority, axis=-1)
     sorted_len = jnp.take_along_axis(jnp.where(word_ok, word_len, 0), order, axis=-1)
-    take_sorted = (jnp.cumsum(sorted_len, axis=-1) <= budget[:, None]) & jnp.take_along_axis(word_ok, order, axis=-1)
+
+    def greedy(lengths, limit):  # one row: lengths in visiting order -> taken flags
+        def body(total, size):
+            take = (size > 0) & (total + size <= limit)
+            return total + jnp.where(take, size, 0), take
+
+        return jax.lax.scan(body, jnp.zeros((), jnp.int32), lengths)[1]
+
+    take_sorted = jax.vmap(greedy)(sorted_len, budget)
     take = jnp.zeros_like(take_sorted).at[jnp.arange(batch)[:, None], order].set(take_sorted)
     return jnp.take_along_axis(take, words, axis=-1) & eligible, words
 
 
+def span_length_probs(p: float = 0.2, max_words: int = 10) -> jax.Array:
+    """SpanBERT's span-length distribution over 1..max_words: Geometric(p) truncated and renormalised
+    (``masking.py``: p (1-p)^(k-1) / sum; mean 3.8 words at p=0.2, max 10)."""
+    k = jnp.arange(1, max_words + 1, dtype=jnp.float32)
+    weights = p * (1.0 - p) ** (k - 1.0)
+    return weights / jnp.sum(weights)
+
+
 def select_spans(key: jax.Array, word_start: jax.Array, eligible: jax.Array, budget: jax.Array,
                  p: float = 0.2, max_words: int = 10) -> tuple[jax.Array, jax.Array]:
-    """SpanBERT span masking: span lengths ~ Geometric(p) clipped to [1, max_words] words, anchored
-    at a random eligible word; a span is accepted if all its tokens are eligible and unselected and
-    it fits the remaining budget (SpanBERT skips spans that would overshoot). ``length`` candidate
-    spans are tried per row, so shapes are static; selections cover whole words only."""
+    """SpanBERT span masking (``PairWithSpanMaskingScheme.mask``): repeatedly draw a span length in
+    words from :func:`span_length_probs` and an anchor token uniformly among the eligible ones; an
+    anchor already selected is skipped; otherwise the span starts at the anchor's word and covers that
+    many whole words, stopping at the end of the eligible run (a special token) and at the budget,
+    which may cut the last span inside a word. Tokens of an earlier span stay with it. ``length``
+    candidate spans are tried per row, so shapes are static. ``unit`` is the span index (BERT's
+    80/10/10 draw is made per span)."""
     if not 0.0 < p <= 1.0:
         raise ValueError(f"span p={p} must be in (0, 1]")
     if not isinstance(max_words, int) or max_words < 1:
         raise ValueError(f"span max_words={max_words!r} must be a positive int")
     batch, length = eligible.shape
     words = word_ids(word_start)
-    starts = word_start.at[:, 0].set(True) & eligible
+    positions = jnp.arange(length, dtype=jnp.int32)
     k_anchor, k_len = jax.random.split(key)
-    anchor_logits = jnp.where(starts, 0.0, -jnp.inf)
-    anchor_pos = jax.random.categorical(k_anchor, anchor_logits[:, None, :], shape=(batch, length))
-    anchors = jnp.take_along_axis(words, anchor_pos, axis=-1)  # [batch, candidates] word ids
-    spans = jnp.clip(jax.random.geometric(k_len, p, (batch, length)), 1, max_words).astype(jnp.int32)
-    no_anchor = ~jnp.any(starts, axis=-1)
+    anchor_logits = jnp.where(eligible, 0.0, -jnp.inf)
+    anchors = jax.random.categorical(k_anchor, anchor_logits[:, None, :], shape=(batch, length)).astype(jnp.int32)
+    spans = 1 + jax.random.categorical(k_len, jnp.log(span_length_probs(p, max_words)), shape=(batch, length))
+    no_anchor = ~jnp.any(eligible, axis=-1)
 
     def one_row(words_row, eligible_row, anchors_row, spans_row, budget_row, empty):
         def body(carry, candidate):
             selected, unit, total = carry
             index, anchor, span = candidate
-            member = (words_row >= anchor) & (words_row < anchor + span)
-            count = jnp.sum(member)
-            ok = (~empty) & jnp.all(~member | (eligible_row & ~selected)) & (count > 0) & (total + count <= budget_row)
-            selected = jnp.where(ok, selected | member, selected)
-            unit = jnp.where(ok & member, index, unit)
-            return (selected, unit, total + jnp.where(ok, count, 0)), None
+            anchor_word = words_row[anchor]
+            first = jnp.min(jnp.where(words_row == anchor_word, positions, length))  # the word's start
+            stop = jnp.min(jnp.where((positions >= first) & ~eligible_row, positions, length))
+            member = (positions >= first) & (positions < stop) & (words_row < anchor_word + span)
+            new = member & ~selected
+            room = budget_row - total
+            ok = (~empty) & ~selected[anchor] & (room > 0)
+            add = new & (jnp.cumsum(new) <= room) & ok
+            unit = jnp.where(add, index, unit)
+            return (selected | add, unit, total + jnp.sum(add)), None
 
         init = (jnp.zeros(length, bool), jnp.zeros(length, jnp.int32), jnp.zeros((), jnp.int32))
-        candidates = (jnp.arange(length, dtype=jnp.int32), anchors_row, spans_row)
-        (selected, unit, _), _ = jax.lax.scan(body, init, candidates)
+        (selected, unit, _), _ = jax.lax.scan(body, init, (positions, anchors_row, spans_row))
         return selected, unit
 
     return jax.vmap(one_row)(words, eligible, anchors, spans, budget, no_anchor)

@@ -100,7 +100,10 @@ FIELDS = {
     "diffusion.eps": "Smallest diffusion time sampled.",
     "diffusion.antithetic": "Low-discrepancy (antithetic) sampling of t across the batch.",
     "diffusion.sample_steps": "Denoising steps of `maskjax sample`.",
-    "loss.norm_pix": "MAE: standardise every target patch by its own mean and variance.",
+    "loss.norm_pix": "MAE: standardise every target patch by its own mean and unbiased variance.",
+    "loss.norm_pix_mode": "What norm_pix standardises: 'patch' (the whole patch vector, (x - mean) / sqrt(var + "
+                          "1e-6); MAE, MAE-ST) or 'channel' (each channel within a patch or tubelet, (x - mean) / "
+                          "(std + 1e-6); VideoMAE).",
     "loss.target": "Reconstruction target: pixels or hog (MaskFeat).",
     "loss.hog_cell": "HOG cell side in pixels.",
     "loss.hog_bins": "HOG orientation bins.",
@@ -118,6 +121,8 @@ FIELDS = {
                          "`maskjax params` lists each parameter's role and whether it decays.",
     "optim.warmup_steps": "Linear warm-up steps.",
     "optim.schedule": "Decay after warm-up: cosine, linear or constant.",
+    "optim.decay_start": "Where the decay's clock starts: warmup_end (decay over the steps after warm-up; MAE) or "
+                         "zero (decay over all steps, warm-up replacing its start; BERT's polynomial decay).",
     "optim.min_lr_ratio": "Final learning rate as a fraction of the peak.",
     "optim.clip_norm": "Global gradient-norm clip; 0 = off.",
     "optim.grad_accum": "Micro-batches per step (gradient accumulation inside the jitted step).",
@@ -176,6 +181,7 @@ PAPERS = {
         "values": {"batch_size": 256, "total_steps": 1_000_000, "optim.base_lr": 1e-4, "optim.warmup_steps": 10_000,
                    "optim.weight_decay": 0.01, "optim.b1": 0.9, "optim.b2": 0.999, "optim.eps": 1e-6,
                    "optim.decay_roles": ("kernel", "embedding", "position"), "optim.schedule": "linear",
+                   "optim.decay_start": "zero",
                    "data.seq_len": 128, "model.width": 768, "model.depth": 12, "model.heads": 12,
                    "model.max_len": 512, "model.positions": "learned", "model.pre_norm": False,
                    "model.qkv_bias": True, "model.norm_eps": 1e-12, "mask.ratio": 0.15, "mlm.replace": True,
@@ -202,7 +208,7 @@ PAPERS = {
         "values": {"data.frames": 16, "model.tubelet": 2, "model.patch_size": 16, "data.image_size": 224,
                    "model.width": 768, "model.depth": 12, "mask.kind": "tube", "mask.ratio": 0.9,
                    "decoder.width": 384, "decoder.depth": 4, "optim.base_lr": 1.5e-4, "optim.base_batch": 256,
-                   "optim.b1": 0.9, "optim.b2": 0.95, "loss.norm_pix": True},
+                   "optim.b1": 0.9, "optim.b2": 0.95, "loss.norm_pix": True, "loss.norm_pix_mode": "channel"},
     },
 }
 

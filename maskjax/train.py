@@ -31,19 +31,27 @@ from maskjax.models import layers
 
 
 def learning_rate_schedule(config) -> optax.Schedule:
-    """Linear warm-up to ``base_lr * batch / base_batch``, then cosine / linear / constant."""
+    """Linear warm-up to ``base_lr * batch / base_batch``, then cosine / linear / constant decay to
+    ``min_lr_ratio`` x peak. ``optim.decay_start``: 'warmup_end' runs the decay over the steps after
+    the warm-up (MAE's ``lr_sched.py``); 'zero' runs it over all ``total_steps`` from step 0 and lets
+    the warm-up replace its start (BERT's ``optimization.py``: polynomial decay of the global step)."""
     o = config.optim
     peak = config_lib.lr(config)
     floor = peak * o.min_lr_ratio
-    decay_steps = max(config.total_steps - o.warmup_steps, 1)
+    start = o.warmup_steps if o.get("decay_start", "warmup_end") == "warmup_end" else 0
+    decay_steps = max(config.total_steps - start, 1)
     if o.schedule == "cosine":
         decay = optax.cosine_decay_schedule(peak, decay_steps, alpha=o.min_lr_ratio)
     elif o.schedule == "linear":
         decay = optax.linear_schedule(peak, floor, decay_steps)
     else:
         decay = optax.constant_schedule(peak)
-    warmup = optax.linear_schedule(0.0, peak, o.warmup_steps) if o.warmup_steps else optax.constant_schedule(peak)
-    return optax.join_schedules([warmup, decay], [o.warmup_steps])
+    if not o.warmup_steps:
+        return decay
+    warmup = optax.linear_schedule(0.0, peak, o.warmup_steps)
+    if start:
+        return optax.join_schedules([warmup, decay], [o.warmup_steps])
+    return lambda step: jnp.where(step < o.warmup_steps, warmup(step), decay(step))
 
 
 def decay_mask(roles: Any, decay_roles) -> Any:

@@ -33,18 +33,27 @@ def test_mae_loss_unchanged_when_visible_targets_change():
     model = objective.build(nnx.Rngs(0))
     key = jax.random.key(3)
     batch = {"image": jax.random.normal(jax.random.key(4), (4, 16, 16, 1)), "label": jnp.zeros(4, jnp.int32)}
-    patches, mask, _, pred = objective.predict(model, batch, key)
+    patches = objective.patches(batch)
+    mask = objective.mask(model, patches, key, 0)
+    _, pred = objective.decode(model, patches, mask)
     target = vision.norm_pix(patches)
     changed = jnp.where(mask.mask[..., None], target, -target)
     assert float(mae.masked_mse(pred, target, mask.mask)) == pytest.approx(
         float(mae.masked_mse(pred, changed, mask.mask)), rel=1e-6)
 
 
-def test_norm_pix_targets_are_standardised_per_patch():
+def test_norm_pix_targets_are_standardised_with_the_unbiased_variance():
+    """MAE and VideoMAE divide by torch's default (unbiased, ddof=1) standard deviation."""
     patches = jax.random.uniform(jax.random.key(0), (3, 10, 48)) * 5 + 2
     t = np.asarray(vision.norm_pix(patches))
     np.testing.assert_allclose(t.mean(-1), 0.0, atol=1e-5)
-    np.testing.assert_allclose(t.var(-1), 1.0, atol=1e-4)
+    np.testing.assert_allclose(t.var(-1, ddof=1), 1.0, atol=1e-4)
+    # per channel within each patch (VideoMAE): 3 channels, the last axis of each (t, y, x, c) vector
+    c = np.asarray(vision.norm_pix(patches, channels=3, mode="channel")).reshape(3, 10, 16, 3)
+    np.testing.assert_allclose(c.mean(-2), 0.0, atol=1e-5)
+    np.testing.assert_allclose(c.std(-2, ddof=1), 1.0, atol=1e-4)
+    back = vision.denorm_pix(vision.norm_pix(patches, 3, "channel"), patches, 3, "channel")
+    np.testing.assert_allclose(np.asarray(back), np.asarray(patches), rtol=1e-5)
 
 
 def test_simmim_l1_only_on_hidden_pixels():

@@ -49,6 +49,12 @@ def contrastive_loss(image: jax.Array, text: jax.Array, scale: jax.Array) -> tup
     return loss, accuracy
 
 
+def clipped_logit_scale(log_scale: jax.Array, max_logit_scale: float) -> jax.Array:
+    """exp of the learned log-scale clipped to [0, log max_logit_scale] (FLIP's
+    ``compute_contrastive_loss``): inside the range the gradient flows, at the clip it stops."""
+    return jnp.exp(jnp.clip(log_scale, 0.0, math.log(max_logit_scale)))
+
+
 class FLIPModel(nnx.Module):
     def __init__(self, image: vit.ViTEncoder, text: text_model.TextEncoder, embed_dim: int,
                  init_temperature: float, rngs: nnx.Rngs):
@@ -155,9 +161,7 @@ class FLIP(VisionObjective):
         return batch
 
     def logit_scale(self, model: FLIPModel) -> jax.Array:
-        """exp of the learned log-scale clipped to [0, log flip.max_logit_scale] (FLIP's
-        ``compute_contrastive_loss``): inside the range the gradient flows, at the clip it stops."""
-        return jnp.exp(jnp.clip(model.log_scale[...], 0.0, math.log(self.config.flip.max_logit_scale)))
+        return clipped_logit_scale(model.log_scale[...], self.config.flip.max_logit_scale)
 
     def loss(self, model: FLIPModel, batch: dict, key: jax.Array, step: jax.Array):
         image_key, text_key = jax.random.split(key)

@@ -20,6 +20,7 @@ from flax import nnx
 from maskjax import masking, objectives
 from maskjax.config import ConfigError
 from maskjax.models import layers, vit
+from maskjax.objectives import vision
 from maskjax.objectives.vision import VisionObjective
 
 
@@ -164,19 +165,21 @@ class MAE(VisionObjective):
         return masking.hard_patch_mask(key, scores, self.num_tokens - self.num_kept, self.hard_count(step))
 
     # ---------------------------------------------------------------- forward and loss
-    def predict(self, model: MAEModel, batch: dict, key: jax.Array, step=0):
-        """Full decode: (patches, mask, hidden [B, L, width], predictions [B, L, target_dim] float32)."""
-        patches = self.patches(batch)
-        mask = self.mask(model, patches, key, step)
+    def decode(self, model: MAEModel, patches: jax.Array, mask: masking.Mask):
+        """(hidden [B, L, width], predictions [B, L, target_dim] float32) of every position, grid order."""
         hidden = model.decoder(model.encoder(patches, mask.keep_idx), mask.restore_idx)
-        return patches, mask, hidden, model.decoder.pred(hidden).astype(jnp.float32)
+        return hidden, model.decoder.pred(hidden).astype(jnp.float32)
 
     def loss(self, model: MAEModel, batch: dict, key: jax.Array, step: jax.Array):
-        norm = self.config.loss.norm_pix
         if self.dual:
-            return self.dual_loss(model, batch, key, norm)
-        patches, mask, hidden, pred = self.predict(model, batch, key, step)
-        target = self.targets(batch, patches, norm)
+            return self.dual_loss(model, batch, key, self.config.loss.norm_pix)
+        patches = self.patches(batch)
+        return self.masked_loss(model, batch, patches, self.mask(model, patches, key, step), step)
+
+    def masked_loss(self, model: MAEModel, batch: dict, patches: jax.Array, mask: masking.Mask, step=0):
+        """The loss given the mask: MSE of the predictions on the hidden patches (plus HPM's term)."""
+        hidden, pred = self.decode(model, patches, mask)
+        target = self.targets(batch, patches, self.config.loss.norm_pix)
         loss = masked_mse(pred, target, mask.mask)
         metrics = {"mask_ratio": jnp.mean(mask.mask.astype(jnp.float32))}
         if self.hpm:
@@ -208,11 +211,11 @@ class MAE(VisionObjective):
         """Images for a person: input, masked input (hidden patches grey), reconstruction with the
         visible patches pasted back. In the normalised pixel space of ``batch['image']``. The decoder
         predicts every position here, also when it was trained with dual masking."""
-        patches, mask, _, pred = self.predict(model, batch, key, self.config.total_steps)
-        if self.config.loss.norm_pix:  # undo the per-patch standardisation with the true statistics
-            mean = jnp.mean(patches, axis=-1, keepdims=True)
-            std = jnp.sqrt(jnp.var(patches, axis=-1, keepdims=True) + 1e-6)
-            pred = pred * std + mean
+        patches = self.patches(batch)
+        mask = self.mask(model, patches, key, self.config.total_steps)
+        _, pred = self.decode(model, patches, mask)
+        if self.config.loss.norm_pix:  # undo the standardisation with the true statistics
+            pred = vision.denorm_pix(pred, patches, self.config.data.channels, self.norm_pix_mode)
         return self.reconstruction_images(batch, patches, mask.mask, pred)
 
     def flops(self) -> int:

@@ -43,7 +43,12 @@ class SimMIM(VisionObjective):
         return patches, hidden, model(patches, hidden)
 
     def loss(self, model: SimMIMModel, batch: dict, key: jax.Array, step: jax.Array):
-        patches, hidden, pred = self.predict(model, batch, key)
+        patches = self.patches(batch)
+        return self.masked_loss(model, batch, patches, self.masker()(key, patches.shape[0]).mask)
+
+    def masked_loss(self, model: SimMIMModel, batch: dict, patches: jax.Array, hidden: jax.Array):
+        """The loss given the hidden patches [B, L]: L1 (pixels) or MSE (HOG) on them, per element."""
+        pred = model(patches, hidden)
         target = self.targets(batch, patches, norm=False)
         error = jnp.abs(pred - target) if self.target == "pixels" else jnp.square(pred - target)
         weight = hidden[..., None].astype(jnp.float32)

@@ -12,11 +12,46 @@ from maskjax.config import ConfigError
 from maskjax.models import layers, vit
 
 
-def norm_pix(patches: jax.Array, eps: float = 1e-6) -> jax.Array:
-    """Standardises each patch vector by its own mean and variance (MAE's ``norm_pix_loss``)."""
-    mean = jnp.mean(patches, axis=-1, keepdims=True)
-    var = jnp.var(patches, axis=-1, keepdims=True)
-    return (patches - mean) / jnp.sqrt(var + eps)
+NORM_PIX_MODES = ("patch", "channel")
+
+
+def _pixel_groups(patches: jax.Array, channels: int, mode: str) -> tuple[jax.Array, int]:
+    """Patch vectors [B, L, P] viewed as the groups each normalisation standardises, and the axis
+    that runs within a group: 'patch' = the whole vector, 'channel' = each channel of the patch
+    or tubelet (vectors are ordered (t, y, x, channel), so channels are the last, fastest axis)."""
+    if mode not in NORM_PIX_MODES:
+        raise ValueError(f"loss.norm_pix_mode={mode!r} must be one of {NORM_PIX_MODES}")
+    if mode == "patch":
+        return patches, -1
+    return patches.reshape(patches.shape[:-1] + (patches.shape[-1] // channels, channels)), -2
+
+
+def pixel_stats(patches: jax.Array, channels: int = 1, mode: str = "patch", eps: float = 1e-6
+                ) -> tuple[jax.Array, jax.Array]:
+    """(mean, scale) of each group, both shaped to broadcast against ``patches`` viewed as groups.
+    The variance is the unbiased one (``torch.var``'s default, which MAE and VideoMAE use). 'patch':
+    scale sqrt(var + eps) (MAE's ``norm_pix_loss``, also MAE-ST); 'channel': std + eps (VideoMAE's
+    ``engine_for_pretraining``, per channel within each tubelet)."""
+    x, axis = _pixel_groups(patches.astype(jnp.float32), channels, mode)
+    mean = jnp.mean(x, axis=axis, keepdims=True)
+    var = jnp.var(x, axis=axis, keepdims=True, ddof=1)
+    scale = jnp.sqrt(var + eps) if mode == "patch" else jnp.sqrt(var) + eps
+    return mean, scale
+
+
+def norm_pix(patches: jax.Array, channels: int = 1, mode: str = "patch", eps: float = 1e-6) -> jax.Array:
+    """Standardised pixel targets [B, L, P] (see :func:`pixel_stats` for the two modes)."""
+    mean, scale = pixel_stats(patches, channels, mode, eps)
+    x, _ = _pixel_groups(patches.astype(jnp.float32), channels, mode)
+    return ((x - mean) / scale).reshape(patches.shape)
+
+
+def denorm_pix(pred: jax.Array, patches: jax.Array, channels: int = 1, mode: str = "patch",
+               eps: float = 1e-6) -> jax.Array:
+    """Inverse of :func:`norm_pix` for predictions ``pred``, with the true statistics of ``patches``."""
+    mean, scale = pixel_stats(patches, channels, mode, eps)
+    x, _ = _pixel_groups(pred.astype(jnp.float32), channels, mode)
+    return (x * scale + mean).reshape(pred.shape)
 
 
 TARGETS = ("pixels", "hog")
@@ -70,6 +105,8 @@ class VisionObjective:
         stride = data.get("frame_stride", 1)
         if not isinstance(stride, int) or stride < 1:
             raise ConfigError("data.frame_stride", f"must be a positive int, got {stride!r}")
+        if self.norm_pix_mode not in NORM_PIX_MODES:
+            raise ConfigError("loss.norm_pix_mode", f"must be one of {NORM_PIX_MODES}, got {self.norm_pix_mode!r}")
         if self.target not in TARGETS:
             raise ConfigError("loss.target", f"must be one of {TARGETS}, got {self.target!r}")
         if self.target == "hog":
@@ -120,6 +157,10 @@ class VisionObjective:
         return self.config.loss.get("target", "pixels")
 
     @property
+    def norm_pix_mode(self) -> str:
+        return self.config.loss.get("norm_pix_mode", "patch")
+
+    @property
     def target_dim(self) -> int:
         """Size of one patch's prediction target: pixels, or HOG cells x channels x bins."""
         if self.target == "pixels":
@@ -132,7 +173,7 @@ class VisionObjective:
         """[B, L, target_dim]: the patches themselves (standardised per patch when ``norm``: MAE's
         norm_pix_loss), or MaskFeat's HOG features of each frame, grouped per patch / tubelet."""
         if self.target == "pixels":
-            return norm_pix(patches) if norm else patches
+            return norm_pix(patches, self.config.data.channels, self.norm_pix_mode) if norm else patches
         loss, images = self.config.loss, batch["image"]
         frames = images.reshape((-1,) + images.shape[-3:])  # video frames become images
         maps = hog(frames, loss.hog_cell, loss.hog_bins)

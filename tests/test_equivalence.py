@@ -1,0 +1,323 @@
+"""Reference equivalence: maskjax's losses, gradients and optimizer steps against independent
+implementations (Hugging Face transformers and PyTorch, CPU, float32) on identical weights and inputs.
+
+Weights are made identical by maskjax's own export (the interop tests check that mapping on outputs);
+every parameter is moved off its initial value first, so zero biases and unit norm scales take part.
+Gradients are compared in transformers' layout: the export's tensor mapping is linear (reshape,
+transpose, split), so it maps gradients as it maps weights.
+
+Covered: MAE = ``ViTMAEForPreTraining`` (same ``noise``, norm-pix on and off), SimMIM =
+``ViTForMaskedImageModeling`` (same ``bool_masked_pos``), BERT MLM = ``BertForMaskedLM`` (same
+corrupted inputs and labels), FLIP's contrastive loss and logit-scale gradient = CLIP's loss in
+transformers, and AdamW steps of the MAE and BERT recipes (their decay rules, schedules, epsilon and
+clipping) = ``torch.optim.AdamW`` with the official parameter groups and a schedule re-derived from
+the official files (facebookresearch/mae ``util/lr_sched.py``, google-research/bert ``optimization.py``).
+
+Not covered here, and why: VideoMAE. transformers' ``VideoMAEForPreTraining`` has 1D sinusoid
+positions over all tokens, q/v biases without a k bias, and a mean-pooling head, so no maskjax video
+model can carry identical weights; its per-channel target normalisation is checked against a NumPy
+re-derivation of VideoMAE's ``engine_for_pretraining.py`` instead (test_masks_reference.py).
+"""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from tests.conftest import load_config
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+LOSS_RTOL = 1e-5
+GRAD_TOL = 1e-4
+
+
+def _perturbed(params, seed=0, scale=0.05):
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda x: (np.asarray(x) + scale * rng.standard_normal(np.shape(x))).astype(np.float32), params)
+
+
+def _setup(config, seed=0):
+    """(objective, graphdef, perturbed host params) of a config's model."""
+    from maskjax import objectives
+
+    objective = objectives.get(config)
+    graphdef, state = nnx.split(objective.build(nnx.Rngs(0)))
+    return objective, graphdef, _perturbed(nnx.to_pure_dict(state), seed)
+
+
+def _hf(config, params, arch, cls, path):
+    from maskjax import export
+
+    export.export(config, params, "hf", str(path), arch)
+    return cls.from_pretrained(str(path)).eval()
+
+
+def _torch_grads(model) -> dict:
+    from maskjax import export
+
+    return {export.canonical(n): p.grad.numpy() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _compared_names(config, arch, tensors) -> list:
+    """Tensor names that hold maskjax parameters (not the fixed position tables or BERT's unused
+    token-type table, which maskjax writes as constants)."""
+    from maskjax import export
+
+    fixed = set(export.position_tables(config, arch, "" if arch == "vit" else "vit."))
+    fixed.add("bert.embeddings.token_type_embeddings.weight")
+    return [name for name in tensors if name not in fixed]
+
+
+def _assert_close(name, ours, theirs, tol=GRAD_TOL):
+    # Relative to the tensor's largest entry, with a floor for gradients that are zero in exact
+    # arithmetic and float32 rounding noise (~1e-9) in both implementations (e.g. the key bias).
+    scale = max(float(np.max(np.abs(theirs))), 1e-4)
+    np.testing.assert_allclose(ours, theirs, rtol=tol, atol=tol * scale, err_msg=name)
+
+
+def _assert_grads_match(config, arch, grads, model):
+    from maskjax import export
+
+    ours = export.to_tensors(config, jax.tree.map(np.asarray, grads), arch)
+    theirs = _torch_grads(model)
+    names = _compared_names(config, arch, ours)
+    missing = [n for n in names if n not in theirs]
+    assert not missing, f"transformers has no gradient for {missing}"
+    for name in names:
+        _assert_close(name, ours[name], theirs[name])
+    return len(names)
+
+
+def _images(config, batch=3, seed=0):
+    rng = np.random.default_rng(seed)
+    shape = (batch, config.data.image_size, config.data.image_size, config.data.channels)
+    return rng.normal(size=shape).astype(np.float32)
+
+
+def _to_torch_images(images):
+    return torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+
+
+# --------------------------------------------------------------------------- images
+
+
+@pytest.mark.parametrize("norm_pix", [True, False])
+def test_mae_loss_and_gradients_match_vitmae(tmp_path, norm_pix):
+    from maskjax import masking
+
+    config = load_config("mae_digits.py:tiny", "model.qkv_bias=True", f"loss.norm_pix={norm_pix}",
+                         "data.channels=3")
+    objective, graphdef, params = _setup(config)
+    images = _images(config)
+    batch = {"image": jnp.asarray(images), "label": jnp.zeros(len(images), jnp.int32)}
+    patches = objective.patches(batch)
+    noise = np.random.default_rng(1).uniform(size=patches.shape[:2]).astype(np.float32)
+    mask = masking.from_keep_order(jnp.argsort(jnp.asarray(noise), axis=1), objective.num_kept)
+
+    def loss_fn(p):
+        return objective.masked_loss(nnx.merge(graphdef, p), batch, patches, mask)[0]
+
+    loss, grads = jax.value_and_grad(loss_fn)(jax.tree.map(jnp.asarray, params))
+
+    hf = _hf(config, params, "vit_mae", transformers.ViTMAEForPreTraining, tmp_path / "mae")
+    assert hf.config.norm_pix_loss == norm_pix
+    out = hf(pixel_values=_to_torch_images(images), noise=torch.from_numpy(noise))
+    out.loss.backward()
+    np.testing.assert_array_equal(out.mask.numpy().astype(bool), np.asarray(mask.mask))
+    assert float(loss) == pytest.approx(out.loss.item(), rel=LOSS_RTOL)
+    assert _assert_grads_match(config, "vit_mae", grads, hf) > 30
+
+
+def test_simmim_loss_and_gradients_match_vit_for_masked_image_modeling(tmp_path):
+    config = load_config("simmim_digits.py:tiny", "model.qkv_bias=True")
+    objective, graphdef, params = _setup(config, seed=2)
+    images = _images(config, seed=2)
+    batch = {"image": jnp.asarray(images), "label": jnp.zeros(len(images), jnp.int32)}
+    patches = objective.patches(batch)
+    hidden = objective.masker()(jax.random.key(3), patches.shape[0]).mask
+
+    def loss_fn(p):
+        return objective.masked_loss(nnx.merge(graphdef, p), batch, patches, hidden)[0]
+
+    loss, grads = jax.value_and_grad(loss_fn)(jax.tree.map(jnp.asarray, params))
+    hf = _hf(config, params, "vit_mim", transformers.ViTForMaskedImageModeling, tmp_path / "simmim")
+    out = hf(pixel_values=_to_torch_images(images), bool_masked_pos=torch.from_numpy(np.asarray(hidden)))
+    out.loss.backward()
+    # transformers divides by (masked pixels + 1e-5): a relative difference of about 1e-5 / masked pixels
+    assert float(loss) == pytest.approx(out.loss.item(), rel=LOSS_RTOL)
+    assert _assert_grads_match(config, "vit_mim", grads, hf) > 10
+
+
+# --------------------------------------------------------------------------- text
+
+
+def _text_batch(objective, batch=4, seed=5):
+    tok, length = objective.tokenizer, objective.seq_len
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(max(tok.special_ids) + 1, tok.vocab_size, (batch, length)).astype(np.int32)
+    tokens[:, 0], tokens[:, -1] = tok.cls_id, tok.sep_id
+    maskable = np.ones((batch, length), bool)
+    maskable[:, [0, -1]] = False
+    return {"tokens": tokens, "segment_ids": np.ones_like(tokens),
+            "positions": np.broadcast_to(np.arange(length, dtype=np.int32), tokens.shape).copy(),
+            "word_start": rng.uniform(size=tokens.shape) < 0.7, "maskable": maskable}
+
+
+@pytest.mark.parametrize("kind", ["token", "word"])
+def test_bert_mlm_loss_and_gradients_match_bert_for_masked_lm(tmp_path, data_dir, kind):
+    config = load_config("mlm_text.py:tiny", "model.qkv_bias=True", "model.norm_eps=1e-12", f"mask.kind={kind}",
+                         data_dir=data_dir)
+    objective, graphdef, params = _setup(config, seed=4)
+    batch = jax.tree.map(jnp.asarray, _text_batch(objective))
+    key = jax.random.key(6)
+    inputs, selected = objective.corrupt(batch, key, 0)
+    assert int(selected.sum()) > 0 and bool((inputs != batch["tokens"]).any())
+
+    def loss_fn(p):
+        return objective.loss(nnx.merge(graphdef, p), batch, key, 0)[0]
+
+    loss, grads = jax.value_and_grad(loss_fn)(jax.tree.map(jnp.asarray, params))
+    hf = _hf(config, params, "bert", transformers.BertForMaskedLM, tmp_path / "bert")
+    labels = np.where(np.asarray(selected), np.asarray(batch["tokens"]), -100).astype(np.int64)
+    out = hf(input_ids=torch.from_numpy(np.asarray(inputs, np.int64)), labels=torch.from_numpy(labels))
+    out.loss.backward()
+    assert float(loss) == pytest.approx(out.loss.item(), rel=LOSS_RTOL)
+    assert _assert_grads_match(config, "bert", grads, hf) > 10
+
+
+# --------------------------------------------------------------------------- FLIP
+
+
+def test_flip_contrastive_loss_and_logit_scale_gradient_match_clip():
+    from transformers.models.clip import modeling_clip
+
+    from maskjax.objectives import flip
+
+    rng = np.random.default_rng(7)
+    image, text = rng.normal(size=(2, 16, 8)).astype(np.float32)
+    config = load_config("flip_laion.py:vit_b16")
+    log_scale = math.log(1.0 / config.flip.init_temperature)
+
+    def ours(image, text, log_scale):
+        scale = flip.clipped_logit_scale(log_scale, config.flip.max_logit_scale)
+        return flip.contrastive_loss(flip.normalize(image), flip.normalize(text), scale)[0]
+
+    loss, grads = jax.value_and_grad(ours, argnums=(0, 1, 2))(jnp.asarray(image), jnp.asarray(text),
+                                                               jnp.float32(log_scale))
+    t_image, t_text = (torch.from_numpy(x).requires_grad_() for x in (image, text))
+    t_scale = torch.tensor(log_scale, dtype=torch.float32, requires_grad=True)
+    norm = lambda x: x / x.norm(dim=-1, keepdim=True)
+    logits_per_text = norm(t_text) @ norm(t_image).T * t_scale.exp()  # CLIPModel.forward
+    reference = modeling_clip.image_text_contrastive_loss(logits_per_text)
+    reference.backward()
+    assert float(loss) == pytest.approx(reference.item(), rel=LOSS_RTOL)
+    for name, a, b in zip(("image", "text", "log_scale"), grads, (t_image.grad, t_text.grad, t_scale.grad)):
+        _assert_close(name, np.asarray(a), b.numpy())
+    # The recipe's temperature learns from step 0: its start lies inside the clip.
+    assert abs(float(grads[2])) > 1e-4
+
+
+def test_flip_logit_scale_stops_learning_only_at_the_clip():
+    from maskjax.objectives import flip
+
+    rng = np.random.default_rng(8)
+    image, text = (flip.normalize(jnp.asarray(x)) for x in rng.normal(size=(2, 16, 8)).astype(np.float32))
+    grad = lambda s: float(jax.grad(lambda v: flip.contrastive_loss(image, text, flip.clipped_logit_scale(v, 100.0))[0])(
+        jnp.float32(s)))
+    assert grad(math.log(1 / 0.07)) != 0.0
+    assert grad(math.log(100.0) + 0.1) == 0.0 and grad(-0.1) == 0.0
+
+
+# --------------------------------------------------------------------------- optimizer steps
+
+
+def _mae_lr(step, peak, warmup, total, min_lr=0.0):
+    """facebookresearch/mae util/lr_sched.py per iteration: linear warm-up, then half-cycle cosine."""
+    if step < warmup:
+        return peak * step / warmup
+    return min_lr + (peak - min_lr) * 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / (total - warmup)))
+
+
+def _bert_lr(step, peak, warmup, total):
+    """google-research/bert optimization.py: polynomial (power 1) decay of the global step to 0 over
+    all steps; during warm-up the linear warm-up value replaces it."""
+    if step < warmup:
+        return peak * step / warmup
+    return peak * (1.0 - min(step, total) / total)
+
+
+def _mae_no_decay(name, param):
+    """MAE's param groups (timm's add_weight_decay: 1-D tensors and biases) plus the cls/mask tokens
+    and position tables (see the recipe docstring for why tokens are excluded)."""
+    tokens = ("cls_token", "mask_token", "position_embeddings", "decoder_pos_embed")
+    return param.ndim <= 1 or name.endswith(".bias") or name.endswith(tokens)
+
+
+def _bert_no_decay(name, param):
+    """google-research/bert optimization.py: exclude_from_weight_decay = LayerNorm, layer_norm, bias."""
+    return any(part in name for part in ("LayerNorm", "layer_norm", "bias"))
+
+
+def _adamw_steps(tmp_path, config, arch, cls, no_decay, lr_fn, steps):
+    """Runs ``steps`` AdamW updates with the same random gradients in maskjax (the trainer's optimizer)
+    and in torch.optim.AdamW; returns both parameter sets in transformers' layout."""
+    from maskjax import export, train
+    from maskjax.models import layers
+
+    objective, graphdef, params = _setup(config, seed=9)
+    _, state = nnx.split(objective.build(nnx.Rngs(0)))
+    optimizer, schedule = train.make_optimizer(config, layers.param_roles(state))
+    hf = _hf(config, params, arch, cls, tmp_path / arch)
+    names = dict((export.canonical(n), p) for n, p in hf.named_parameters())
+    o = config.optim
+    decay = [p for n, p in hf.named_parameters() if p.requires_grad and not no_decay(export.canonical(n), p)]
+    plain = [p for n, p in hf.named_parameters() if p.requires_grad and no_decay(export.canonical(n), p)]
+    torch_opt = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
+                                   {"params": plain, "weight_decay": 0.0}], lr=0.0, betas=(o.b1, o.b2), eps=o.eps)
+    ours = jax.tree.map(jnp.asarray, params)
+    opt_state = optimizer.init(ours)
+    rng = np.random.default_rng(10)
+    for step in range(steps):
+        grads = jax.tree.map(lambda x: rng.standard_normal(x.shape).astype(np.float32) * 0.1, params)
+        assert float(schedule(step)) == pytest.approx(lr_fn(step), rel=1e-5, abs=1e-12), step
+        updates, opt_state = optimizer.update(jax.tree.map(jnp.asarray, grads), opt_state, ours)
+        ours = jax.tree.map(lambda p, u: p + u, ours, updates)
+        tensors = export.to_tensors(config, grads, arch)
+        hf.zero_grad(set_to_none=True)
+        for name in _compared_names(config, arch, tensors):
+            names[name].grad = torch.from_numpy(tensors[name].copy())
+        for group in torch_opt.param_groups:
+            group["lr"] = lr_fn(step)
+        if o.clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_([p for p in hf.parameters() if p.grad is not None], o.clip_norm)
+        torch_opt.step()
+    mine = export.to_tensors(config, jax.tree.map(np.asarray, ours), arch)
+    theirs = {export.canonical(n): p.detach().numpy() for n, p in hf.named_parameters()}
+    return mine, theirs, _compared_names(config, arch, mine)
+
+
+def test_mae_recipe_adamw_steps_match_torch(tmp_path):
+    config = load_config("mae_imagenet.py:vit_b16", "data.image_size=16", "model.patch_size=4", "model.width=32",
+                         "model.depth=1", "model.heads=2", "decoder.width=16", "decoder.depth=1", "decoder.heads=2",
+                         "batch_size=256", "total_steps=10", "optim.warmup_steps=3")
+    total, warmup, peak = config.total_steps, config.optim.warmup_steps, config.optim.base_lr
+    mine, theirs, names = _adamw_steps(tmp_path, config, "vit_mae", transformers.ViTMAEForPreTraining,
+                                       _mae_no_decay, lambda s: _mae_lr(s, peak, warmup, total), steps=6)
+    for name in names:
+        _assert_close(name, mine[name], theirs[name])
+
+
+def test_bert_recipe_adamw_steps_match_torch(tmp_path, data_dir):
+    config = load_config("bert_base.py:128", "data.name=maskjax_text", "data.train_split=train",
+                         "data.eval_split=validation", "data.seq_len=32", "model.width=32", "model.depth=1",
+                         "model.heads=2", "model.max_len=32", "mlm.max_predictions=8", "total_steps=10",
+                         "optim.warmup_steps=3", "optim.clip_norm=0.05", data_dir=data_dir)
+    total, warmup, peak = config.total_steps, config.optim.warmup_steps, config.optim.base_lr
+    mine, theirs, names = _adamw_steps(tmp_path, config, "bert", transformers.BertForMaskedLM,
+                                       _bert_no_decay, lambda s: _bert_lr(s, peak, warmup, total), steps=6)
+    for name in names:
+        _assert_close(name, mine[name], theirs[name])
