@@ -34,7 +34,7 @@ setup(
     packages=find_packages(include=["maskjax", "maskjax.*"]),
     install_requires=INSTALL_REQUIRES,
     extras_require={
-        "test": ["pytest", "pytest-xdist", "hypothesis"],
+        "test": ["pytest", "pytest-xdist", "hypothesis", "scipy"],
         "tf": ["tensorflow-cpu"],
         # transformers + CPU PyTorch: loading exported models, round-trip tests (torch 2.13.0 is the CPU build
         # pip finds on this project's machines; a newer one pulls in several GB of CUDA packages)

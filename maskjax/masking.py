@@ -151,16 +151,17 @@ def block_mask(
     ratio: float | None = None,
     min_patches: int = 16,
     min_aspect: float = 0.3,
-    max_attempts: int = 100,
+    max_attempts: int = 1000,
     num_masked: int | None = None,
 ) -> Mask:
     """BEiT block-wise masking with an exact count (``num_masked``, or ``L - int(L * (1 - ratio))``).
 
     Rectangles of area ~ U[min_patches, remaining] and log-uniform aspect ratio in
-    [min_aspect, 1/min_aspect] are placed at random; a rectangle is accepted when it hides between 1
-    and ``remaining`` new patches (BEiT's rule, so the target is never overshot). After
-    ``max_attempts`` tries (or when no rectangle fits, e.g. on tiny grids) the remainder is filled with
-    uniformly random patches, so every example hides exactly ``L - int(L * (1 - ratio))`` patches.
+    [min_aspect, 1/min_aspect], strictly smaller than the grid, are placed at random; a rectangle is
+    accepted when it hides between 1 and ``remaining`` new patches (BEiT's rule, so the target is never
+    overshot). BEiT stops after 10 failed tries in a row, short of the target; here (and after
+    ``max_attempts`` tries in all) the remainder is filled with uniformly random patches, so every
+    example hides exactly ``L - int(L * (1 - ratio))`` patches.
     """
     height, width = _check_grid(grid)
     length = height * width
@@ -186,18 +187,20 @@ def block_mask(
 
     def one(key):
         def cond(carry):
-            mask, count, attempt, _ = carry
-            return (count < target) & (attempt < max_attempts)
+            mask, count, attempt, failed, _ = carry
+            return (count < target) & (attempt < max_attempts) & (failed < 10)
 
         def body(carry):
-            mask, count, attempt, key = carry
+            mask, count, attempt, failed, key = carry
             key, k_area, k_aspect, k_top, k_left = jax.random.split(key, 5)
             remaining = (target - count).astype(jnp.float32)
-            area = jax.random.uniform(k_area, minval=min_area, maxval=jnp.maximum(remaining, min_area))
+            # Python's random.uniform(min_patches, remaining), which BEiT calls: below min_patches remaining
+            # it draws from (remaining, min_patches), so small rectangles can finish the mask
+            area = min_area + (remaining - min_area) * jax.random.uniform(k_area)
             aspect = jnp.exp(jax.random.uniform(k_aspect, minval=log_aspect[0], maxval=log_aspect[1]))
             h = jnp.round(jnp.sqrt(area * aspect)).astype(jnp.int32)
             w = jnp.round(jnp.sqrt(area / aspect)).astype(jnp.int32)
-            fits = (h >= 1) & (w >= 1) & (h <= height) & (w <= width)
+            fits = (h >= 1) & (w >= 1) & (h < height) & (w < width)  # BEiT: strictly inside the grid
             top = jnp.floor(jax.random.uniform(k_top) * (height - h + 1)).astype(jnp.int32)
             left = jnp.floor(jax.random.uniform(k_left) * (width - w + 1)).astype(jnp.int32)
             rect = (rows >= top) & (rows < top + h) & (cols >= left) & (cols < left + w)
@@ -205,11 +208,11 @@ def block_mask(
             accept = fits & (new > 0) & (new <= target - count)
             mask = jnp.where(accept, mask | rect, mask)
             count = jnp.where(accept, count + new, count)
-            return mask, count, attempt + 1, key
+            return mask, count, attempt + 1, jnp.where(accept, 0, failed + 1), key
 
         key, k_fill = jax.random.split(key)
-        init = (jnp.zeros((height, width), bool), jnp.int32(0), jnp.int32(0), key)
-        mask, count, _, _ = jax.lax.while_loop(cond, body, init)
+        init = (jnp.zeros((height, width), bool), jnp.int32(0), jnp.int32(0), jnp.int32(0), key)
+        mask, count, _, _, _ = jax.lax.while_loop(cond, body, init)
         mask = mask.reshape(length)
         # Fill what the rectangles left with random unmasked patches: exact count by rank.
         noise = jnp.where(mask, jnp.inf, jax.random.uniform(k_fill, (length,)))

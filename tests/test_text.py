@@ -187,28 +187,22 @@ def test_token_masking_rate_is_exact(ratio):
 
 @pytest.mark.parametrize("kind", ["word", "span"])
 def test_word_and_span_masks_cover_whole_words_and_never_specials(kind):
+    """Whole words only, except SpanBERT's last span, which the budget may cut inside a word
+    (test_masks_reference.py checks both against the official algorithms)."""
     word_start, maskable = _text_batch()
     budget = masking.mlm_budget(maskable, 0.15, 128)
     selected, unit = jax.jit(lambda k: masking.select_text(kind, k, word_start, maskable, budget))(jax.random.key(2))
     selected, words = np.asarray(selected), np.asarray(masking.word_ids(word_start))
     assert not (selected & ~np.asarray(maskable)).any()
     assert (selected.sum(-1) <= np.asarray(budget)).all()
-    assert selected.sum() >= 0.85 * np.asarray(budget).sum()  # close to the rate, whole words only
+    assert selected.sum() >= 0.97 * np.asarray(budget).sum()
     for row in range(selected.shape[0]):
+        cut = 0
         for w in np.unique(words[row]):
             inside = selected[row][words[row] == w]
-            if np.asarray(maskable)[row][words[row] == w].all():
-                assert inside.all() or not inside.any()
-
-
-def test_span_lengths_follow_the_clipped_geometric():
-    word_start = jnp.ones((64, 256), bool)  # every token a word: span length in tokens = in words
-    maskable = jnp.ones((64, 256), bool)
-    budget = masking.mlm_budget(maskable, 0.15, 256)
-    selected, unit = masking.select_spans(jax.random.key(3), word_start, maskable, budget, p=0.2, max_words=10)
-    lengths = np.concatenate([np.bincount(np.asarray(unit)[r][np.asarray(selected)[r]]) for r in range(64)])
-    lengths = lengths[lengths > 0]
-    assert lengths.max() <= 10 and 3.0 < lengths.mean() < 5.0  # SpanBERT: mean 3.8 words
+            if np.asarray(maskable)[row][words[row] == w].all() and inside.any() and not inside.all():
+                cut += 1
+        assert cut <= (2 if kind == "span" else 0), (row, cut)
 
 
 def test_bert_corruption_is_80_10_10_and_touches_only_selected():
