@@ -13,6 +13,15 @@ mask token) and a prepared TFDS text dataset (default English Wikipedia; BookCor
 
 The second command resumes the first run's checkpoint: parameter shapes (512 positions) and the
 learning-rate schedule (1M steps) are the same in both phases; only the packing length changes.
+
+Optimizer as in ``optimization.py``: Adam epsilon 1e-6, decay on everything but LayerNorm and biases
+(word and position tables included), linear decay of the global step from 0 with the warm-up
+replacing its start (``optim.decay_start='zero'``); checked step by step against torch.optim.AdamW
+(tests/test_equivalence.py). Deviations that remain: BERT's ``AdamWeightDecayOptimizer`` has no bias
+correction and AdamW has, which changes updates only while the moments warm up (about 1/(1-b2) = 1000
+steps, inside the 10k warm-up where the learning rate is below a tenth of its peak); no next-sentence
+prediction (RoBERTa showed it does not help); the masking budget counts maskable tokens, where BERT
+counts [CLS] and [SEP] too (one position more or less in some rows).
 """
 from maskjax.config import base_config
 

@@ -7,7 +7,16 @@ downloaded by hand).
 
 Paper values: batch 4096, base lr 1.5e-4 (lr = base_lr * batch / 256), AdamW (0.9, 0.95),
 weight decay 0.05, 40 warm-up epochs of 800 (1600 for the best numbers), cosine, mask 0.75,
-norm-pix loss, decoder 8 blocks x 512, random resized crop (0.2, 1) + flip.
+norm-pix loss (unbiased variance, as ``torch.var``), decoder 8 blocks x 512, random resized crop
+(0.2, 1) + flip. Weight decay on every weight matrix (``optim.decay_roles``), none on biases, norms,
+the cls and mask tokens or positions; ``maskjax params`` lists it per parameter.
+
+Checked against the official code (tests/test_equivalence.py: loss, gradients and AdamW steps equal to
+transformers' ViTMAEForPreTraining and torch.optim.AdamW with ``util/lr_sched.py``'s schedule). One
+deviation remains: ``main_pretrain.py`` builds its groups with timm's ``add_weight_decay`` (no decay
+only for 1-D tensors and biases), which also decays the [1, 1, D] cls and mask tokens; we follow the
+papers' stated rule and MAE's own fine-tuning code (``param_groups_lrd`` exempts cls_token and
+pos_embed). Add ``token`` to ``optim.decay_roles`` to match the pretraining script exactly.
 """
 from maskjax.config import base_config, steps_for_epochs
 
