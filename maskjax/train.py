@@ -186,7 +186,11 @@ def build(config, devices=None) -> Setup:
             if accum == 1:
                 (_, metrics), grads = loss_and_grads(params, batch, key, step)
             else:
-                micro = jax.tree.map(lambda x: x.reshape((accum, x.shape[0] // accum) + x.shape[1:]), batch)
+                # Micro-batch i takes rows i, i + accum, i + 2 accum, ...: each device's contiguous block of
+                # the batch contributes to every micro-batch, so no rows move between devices (contiguous
+                # blocks put each micro-batch on a subset of devices and cost all-gathers and permutes).
+                micro = jax.tree.map(
+                    lambda x: jnp.swapaxes(x.reshape((x.shape[0] // accum, accum) + x.shape[1:]), 0, 1), batch)
 
                 def body(total, inputs):
                     i, mb = inputs
