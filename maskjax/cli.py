@@ -40,6 +40,14 @@ def multi_process_flags(p: argparse.ArgumentParser) -> None:
                        help="seconds to wait for all processes to join")
 
 
+def mesh_flags(p: argparse.ArgumentParser) -> None:
+    """--config, --mesh and --devices of the commands that look at a config on a mesh without running it."""
+    p.add_argument("--config", required=True, help="config file and optional variant: path/to/file.py[:variant]")
+    p.add_argument("--mesh", default=None, help="mesh sizes, e.g. data=16,fsdp=16,tensor=1 (axes left out are 1)")
+    p.add_argument("--devices", type=int, default=None,
+                   help="lay the mesh over this many virtual CPU devices (to check a pod-sized mesh on one machine)")
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse whose errors are one ``maskjax: error:`` line like every other bad input."""
 
@@ -79,19 +87,14 @@ def _parser() -> argparse.ArgumentParser:
         "params", help="list a config's parameters: shape, logical axes, sharding on the mesh, role, weight decay, "
                        "trainable; totals and bytes per device (nothing compiled or allocated)",
         epilog="Override any config field with --config.KEY=VALUE")
-    params.add_argument("--config", required=True, help="config file and optional variant: path/to/file.py[:variant]")
-    params.add_argument("--mesh", default=None, help="mesh sizes, e.g. data=16,fsdp=16,tensor=1 (axes left out are 1)")
-    params.add_argument("--devices", type=int, default=None, help="lay the mesh over this many virtual CPU devices")
+    mesh_flags(params)
     params.add_argument("--json", default=None, help="also write the rows and totals to this JSON file")
     params.add_argument("--debug", action="store_true", help="show tracebacks")
     check = sub.add_parser(
         "compile-check", help="compile the train step for a config and mesh without running it: memory and FLOPs "
                               "per device, and whether it fits (exit 4 when it does not)",
         epilog="Override any config field with --config.KEY=VALUE")
-    check.add_argument("--config", required=True, help="config file and optional variant: path/to/file.py[:variant]")
-    check.add_argument("--mesh", default=None, help="mesh sizes, e.g. data=16,fsdp=16,tensor=1 (axes left out are 1)")
-    check.add_argument("--devices", type=int, default=None,
-                       help="compile for this many virtual CPU devices (to check a pod-sized mesh on one machine)")
+    mesh_flags(check)
     check.add_argument("--device_memory", default=None,
                        help="memory per device to check against, e.g. 16GiB (default: what the device reports)")
     check.add_argument("--json", default=None, help="also write the report to this JSON file")
