@@ -18,6 +18,10 @@ WIDE = 256  # wide enough that matmuls dominate: norms, GELU, softmax and Adam a
     ("mae_digits.py:tiny", [f"decoder.width={WIDE}", "decoder.depth=1"]),
     ("simmim_digits.py:tiny", []),
     ("flip_digits.py:tiny", [f"text_model.width={WIDE}", "text_model.depth=1"]),
+    ("videomae_digits.py:tiny", [f"decoder.width={WIDE}", "decoder.depth=1"]),
+    # 32x32 clips: at 16x16 the decoder sees 19 tokens and Adam and elementwise work exceed the 5%
+    ("videomae_digits.py:tiny,dual", [f"decoder.width={WIDE}", "decoder.depth=1", "data.image_size=32"]),
+    ("mae_digits.py:tiny", [f"decoder.width={WIDE}", "decoder.depth=1", "hpm.enabled=True"]),
 ])
 def test_analytic_flops_match_xla_cost_analysis(data_dir, name, overrides):
     """One layer per stack (XLA counts a scanned loop body once): the analytic count (matmuls and

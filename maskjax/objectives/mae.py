@@ -223,16 +223,17 @@ class MAE(VisionObjective):
         length = self.num_tokens
         kept = self.num_kept
         prefix = 1 if m.cls_token else 0
-        decoded = length
-        if self.dual:
-            decoded = jax.eval_shape(lambda k: self.decoder_masker()(k, 1), jax.random.key(0)).keep_idx.shape[1] + kept
+        decoded, predicted = length, length
+        if self.dual:  # the decoder runs on the visible tokens + its queries; the head on the queries only
+            predicted = jax.eval_shape(lambda k: self.decoder_masker()(k, 1), jax.random.key(0)).keep_idx.shape[1]
+            decoded = predicted + kept
 
-        def decoder_flops(visible: int, tokens: int) -> int:
+        def decoder_flops(visible: int, tokens: int, predicted: int) -> int:
             return (2 * b * (visible + prefix) * m.width * dec.width
                     + layers.transformer_flops(b, tokens + prefix, dec.width, dec.depth, int(dec.width * m.mlp_ratio))
-                    + 2 * b * tokens * dec.width * self.target_dim)
+                    + 2 * b * predicted * dec.width * self.target_dim)
 
-        train = 3 * (self.encoder_flops(kept) + decoder_flops(kept, decoded))
+        train = 3 * (self.encoder_flops(kept) + decoder_flops(kept, decoded, predicted))
         if self.hpm:  # the no-gradient pass over the whole image that ranks the patches
-            train += self.encoder_flops(length) + decoder_flops(length, length)
+            train += self.encoder_flops(length) + decoder_flops(length, length, length)
         return train
