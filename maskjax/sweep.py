@@ -320,6 +320,9 @@ def collect(workdir: str) -> list[dict]:
                 row["finetune_accuracy"] = results["finetune"]["accuracy"]
             if "pretrained" in results:
                 row["knn"] = results["pretrained"].get("knn")
+            for group in ("raw_pixels", "random_init"):  # the baselines every claim is read against
+                for name, value in results.get(group, {}).items():
+                    row[f"{group}_{name}"] = value
             if "text" in results:
                 row["validation_loss"] = results["text"].get("loss")
         except (OSError, ValueError):
@@ -500,6 +503,13 @@ def plots(workdir: str, rows: list[dict], fits: dict, frontier: list[dict]) -> l
             for extra in ("finetune_accuracy", "knn"):
                 if all(r.get(extra) is not None for r in with_metric):
                     ax.plot(ratios, [r[extra] for r in with_metric], "s--", label=extra)
+            if with_metric[0]["metric"] == "linear_probe":  # baselines: raw pixels, and k-NN at random init
+                for key, color, line in (("raw_pixels_linear_probe", "C0", ":"), ("raw_pixels_knn", "C2", ":"),
+                                         ("random_init_knn", "C2", "-.")):
+                    values = [r[key] for r in with_metric if r.get(key) is not None]
+                    if values:
+                        ax.axhline(float(np.mean(values)), color=color, linestyle=line, linewidth=1,
+                                   label=f"{key.replace('_', ' ')} (baseline)")
             ax.set_xlabel("mask ratio")
             ax.set_ylabel("accuracy" if with_metric[0]["metric"] != "perplexity_bound" else "perplexity bound")
             ax.set_title("downstream metric vs mask ratio")

@@ -98,6 +98,9 @@ def test_run_resumes_records_failures_and_reports(data_dir, tmp_path):
     assert "not_prepared_here" in failed["error"]
     done = [p for p in out["points"] if p["status"] == "done"]
     assert len(done) == 1 and done[0]["final_loss"] > 0 and done[0]["metric"] == "linear_probe"
+    for key in ("raw_pixels_linear_probe", "raw_pixels_knn", "random_init_linear_probe", "random_init_knn"):
+        assert 0.0 < done[0][key] <= 1.0, key  # the baselines travel with every claim
+    assert "raw_pixels_knn" in (workdir / "report.csv").read_text()
     assert done[0]["parameters"] < failed["parameters"] and done[0]["train_flops"] < failed["train_flops"]  # depth 1 < 2
     assert done[0]["examples_seen"] == 8 * 32 and done[0]["non_embedding_parameters"] < done[0]["parameters"]
     for name in ("report.json", "report.csv", "loss_vs_compute.png", "loss_curves.png"):
