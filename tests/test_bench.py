@@ -22,6 +22,7 @@ WIDE = 256  # wide enough that matmuls dominate: norms, GELU, softmax and Adam a
     # 32x32 clips: at 16x16 the decoder sees 19 tokens and Adam and elementwise work exceed the 5%
     ("videomae_digits.py:tiny,dual", [f"decoder.width={WIDE}", "decoder.depth=1", "data.image_size=32"]),
     ("mae_digits.py:tiny", [f"decoder.width={WIDE}", "decoder.depth=1", "hpm.enabled=True"]),
+    ("mdlm_text.py:tiny", []),
 ])
 def test_analytic_flops_match_xla_cost_analysis(data_dir, name, overrides):
     """One layer per stack (XLA counts a scanned loop body once): the analytic count (matmuls and

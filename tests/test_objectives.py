@@ -26,20 +26,26 @@ def test_masked_mse_ignores_visible_patches():
     assert float(base) == pytest.approx(expected, rel=1e-5)
 
 
-def test_mae_loss_unchanged_when_visible_targets_change():
-    """End to end through the objective: the loss only reads hidden-patch targets."""
+def test_mae_loss_is_the_masked_mse_of_the_drawn_mask():
+    """End to end through ``objective.loss``: its value is the MSE on exactly the hidden patches of the
+    mask its key draws, against norm-pix targets; flipping the targets of visible patches would not
+    change it, flipping hidden ones would."""
     config = load_config("mae_digits.py:tiny")
     objective = objectives.get(config)
     model = objective.build(nnx.Rngs(0))
     key = jax.random.key(3)
     batch = {"image": jax.random.normal(jax.random.key(4), (4, 16, 16, 1)), "label": jnp.zeros(4, jnp.int32)}
+    loss, metrics = objective.loss(model, batch, key, 0)
     patches = objective.patches(batch)
     mask = objective.mask(model, patches, key, 0)
     _, pred = objective.decode(model, patches, mask)
     target = vision.norm_pix(patches)
-    changed = jnp.where(mask.mask[..., None], target, -target)
-    assert float(mae.masked_mse(pred, target, mask.mask)) == pytest.approx(
-        float(mae.masked_mse(pred, changed, mask.mask)), rel=1e-6)
+    assert float(loss) == pytest.approx(float(mae.masked_mse(pred, target, mask.mask)), rel=1e-6)
+    assert float(metrics["mask_ratio"]) == pytest.approx(0.75)
+    visible_flipped = jnp.where(mask.mask[..., None], target, -target)
+    hidden_flipped = jnp.where(mask.mask[..., None], -target, target)
+    assert float(mae.masked_mse(pred, visible_flipped, mask.mask)) == pytest.approx(float(loss), rel=1e-6)
+    assert float(mae.masked_mse(pred, hidden_flipped, mask.mask)) != pytest.approx(float(loss), rel=1e-3)
 
 
 def test_norm_pix_targets_are_standardised_with_the_unbiased_variance():

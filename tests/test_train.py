@@ -106,10 +106,14 @@ def test_outputs_metrics_tensorboard_eval_and_png(data_dir, tmp_path):
     with open(workdir / "eval.json") as f:
         result = json.load(f)
     assert result["step"] == 4 and result["num_test"] == 360
-    for group in ("pretrained", "random_init", "raw_pixels"):
-        assert 0.0 <= result[group]["linear_probe"] <= 1.0 and 0.0 <= result[group]["knn"] <= 1.0
+    # Raw pixels on this split: linear probe 0.961, 20-NN 0.967 (README); four steps of training leave
+    # the encoder close to its initialisation, whose features still separate digits far above chance.
+    assert result["raw_pixels"]["linear_probe"] == pytest.approx(0.961, abs=0.02)
+    assert result["raw_pixels"]["knn"] == pytest.approx(0.967, abs=0.02)
+    for group in ("pretrained", "random_init"):
+        assert 0.5 < result[group]["linear_probe"] <= 1.0 and 0.3 < result[group]["knn"] <= 1.0, result[group]
     tuned = result["finetune"]  # end-to-end fine-tuning: half an epoch of digits at batch 32
-    assert tuned["steps"] == 23 and 0.0 <= tuned["accuracy"] <= 1.0
+    assert tuned["steps"] == 23 and 0.15 < tuned["accuracy"] <= 1.0, tuned
     assert tuned["train_loss_last"] < tuned["train_loss_first"]
     png = workdir / "reconstructions" / "step_0000004.png"
     assert png.exists() and summary["eval"]["reconstruction_png"].endswith("step_0000004.png")
