@@ -14,14 +14,13 @@ mask token) and a prepared TFDS text dataset (default English Wikipedia; BookCor
 The second command resumes the first run's checkpoint: parameter shapes (512 positions) and the
 learning-rate schedule (1M steps) are the same in both phases; only the packing length changes.
 
-Optimizer as in ``optimization.py``: Adam epsilon 1e-6, decay on everything but LayerNorm and biases
-(word and position tables included), linear decay of the global step from 0 with the warm-up
-replacing its start (``optim.decay_start='zero'``); checked step by step against torch.optim.AdamW
-(tests/test_equivalence.py). Deviations that remain: BERT's ``AdamWeightDecayOptimizer`` has no bias
-correction and AdamW has, which changes updates only while the moments warm up (about 1/(1-b2) = 1000
-steps, inside the 10k warm-up where the learning rate is below a tenth of its peak); no next-sentence
-prediction (RoBERTa showed it does not help); the masking budget counts maskable tokens, where BERT
-counts [CLS] and [SEP] too (one position more or less in some rows).
+Optimizer as in ``optimization.py`` (``AdamWeightDecayOptimizer``): epsilon 1e-6, no bias correction of
+the moments (``optim.bias_correction=False``), decay on everything but LayerNorm and biases (word and
+position tables included), linear decay of the global step from 0 with the warm-up replacing its start
+(``optim.decay_start='zero'``); checked step by step against a NumPy transcription of that optimizer
+(tests/test_equivalence.py). Deviations that remain: no next-sentence prediction (RoBERTa showed it does
+not help); the masking budget counts maskable tokens, where BERT counts [CLS] and [SEP] too (one
+position more or less in some rows).
 """
 from maskjax.config import base_config
 
@@ -42,11 +41,11 @@ def get_config(arg: str = "128"):
                    pre_norm=False, qkv_bias=True, norm_eps=1e-12, dtype="bfloat16", remat="none")
     c.mask.update(kind="token", ratio=0.15, schedule="constant")
     c.mlm.update(replace=True, max_predictions=20 if arg == "128" else 80, sparse=True)
-    # google-research/bert optimization.py: epsilon 1e-6; decay on everything but LayerNorm and biases (so
-    # the word and position tables too); linear decay of the global step from 0, warm-up replacing its start
-    c.optim.update(base_lr=1e-4, base_batch=256, b1=0.9, b2=0.999, eps=1e-6, weight_decay=0.01,
-                   decay_roles=("kernel", "embedding", "position"), warmup_steps=10_000, schedule="linear",
-                   decay_start="zero", min_lr_ratio=0.0, clip_norm=1.0)
+    # google-research/bert optimization.py: epsilon 1e-6, no bias correction; decay on everything but LayerNorm
+    # and biases (word and position tables too); linear decay of the global step from 0, warm-up replacing its start
+    c.optim.update(base_lr=1e-4, base_batch=256, b1=0.9, b2=0.999, eps=1e-6, bias_correction=False,
+                   weight_decay=0.01, decay_roles=("kernel", "embedding", "position"), warmup_steps=10_000,
+                   schedule="linear", decay_start="zero", min_lr_ratio=0.0, clip_norm=1.0)
     c.checkpoint.update(every=10_000, keep=3)
     c.eval.update(batch_size=256, max_batches=100)
     return c

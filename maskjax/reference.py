@@ -115,6 +115,7 @@ FIELDS = {
     "optim.b1": "AdamW beta1.",
     "optim.b2": "AdamW beta2.",
     "optim.eps": "AdamW epsilon (BERT's optimizer uses 1e-6).",
+    "optim.bias_correction": "Adam's 1 - b^t correction of the moments; BERT's AdamWeightDecayOptimizer has none.",
     "optim.weight_decay": "AdamW decoupled weight decay, on the parameters whose role is in optim.decay_roles.",
     "optim.decay_roles": "Parameter roles weight decay applies to: kernel (weight matrices), embedding (token "
                          "tables), position (learned position tables), token (cls/mask), bias, norm, temperature. "
@@ -180,6 +181,7 @@ PAPERS = {
         "official": "google-research/bert (create_pretraining_data.py, run_pretraining.py)",
         "values": {"batch_size": 256, "total_steps": 1_000_000, "optim.base_lr": 1e-4, "optim.warmup_steps": 10_000,
                    "optim.weight_decay": 0.01, "optim.b1": 0.9, "optim.b2": 0.999, "optim.eps": 1e-6,
+                   "optim.bias_correction": False,
                    "optim.decay_roles": ("kernel", "embedding", "position"), "optim.schedule": "linear",
                    "optim.decay_start": "zero",
                    "data.seq_len": 128, "model.width": 768, "model.depth": 12, "model.heads": 12,

@@ -63,14 +63,39 @@ def decay_mask(roles: Any, decay_roles) -> Any:
     return jax.tree.map(lambda role: role in decay_roles, roles)
 
 
+def scale_by_adam_without_bias_correction(b1: float, b2: float, eps: float) -> optax.GradientTransformation:
+    """Adam's direction m / (sqrt(v) + eps) from the raw moments, as BERT's ``AdamWeightDecayOptimizer``
+    computes it (no 1 - b^t correction). Its state has optax's Adam layout, so checkpoints and the
+    sharding of the moments are the same as with bias correction."""
+
+    def init(params):
+        zeros = lambda: jax.tree.map(jnp.zeros_like, params)
+        return optax.ScaleByAdamState(count=jnp.zeros((), jnp.int32), mu=zeros(), nu=zeros())
+
+    def update(updates, state, params=None):
+        del params
+        mu = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, state.mu, updates)
+        nu = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * jnp.square(g), state.nu, updates)
+        direction = jax.tree.map(lambda m, v: m / (jnp.sqrt(v) + eps), mu, nu)
+        return direction, optax.ScaleByAdamState(count=optax.safe_increment(state.count), mu=mu, nu=nu)
+
+    return optax.GradientTransformation(init, update)
+
+
 def make_optimizer(config, roles: Any) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """AdamW (with global-norm clipping when ``optim.clip_norm`` > 0) and its LR schedule. ``roles``:
-    the tree of parameter roles (:func:`maskjax.models.layers.param_roles`)."""
+    the tree of parameter roles (:func:`maskjax.models.layers.param_roles`). ``optim.bias_correction``
+    False gives BERT's variant; either way the chain is optax.adamw's, so the state layout is one."""
     o = config.optim
     schedule = learning_rate_schedule(config)
     parts = [optax.clip_by_global_norm(o.clip_norm)] if o.clip_norm > 0 else []
-    parts.append(optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
-                             mask=decay_mask(roles, o.decay_roles)))
+    mask = decay_mask(roles, o.decay_roles)
+    if o.get("bias_correction", True):
+        parts.append(optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, mask=mask))
+    else:
+        parts.append(optax.chain(scale_by_adam_without_bias_correction(o.b1, o.b2, o.eps),
+                                 optax.add_decayed_weights(o.weight_decay, mask),
+                                 optax.scale_by_learning_rate(schedule)))
     return optax.chain(*parts), schedule
 
 

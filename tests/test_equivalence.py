@@ -9,9 +9,10 @@ transpose, split), so it maps gradients as it maps weights.
 Covered: MAE = ``ViTMAEForPreTraining`` (same ``noise``, norm-pix on and off), SimMIM =
 ``ViTForMaskedImageModeling`` (same ``bool_masked_pos``), BERT MLM = ``BertForMaskedLM`` (same
 corrupted inputs and labels), FLIP's contrastive loss and logit-scale gradient = CLIP's loss in
-transformers, and AdamW steps of the MAE and BERT recipes (their decay rules, schedules, epsilon and
-clipping) = ``torch.optim.AdamW`` with the official parameter groups and a schedule re-derived from
-the official files (facebookresearch/mae ``util/lr_sched.py``, google-research/bert ``optimization.py``).
+transformers, and optimizer steps of the MAE recipe (``torch.optim.AdamW`` with the official parameter
+groups, schedule re-derived from facebookresearch/mae ``util/lr_sched.py``) and of the BERT recipe (a
+NumPy transcription of google-research/bert ``optimization.py``: its groups, schedule, epsilon,
+clipping and Adam without bias correction; torch's AdamW always corrects).
 
 Not covered here, and why: VideoMAE. transformers' ``VideoMAEForPreTraining`` has 1D sinusoid
 positions over all tokens, q/v biases without a k bias, and a mean-pooling head, so no maskjax video
@@ -262,22 +263,79 @@ def _bert_no_decay(name, param):
     return any(part in name for part in ("LayerNorm", "layer_norm", "bias"))
 
 
-def _adamw_steps(tmp_path, config, arch, cls, no_decay, lr_fn, steps):
-    """Runs ``steps`` AdamW updates with the same random gradients in maskjax (the trainer's optimizer)
-    and in torch.optim.AdamW; returns both parameter sets in transformers' layout."""
+class TorchAdamW:
+    """torch.optim.AdamW over transformers' parameters, in the official groups."""
+
+    def __init__(self, model, no_decay, o):
+        from maskjax import export
+
+        named = [(export.canonical(n), p) for n, p in model.named_parameters() if p.requires_grad]
+        decay = [p for n, p in named if not no_decay(n, p)]
+        plain = [p for n, p in named if no_decay(n, p)]
+        self.model, self.clip = model, o.clip_norm
+        self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
+                                      {"params": plain, "weight_decay": 0.0}], lr=0.0, betas=(o.b1, o.b2), eps=o.eps)
+
+    def step(self, grads: dict, lr: float):
+        from maskjax import export
+
+        self.model.zero_grad(set_to_none=True)
+        for name, p in self.model.named_parameters():
+            if export.canonical(name) in grads:
+                p.grad = torch.from_numpy(grads[export.canonical(name)].copy())
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        if self.clip > 0:
+            torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.grad is not None], self.clip)
+        self.opt.step()
+
+    def params(self) -> dict:
+        from maskjax import export
+
+        return {export.canonical(n): p.detach().numpy() for n, p in self.model.named_parameters()}
+
+
+class BertAdamWeightDecay:
+    """google-research/bert ``optimization.py`` transcribed in NumPy (float64): clip the gradients by
+    their global norm, m = b1 m + (1 - b1) g, v = b2 v + (1 - b2) g^2, update = m / (sqrt(v) + eps)
+    plus weight_decay * param unless the name contains LayerNorm / layer_norm / bias, param -= lr *
+    update. No bias correction."""
+
+    def __init__(self, model, no_decay, o):
+        from maskjax import export
+
+        self.values = {export.canonical(n): p.detach().numpy().astype(np.float64) for n, p in model.named_parameters()}
+        self.no_decay, self.o = no_decay, o
+        self.m = {n: np.zeros_like(v) for n, v in self.values.items()}
+        self.v = {n: np.zeros_like(v) for n, v in self.values.items()}
+
+    def step(self, grads: dict, lr: float):
+        o = self.o
+        norm = math.sqrt(sum(float(np.sum(np.square(g, dtype=np.float64))) for g in grads.values()))
+        scale = o.clip_norm / max(norm, o.clip_norm) if o.clip_norm > 0 else 1.0
+        for name, g in grads.items():
+            g = g.astype(np.float64) * scale
+            self.m[name] = o.b1 * self.m[name] + (1 - o.b1) * g
+            self.v[name] = o.b2 * self.v[name] + (1 - o.b2) * g * g
+            update = self.m[name] / (np.sqrt(self.v[name]) + o.eps)
+            if not self.no_decay(name, self.values[name]):
+                update = update + o.weight_decay * self.values[name]
+            self.values[name] = self.values[name] - lr * update
+
+    def params(self) -> dict:
+        return self.values
+
+
+def _adamw_steps(tmp_path, config, arch, cls, no_decay, lr_fn, steps, reference=TorchAdamW):
+    """Runs ``steps`` updates with the same random gradients in maskjax (the trainer's optimizer) and
+    in ``reference``; returns both parameter sets in transformers' layout."""
     from maskjax import export, train
     from maskjax.models import layers
 
     objective, graphdef, params = _setup(config, seed=9)
     _, state = nnx.split(objective.build(nnx.Rngs(0)))
     optimizer, schedule = train.make_optimizer(config, layers.param_roles(state))
-    hf = _hf(config, params, arch, cls, tmp_path / arch)
-    names = dict((export.canonical(n), p) for n, p in hf.named_parameters())
-    o = config.optim
-    decay = [p for n, p in hf.named_parameters() if p.requires_grad and not no_decay(export.canonical(n), p)]
-    plain = [p for n, p in hf.named_parameters() if p.requires_grad and no_decay(export.canonical(n), p)]
-    torch_opt = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
-                                   {"params": plain, "weight_decay": 0.0}], lr=0.0, betas=(o.b1, o.b2), eps=o.eps)
+    ref = reference(_hf(config, params, arch, cls, tmp_path / arch), no_decay, config.optim)
     ours = jax.tree.map(jnp.asarray, params)
     opt_state = optimizer.init(ours)
     rng = np.random.default_rng(10)
@@ -287,17 +345,9 @@ def _adamw_steps(tmp_path, config, arch, cls, no_decay, lr_fn, steps):
         updates, opt_state = optimizer.update(jax.tree.map(jnp.asarray, grads), opt_state, ours)
         ours = jax.tree.map(lambda p, u: p + u, ours, updates)
         tensors = export.to_tensors(config, grads, arch)
-        hf.zero_grad(set_to_none=True)
-        for name in _compared_names(config, arch, tensors):
-            names[name].grad = torch.from_numpy(tensors[name].copy())
-        for group in torch_opt.param_groups:
-            group["lr"] = lr_fn(step)
-        if o.clip_norm > 0:
-            torch.nn.utils.clip_grad_norm_([p for p in hf.parameters() if p.grad is not None], o.clip_norm)
-        torch_opt.step()
+        ref.step({name: tensors[name] for name in _compared_names(config, arch, tensors)}, lr_fn(step))
     mine = export.to_tensors(config, jax.tree.map(np.asarray, ours), arch)
-    theirs = {export.canonical(n): p.detach().numpy() for n, p in hf.named_parameters()}
-    return mine, theirs, _compared_names(config, arch, mine)
+    return mine, ref.params(), _compared_names(config, arch, mine)
 
 
 def test_mae_recipe_adamw_steps_match_torch(tmp_path):
@@ -311,13 +361,15 @@ def test_mae_recipe_adamw_steps_match_torch(tmp_path):
         _assert_close(name, mine[name], theirs[name])
 
 
-def test_bert_recipe_adamw_steps_match_torch(tmp_path, data_dir):
+def test_bert_recipe_adam_weight_decay_steps_match_bert_optimizer(tmp_path, data_dir):
     config = load_config("bert_base.py:128", "data.name=maskjax_text", "data.train_split=train",
                          "data.eval_split=validation", "data.seq_len=32", "model.width=32", "model.depth=1",
                          "model.heads=2", "model.max_len=32", "mlm.max_predictions=8", "total_steps=10",
                          "optim.warmup_steps=3", "optim.clip_norm=0.05", data_dir=data_dir)
     total, warmup, peak = config.total_steps, config.optim.warmup_steps, config.optim.base_lr
-    mine, theirs, names = _adamw_steps(tmp_path, config, "bert", transformers.BertForMaskedLM,
-                                       _bert_no_decay, lambda s: _bert_lr(s, peak, warmup, total), steps=6)
+    assert config.optim.bias_correction is False and config.optim.eps == 1e-6
+    mine, theirs, names = _adamw_steps(tmp_path, config, "bert", transformers.BertForMaskedLM, _bert_no_decay,
+                                       lambda s: _bert_lr(s, peak, warmup, total), steps=6,
+                                       reference=BertAdamWeightDecay)
     for name in names:
         _assert_close(name, mine[name], theirs[name])
