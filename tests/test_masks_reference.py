@@ -8,6 +8,8 @@ a fixed seed.
   ``create_masked_lm_predictions``): the budget is met, since an overshooting word is skipped.
 - BEiT block masks (microsoft/unilm ``beit/masking_generator.py``): the share of masked patches
   whose four neighbours are masked (blockiness) and the per-row marginal.
+- SimMIM masks (microsoft/SimMIM ``data/data_simmim.py``, ``MaskGenerator``): ceil(cells x ratio) random
+  32-pixel cells, repeated over the 16-pixel patches of each cell.
 - VideoMAE targets (MCG-NJU/VideoMAE ``engine_for_pretraining.py``): per-channel standardisation
   within each tubelet, unbiased std + 1e-6.
 """
@@ -175,6 +177,34 @@ def test_block_masks_match_beit_generator():
     np.testing.assert_allclose(ours.mean((0, 2)), reference.mean((0, 2)), atol=0.05)
     random = np.asarray(masking.random_mask(jax.random.key(8), rows, 196, target / 196).mask).reshape(rows, *grid)
     assert _blockiness(random) < _blockiness(reference) - 0.15  # the statistic tells blocks from noise
+
+
+# --------------------------------------------------------------------------- SimMIM cells
+
+
+def _simmim_reference(rng, input_size=192, mask_patch_size=32, model_patch_size=4, ratio=0.6):
+    """SimMIM's MaskGenerator at its ViT-B 224 setting scaled: token grid of mask cells, a random
+    permutation picks ceil(count * ratio) of them, each repeated to the model's patch grid."""
+    rand_size = input_size // mask_patch_size
+    scale = mask_patch_size // model_patch_size
+    count = rand_size ** 2
+    mask = np.zeros(count, int)
+    mask[rng.permutation(count)[:int(np.ceil(count * ratio))]] = 1
+    return mask.reshape(rand_size, rand_size).repeat(scale, axis=0).repeat(scale, axis=1)
+
+
+def test_grid_masks_match_simmim_mask_generator():
+    rows = 2000
+    rng = np.random.default_rng(10)
+    reference = np.stack([_simmim_reference(rng, 224, 32, 16, 0.6) for _ in range(rows)])  # 7x7 cells, 14x14 patches
+    ours = np.asarray(masking.grid_mask(jax.random.key(11), rows, (14, 14), 0.6, 2).mask).reshape(rows, 14, 14)
+    np.testing.assert_array_equal(ours.sum((1, 2)), reference.sum((1, 2)))  # ceil(49 * 0.6) = 30 cells, always
+    cells = ours.reshape(rows, 7, 2, 7, 2)
+    assert (cells.min((2, 4)) == cells.max((2, 4))).all()  # whole cells only
+    # Every cell equally likely: the per-cell rate of both against the expected 30/49 (binomial, 2000 draws).
+    for masks in (ours, reference):
+        rate = masks.reshape(rows, 7, 2, 7, 2)[:, :, 0, :, 0].mean(0)
+        assert stats.chisquare(rate.ravel() * rows, np.full(49, rows * 30 / 49))[1] > 1e-3
 
 
 # --------------------------------------------------------------------------- VideoMAE targets
