@@ -362,11 +362,8 @@ def _bench(args, overrides) -> int:
         return 0
     print(bench.report(rows, keys))
     if args.json:
-        import json
-
-        with open(args.json, "w") as f:
-            json.dump({"config": args.config, "overrides": list(overrides), "sweep": dict(sweeps),
-                       "environment": bench.environment(), "results": rows}, f, indent=2)
+        _write_json(args.json, {"config": args.config, "overrides": list(overrides), "sweep": dict(sweeps),
+                                "environment": bench.environment(), "results": rows})
     return 0
 
 
