@@ -29,3 +29,20 @@ def load_config(name: str, *overrides: str, data_dir: str | None = None):
     config = config_lib.load(os.path.join(ROOT, "configs", name))
     items = list(overrides) + ([f"data.data_dir={data_dir}"] if data_dir else [])
     return config_lib.override(config, items)
+
+
+def random_images(config, batch: int = 3, seed: int = 0):
+    """Standard-normal images [batch, H, W, C] of ``config``'s shape (float32), the same for a seed."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    shape = (batch, config.data.image_size, config.data.image_size, config.data.channels)
+    return rng.normal(size=shape).astype(np.float32)
+
+
+def to_torch_images(images):
+    """[B, H, W, C] NumPy images as the [B, C, H, W] torch tensor transformers' vision models take."""
+    import numpy as np
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))

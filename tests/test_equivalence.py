@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tests.conftest import load_config
+from tests.conftest import load_config, random_images, to_torch_images
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -93,16 +93,6 @@ def _assert_grads_match(config, arch, grads, model):
     return len(names)
 
 
-def _images(config, batch=3, seed=0):
-    rng = np.random.default_rng(seed)
-    shape = (batch, config.data.image_size, config.data.image_size, config.data.channels)
-    return rng.normal(size=shape).astype(np.float32)
-
-
-def _to_torch_images(images):
-    return torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
-
-
 # --------------------------------------------------------------------------- images
 
 
@@ -113,7 +103,7 @@ def test_mae_loss_and_gradients_match_vitmae(tmp_path, norm_pix):
     config = load_config("mae_digits.py:tiny", "model.qkv_bias=True", f"loss.norm_pix={norm_pix}",
                          "data.channels=3")
     objective, graphdef, params = _setup(config)
-    images = _images(config)
+    images = random_images(config)
     batch = {"image": jnp.asarray(images), "label": jnp.zeros(len(images), jnp.int32)}
     patches = objective.patches(batch)
     noise = np.random.default_rng(1).uniform(size=patches.shape[:2]).astype(np.float32)
@@ -126,7 +116,7 @@ def test_mae_loss_and_gradients_match_vitmae(tmp_path, norm_pix):
 
     hf = _hf(config, params, "vit_mae", transformers.ViTMAEForPreTraining, tmp_path / "mae")
     assert hf.config.norm_pix_loss == norm_pix
-    out = hf(pixel_values=_to_torch_images(images), noise=torch.from_numpy(noise))
+    out = hf(pixel_values=to_torch_images(images), noise=torch.from_numpy(noise))
     out.loss.backward()
     np.testing.assert_array_equal(out.mask.numpy().astype(bool), np.asarray(mask.mask))
     assert float(loss) == pytest.approx(out.loss.item(), rel=LOSS_RTOL)
@@ -136,7 +126,7 @@ def test_mae_loss_and_gradients_match_vitmae(tmp_path, norm_pix):
 def test_simmim_loss_and_gradients_match_vit_for_masked_image_modeling(tmp_path):
     config = load_config("simmim_digits.py:tiny", "model.qkv_bias=True")
     objective, graphdef, params = _setup(config, seed=2)
-    images = _images(config, seed=2)
+    images = random_images(config, seed=2)
     batch = {"image": jnp.asarray(images), "label": jnp.zeros(len(images), jnp.int32)}
     patches = objective.patches(batch)
     hidden = objective.masker()(jax.random.key(3), patches.shape[0]).mask
@@ -146,7 +136,7 @@ def test_simmim_loss_and_gradients_match_vit_for_masked_image_modeling(tmp_path)
 
     loss, grads = jax.value_and_grad(loss_fn)(jax.tree.map(jnp.asarray, params))
     hf = _hf(config, params, "vit_mim", transformers.ViTForMaskedImageModeling, tmp_path / "simmim")
-    out = hf(pixel_values=_to_torch_images(images), bool_masked_pos=torch.from_numpy(np.asarray(hidden)))
+    out = hf(pixel_values=to_torch_images(images), bool_masked_pos=torch.from_numpy(np.asarray(hidden)))
     out.loss.backward()
     # transformers divides by (masked pixels + 1e-5): a relative difference of about 1e-5 / masked pixels
     assert float(loss) == pytest.approx(out.loss.item(), rel=LOSS_RTOL)

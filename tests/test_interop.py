@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT, load_config
+from tests.conftest import ROOT, load_config, random_images, to_torch_images
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -63,15 +63,6 @@ def runs(tmp_path_factory, data_dir):
     return {"root": root, "mae": (root / "mae", mae), "simmim": (root / "simmim", simmim), "mlm": (root / "mlm", mlm)}
 
 
-def _images(config, batch=3, seed=0):
-    rng = np.random.default_rng(seed)
-    return rng.normal(size=(batch, config.data.image_size, config.data.image_size, config.data.channels)).astype(np.float32)
-
-
-def _to_torch_images(images):
-    return torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
-
-
 def _exported(runs, name, *extra):
     """(workdir, config, maskjax model of the run's newest checkpoint, export directory)."""
     workdir, config = runs[name]
@@ -95,14 +86,14 @@ def test_mae_export_matches_vitmae_and_vit(runs):
     from maskjax.models import vit
 
     workdir, config, model, out = _exported(runs, "mae")
-    images = _images(config)
+    images = random_images(config)
     patches = vit.patchify(images, config.model.patch_size)
     batch, length = patches.shape[:2]
     noise, keep_idx, ours = _mae_predict(model, config, patches, seed=1)
 
     hf = transformers.ViTMAEForPreTraining.from_pretrained(str(out)).eval()
     with torch.no_grad():
-        result = hf(pixel_values=_to_torch_images(images), noise=torch.from_numpy(noise))
+        result = hf(pixel_values=to_torch_images(images), noise=torch.from_numpy(noise))
     np.testing.assert_allclose(result.logits.numpy(), np.asarray(ours), atol=TOL, rtol=0)
     hidden = np.ones((batch, length), bool)
     np.put_along_axis(hidden, keep_idx, False, axis=1)
@@ -112,7 +103,7 @@ def test_mae_export_matches_vitmae_and_vit(runs):
     _export(workdir, runs["root"] / "mae_vit", "--arch", "vit")
     vit_model = transformers.ViTModel.from_pretrained(str(runs["root"] / "mae_vit"), add_pooling_layer=False).eval()
     with torch.no_grad():
-        hidden_states = vit_model(pixel_values=_to_torch_images(images)).last_hidden_state.numpy()
+        hidden_states = vit_model(pixel_values=to_torch_images(images)).last_hidden_state.numpy()
     np.testing.assert_allclose(hidden_states, np.asarray(model.encoder(patches)), atol=TOL, rtol=0)
 
 
@@ -120,14 +111,14 @@ def test_simmim_export_matches_vit_for_masked_image_modeling(runs):
     from maskjax.models import vit
 
     _, config, model, out = _exported(runs, "simmim")
-    images = _images(config, seed=2)
+    images = random_images(config, seed=2)
     patches = vit.patchify(images, config.model.patch_size)
     hidden = np.random.default_rng(3).uniform(size=patches.shape[:2]) < 0.5
     ours = vit.unpatchify(np.asarray(model(patches, hidden)), images.shape[1:], config.model.patch_size)
 
     hf = transformers.ViTForMaskedImageModeling.from_pretrained(str(out)).eval()
     with torch.no_grad():
-        result = hf(pixel_values=_to_torch_images(images), bool_masked_pos=torch.from_numpy(hidden))
+        result = hf(pixel_values=to_torch_images(images), bool_masked_pos=torch.from_numpy(hidden))
     np.testing.assert_allclose(result.reconstruction.numpy(), np.asarray(ours).transpose(0, 3, 1, 2), atol=TOL, rtol=0)
 
 
@@ -348,10 +339,10 @@ def test_models_saved_by_transformers_import_and_match(tmp_path, data_dir):
     hf.save_pretrained(str(tmp_path / "vitmae"))
     model, report = _import_model(config, tmp_path / "vitmae")
     assert "freshly" not in report
-    images = _images(config, seed=5)
+    images = random_images(config, seed=5)
     noise, _, ours = _mae_predict(model, config, vit.patchify(images, config.model.patch_size), seed=6)
     with torch.no_grad():
-        theirs = hf(pixel_values=_to_torch_images(images), noise=torch.from_numpy(noise)).logits.numpy()
+        theirs = hf(pixel_values=to_torch_images(images), noise=torch.from_numpy(noise)).logits.numpy()
     np.testing.assert_allclose(np.asarray(ours), theirs, atol=TOL, rtol=0)
 
     text = load_config("mlm_text.py:tiny", "model.qkv_bias=True", "model.norm_eps=1e-12", data_dir=data_dir)
@@ -390,9 +381,9 @@ def test_flip_image_tower_exports_as_vit_model(tmp_path, data_dir):
     export.export(config, params, "hf", str(tmp_path / "flip"))
     info = json.loads((tmp_path / "flip" / "config.json").read_text())
     assert info["architectures"] == ["ViTModel"]
-    images = _images(config, seed=8)
+    images = random_images(config, seed=8)
     ours = _model(setup, params).image(vit.patchify(jnp.asarray(images), config.model.patch_size))
     hf = transformers.ViTModel.from_pretrained(str(tmp_path / "flip"), add_pooling_layer=False).eval()
     with torch.no_grad():
-        theirs = hf(pixel_values=_to_torch_images(images)).last_hidden_state.numpy()
+        theirs = hf(pixel_values=to_torch_images(images)).last_hidden_state.numpy()
     np.testing.assert_allclose(theirs, np.asarray(ours), atol=TOL, rtol=0)
