@@ -31,7 +31,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from maskjax import aot, config as config_lib, distributed, train
+from maskjax import step as step_lib
+from maskjax.errors import MaskjaxError
+from maskjax import aot, config as config_lib, distributed
 from maskjax import data as data_lib
 from maskjax.models import layers
 
@@ -49,7 +51,7 @@ PEAK_FLOPS = {
 SWEEP_ALIASES = {"mask_ratio": "mask.ratio", "batch": "batch_size", "depth": "model.depth", "width": "model.width"}
 
 
-class BenchError(ValueError):
+class BenchError(MaskjaxError, ValueError):
     """A bad benchmark flag; the message names it."""
 
 
@@ -200,7 +202,7 @@ def run(config, steps: int, warmup: int, data: str = "real", progress: bool = Tr
     if data not in ("real", "synthetic"):
         raise BenchError(f"--data {data!r} must be real or synthetic")
     distributed.check_same(config)
-    setup = train.build(config)
+    setup = step_lib.build(config)
     state = setup.init_fn()
     compiled, lower_s, compile_s = aot.compile_step(setup)
     if data == "real":

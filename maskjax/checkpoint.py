@@ -26,11 +26,13 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from maskjax.errors import MaskjaxError
+
 CHECKSUMS = "maskjax_checksums.json"
 _CONTENT = ("state", "data")  # the items whose files are checksummed
 
 
-class CheckpointError(ValueError):
+class CheckpointError(MaskjaxError, ValueError):
     """A checkpoint that cannot be used with this config, or cannot be written; names it."""
 
 

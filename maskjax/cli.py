@@ -21,8 +21,7 @@ import os
 import sys
 
 
-class UsageError(ValueError):
-    pass
+from maskjax.errors import MaskjaxError, UsageError
 
 
 def multi_process_flags(p: argparse.ArgumentParser) -> None:
@@ -207,11 +206,11 @@ def _train(args, overrides) -> int:
 
 def _restore(args, overrides):
     """(setup, params, step) of the run in ``--workdir`` at ``--step`` (default: newest checkpoint)."""
-    from maskjax import checkpoint, distributed, train
+    from maskjax import checkpoint, distributed, step as step_lib
 
     config = load_config(args.config, args.workdir, overrides)
     distributed.check_same(config)
-    setup = train.build(config)
+    setup = step_lib.build(config)
     ckpt = checkpoint.Checkpointer(args.workdir, keep=config.checkpoint.keep)
     step = args.step if args.step is not None else ckpt.latest_step()
     if step is None or step not in ckpt.all_steps():
@@ -238,10 +237,10 @@ def _eval(args, overrides) -> int:
 def _export(args, overrides) -> int:
     import jax
 
-    from maskjax import export, train
+    from maskjax import export, step as step_lib
 
     setup, params, step = _restore(args, overrides)
-    host = train.host_params(params)
+    host = step_lib.host_params(params)
     if jax.process_index() != 0:
         return 0
     summary = export.export(setup.config, host, args.format, args.out, args.arch, step)
@@ -318,10 +317,10 @@ def _write_json(path: str, value) -> None:
 
 def _params(args, overrides) -> int:
     _virtual_devices(args.devices)
-    from maskjax import config as config_lib, params, train
+    from maskjax import config as config_lib, params, step as step_lib
 
     config = config_lib.override(config_lib.load(args.config), _mesh_overrides(args.mesh) + overrides)
-    result = params.table(train.build(config))
+    result = params.table(step_lib.build(config))
     print(params.format_table(result))
     if args.json:
         _write_json(args.json, result)
@@ -330,7 +329,7 @@ def _params(args, overrides) -> int:
 
 def _compile_check(args, overrides) -> int:
     _virtual_devices(args.devices)
-    from maskjax import aot, config as config_lib, train
+    from maskjax import aot, config as config_lib, step as step_lib
 
     capacity = None
     if args.device_memory is not None:
@@ -339,7 +338,7 @@ def _compile_check(args, overrides) -> int:
         except ValueError as err:
             raise UsageError(f"--device_memory: {err}") from None
     config = config_lib.override(config_lib.load(args.config), _mesh_overrides(args.mesh) + overrides)
-    report = aot.check(train.build(config), capacity)
+    report = aot.check(step_lib.build(config), capacity)
     print(aot.format_report(report))
     if args.json:
         _write_json(args.json, report)
@@ -434,18 +433,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # one line for bad input; the traceback only with --debug
         if debug:
             raise
-        from maskjax.config import ConfigError
-        from maskjax.data.pipeline import DataError
-        from maskjax.data.tokenizer import TokenizerError
-        from maskjax.bench import BenchError
-        from maskjax.sweep import SweepError
-        from maskjax.checkpoint import CheckpointError
-        from maskjax.distributed import DistributedError
-        from maskjax.faults import FaultSpecError, Preempted
-        from maskjax.export import InteropError
+        from maskjax.faults import Preempted
 
-        known = (ConfigError, DataError, TokenizerError, UsageError, FileNotFoundError, PermissionError,
-                 DistributedError, BenchError, CheckpointError, FaultSpecError, SweepError, InteropError)
+        known = (MaskjaxError, FileNotFoundError, PermissionError)
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
         # Errors that need another status say so (maskjax.faults lists them all); bad input is 2, a bug 1.
         status = getattr(err, "exit_status", 2 if isinstance(err, (known, OSError)) else 1)

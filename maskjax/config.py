@@ -15,12 +15,7 @@ from typing import Iterable
 import ml_collections
 
 
-class ConfigError(ValueError):
-    """A bad config value; ``str(err)`` names the key."""
-
-    def __init__(self, key: str, message: str):
-        super().__init__(f"config.{key}: {message}")
-        self.key = key
+from maskjax.errors import ConfigError  # noqa: F401  (re-exported: configs raise config.ConfigError)
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -222,12 +217,6 @@ def override(config: ml_collections.ConfigDict, items: Iterable[str]) -> ml_coll
     return config
 
 
-def _positive_int(config, key: str) -> None:
-    value = lookup(config, key)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ConfigError(key, f"must be a positive int, got {value!r}")
-
-
 def lookup(config, key: str):
     node = config
     for part in key.split("."):
@@ -235,72 +224,6 @@ def lookup(config, key: str):
             raise ConfigError(key, "is missing")
         node = node[part]
     return node
-
-
-def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
-    """Checks the trainer's keys, the mesh against the device count, then the objective's own keys."""
-    from maskjax import objectives, sharding  # late: objectives import models (and JAX)
-    from maskjax.models import layers
-
-    for key in ("objective", "seed", "batch_size", "total_steps", "log_every", "data", "model",
-                "optim", "mesh", "checkpoint", "eval"):
-        lookup(config, key)
-    if config.objective not in objectives.REGISTRY:
-        raise ConfigError("objective", f"unknown objective {config.objective!r}; known: {sorted(objectives.REGISTRY)}")
-    for key in ("batch_size", "total_steps", "log_every", "checkpoint.every", "checkpoint.keep", "optim.grad_accum"):
-        _positive_int(config, key)
-    optim = config.optim
-    if not (isinstance(optim.base_lr, float) and optim.base_lr > 0):
-        raise ConfigError("optim.base_lr", f"must be a positive float, got {optim.base_lr!r}")
-    if not 0 <= optim.warmup_steps <= config.total_steps:
-        raise ConfigError("optim.warmup_steps", f"must be in [0, total_steps={config.total_steps}]")
-    for key in ("optim.b1", "optim.b2"):
-        if not 0.0 <= lookup(config, key) < 1.0:
-            raise ConfigError(key, f"must be in [0, 1), got {lookup(config, key)}")
-    if optim.schedule not in ("cosine", "constant", "linear"):
-        raise ConfigError("optim.schedule", f"must be cosine, linear or constant, got {optim.schedule!r}")
-    if optim.get("decay_start", "warmup_end") not in ("warmup_end", "zero"):
-        raise ConfigError("optim.decay_start", f"must be warmup_end or zero, got {optim.decay_start!r}")
-    if not (isinstance(optim.get("eps", 1e-8), float) and optim.get("eps", 1e-8) > 0):
-        raise ConfigError("optim.eps", f"must be a positive float, got {optim.eps!r}")
-    roles = optim.get("decay_roles", ("kernel",))
-    if isinstance(roles, str) or any(role not in layers.ROLES for role in roles):
-        raise ConfigError("optim.decay_roles", f"must be a tuple of roles from {layers.ROLES}, got {roles!r}")
-    faults = config.get("faults")
-    if faults is not None:
-        for key, allowed in (("nonfinite", ("stop", "skip")), ("bad_records", ("stop", "skip"))):
-            if faults.get(key) not in allowed:
-                raise ConfigError(f"faults.{key}", f"must be one of {allowed}, got {faults.get(key)!r}")
-        if not isinstance(faults.max_skipped_steps, int) or faults.max_skipped_steps < 0:
-            raise ConfigError("faults.max_skipped_steps", f"must be an int >= 0, got {faults.max_skipped_steps!r}")
-    if config.model.get("attention", "auto") not in layers.ATTENTION:
-        raise ConfigError("model.attention", f"must be one of {layers.ATTENTION}, got {config.model.attention!r}")
-    eps = config.model.get("norm_eps", 1e-6)
-    if not (isinstance(eps, float) and eps > 0):
-        raise ConfigError("model.norm_eps", f"must be a positive float, got {eps!r}")
-    init_from = config.get("init_from", "")
-    if init_from and not os.path.exists(init_from):
-        raise ConfigError("init_from", f"{init_from!r} does not exist (a Hugging Face model directory or an .npz)")
-    if config.batch_size % optim.grad_accum:
-        raise ConfigError("optim.grad_accum", f"must divide batch_size={config.batch_size}")
-    if num_devices is not None:
-        try:
-            shape = sharding.mesh_shape(dict(config.mesh), num_devices)
-        except sharding.MeshError as err:
-            raise ConfigError("mesh", str(err)) from None
-        try:
-            sharding.dcn_shape(shape, dict(config.get("mesh_dcn", {})))
-        except sharding.MeshError as err:
-            raise ConfigError("mesh_dcn", str(err)) from None
-        shards = shape[0] * shape[1]
-        micro = config.batch_size // optim.grad_accum
-        if micro % shards:
-            raise ConfigError(
-                "batch_size",
-                f"{config.batch_size} (per micro-batch {micro}) is not divisible by the "
-                f"{shards} data shards (mesh data x fsdp = {shape[0]} x {shape[1]})",
-            )
-    objectives.get(config).validate()
 
 
 def fault_policy(config) -> dict:

@@ -17,11 +17,13 @@ import json
 import os
 from typing import Any
 
+from maskjax.errors import MaskjaxError
+
 ENV = {"coordinator": "JAX_COORDINATOR_ADDRESS", "num_processes": "JAX_NUM_PROCESSES",
        "process_id": "JAX_PROCESS_ID"}
 
 
-class DistributedError(RuntimeError):
+class DistributedError(MaskjaxError, RuntimeError):
     """A multi-process run that cannot start or whose processes disagree; the message says which."""
 
 

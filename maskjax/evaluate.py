@@ -19,7 +19,7 @@ from jax.experimental import multihost_utils
 
 from maskjax import metrics as metrics_lib
 from maskjax import sharding
-from maskjax.data import pipeline
+from maskjax.data import pipeline, sources
 
 
 def features_fn(setup):
@@ -91,7 +91,7 @@ def run(setup, params, workdir: str, step: int, writer=None) -> dict:
     results: dict[str, Any] = {"step": int(step), "objective": config.objective,
                                "train_split": config.data.train_split, "eval_split": config.data.eval_split}
     if config.eval.probe and hasattr(setup.objective, "features"):
-        from maskjax.train import init_params_fn
+        from maskjax.step import init_params_fn
 
         k = config.eval.knn_k
         encoders = {"pretrained": params, "random_init": init_params_fn(setup, jax.random.key(config.seed + 1))}
@@ -133,9 +133,9 @@ def finetune(setup, params) -> dict:
     from maskjax.data import pipeline as pipeline_lib
 
     config, objective, graphdef = setup.config, setup.objective, setup.graphdef
-    info = pipeline_lib.builder(config.data).info.features[config.data.label_key]
+    info = sources.builder(config.data).info.features[config.data.label_key]
     classes = int(info.num_classes)
-    examples = len(pipeline_lib.source(config.data, config.data.train_split))
+    examples = len(sources.source(config.data, config.data.train_split))
     steps = max(1, int(np.ceil(config.eval.finetune_epochs * examples / config.batch_size)))
     warmup = max(1, steps // 10)
     schedule = optax.warmup_cosine_decay_schedule(0.0, config.eval.finetune_lr, warmup, steps)
@@ -212,10 +212,10 @@ def class_names(config) -> list[str]:
     """``eval.class_names``, or the names of the eval dataset's ClassLabel ``data.label_key``."""
     if config.eval.class_names:
         return list(config.eval.class_names)
-    features = pipeline.builder(config.data).info.features
+    features = sources.builder(config.data).info.features
     names = getattr(features[config.data.label_key], "names", None) if config.data.label_key in features.keys() else None
     if not names:
-        raise pipeline.DataError(
+        raise sources.DataError(
             f"dataset {config.data.name!r}: data.label_key={config.data.label_key!r} is not a ClassLabel with "
             "names; set eval.class_names for zero-shot classification")
     return list(names)

@@ -34,6 +34,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from maskjax.errors import MaskjaxError
 from maskjax.config import ConfigError
 from maskjax.models import layers
 
@@ -48,10 +49,9 @@ DEFAULT_ARCH = {"mae": "vit_mae", "simmim": "vit_mim", "flip": "vit", "mlm": "be
 ENCODER_PATH = {"mae": "encoder", "simmim": "encoder", "flip": "image"}  # the ViT inside each image objective
 
 
-class InteropError(ValueError):
+class InteropError(MaskjaxError, ValueError):
     """A file or run that cannot be exported or imported; the message names the tensor, key or file."""
 
-    exit_status = 2
 
 
 # ----------------------------------------------------------------------------------- layouts
@@ -416,9 +416,9 @@ def export(config, params: dict, fmt: str, out: str, arch: str | None = None, st
     tensors = to_tensors(config, params, arch)
     vocab = None
     if arch == "bert":
-        from maskjax.data import text as text_data
+        from maskjax.data import sources
 
-        vocab = text_data.load_tokenizer(config.data)
+        vocab = sources.load_tokenizer(config.data)
     if fmt == "npz":
         if not out.endswith(".npz"):
             raise InteropError(f"--out {out!r}: an npz export is one file ending in .npz")

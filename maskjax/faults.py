@@ -25,6 +25,8 @@ import os
 import signal
 import threading
 
+from maskjax.errors import MaskjaxError
+
 EXIT_NONFINITE = 5
 EXIT_PREEMPTED = 75
 
@@ -38,7 +40,7 @@ POINTS = {
 ACTIONS = ("kill", "term", "nan")
 
 
-class Preempted(Exception):
+class Preempted(MaskjaxError):
     """The run stopped on a preemption notice after committing a checkpoint of ``step``."""
 
     exit_status = EXIT_PREEMPTED
@@ -49,13 +51,13 @@ class Preempted(Exception):
         self.step = step
 
 
-class NonFiniteError(FloatingPointError):
+class NonFiniteError(MaskjaxError, FloatingPointError):
     """A non-finite loss or gradient under ``faults.nonfinite='stop'`` (or too many skipped steps)."""
 
     exit_status = EXIT_NONFINITE
 
 
-class FaultSpecError(ValueError):
+class FaultSpecError(MaskjaxError, ValueError):
     pass
 
 

@@ -11,7 +11,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from maskjax import train
+from maskjax import step as step_lib
+
 
 GiB = 1024**3
 
@@ -35,9 +36,9 @@ def _bytes_per_device(abstract: Any, shardings: Any) -> int:
     return total
 
 
-def table(setup: train.Setup) -> dict:
+def table(setup: step_lib.Setup) -> dict:
     """Rows (one per parameter, in tree order) and totals of ``setup``'s model."""
-    decays = train.decay_mask(setup.param_roles, setup.config.optim.decay_roles)
+    decays = step_lib.decay_mask(setup.param_roles, setup.config.optim.decay_roles)
     abstract = setup.abstract_state["params"]
     flat = jax.tree_util.tree_flatten_with_path(abstract)[0]
     pick = lambda tree: jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, tuple))

@@ -35,11 +35,13 @@ from typing import Any
 
 import numpy as np
 
+from maskjax.errors import MaskjaxError
+
 INDEX = "sweep.json"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-class SweepError(ValueError):
+class SweepError(MaskjaxError, ValueError):
     """A bad sweep file, point or sweep directory; the message names it."""
 
 
@@ -73,9 +75,10 @@ def point_name(index: int, overrides: dict) -> str:
     return f"{index:03d}-{text}"[:120] if text else f"{index:03d}"
 
 
-def load(path: str, config: str | None = None) -> tuple[str, list[dict]]:
-    """(base config spec, points) of a sweep file; every point is checked against the config first."""
-    from maskjax import config as config_lib
+def load(path: str, config: str | None = None, extra: list[str] = ()) -> tuple[str, list[dict]]:
+    """(base config spec, points) of a sweep file; every point is checked against the config with the
+    command's own overrides (``extra``, e.g. ``--config.data.data_dir``) first."""
+    from maskjax import config as config_lib, step as step_lib
 
     if not os.path.isfile(path):
         raise SweepError(f"--sweep {path!r} does not exist")
@@ -95,8 +98,8 @@ def load(path: str, config: str | None = None) -> tuple[str, list[dict]]:
         raise SweepError(f"--sweep {path!r} sets no CONFIG; pass --config")
     for i, point in enumerate(points):
         try:
-            c = config_lib.override(config_lib.load(base), _override_items(point))
-            config_lib.validate(c)
+            c = config_lib.override(config_lib.load(base), [*extra, *_override_items(point)])
+            step_lib.validate(c)
         except config_lib.ConfigError as err:
             raise SweepError(f"--sweep {path!r} point {i} {point}: {err}") from None
     return base, points
@@ -143,9 +146,9 @@ def finished(point_dir: str) -> bool:
     return evaluated == total and os.path.isdir(os.path.join(point_dir, "checkpoints", str(total)))
 
 
-def plan(sweep_file: str, workdir: str, config: str | None = None) -> dict:
+def plan(sweep_file: str, workdir: str, config: str | None = None, extra: list[str] = ()) -> dict:
     """Creates or updates ``workdir/sweep.json`` for the sweep and returns it."""
-    base, points = load(sweep_file, config)
+    base, points = load(sweep_file, config, extra)
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, INDEX)
     old = {}
@@ -176,7 +179,7 @@ def train_command(base: str, point: dict, extra: list[str]) -> list[str]:
 def run(sweep_file: str, workdir: str, config: str | None = None, extra: list[str] = (), stream=None) -> dict:
     """Trains every unfinished point, one ``maskjax train`` process at a time; returns the index."""
     stream = stream or sys.stderr
-    index = plan(sweep_file, workdir, config)
+    index = plan(sweep_file, workdir, config, extra)
     points = index["points"]
     for n, point in enumerate(points, 1):
         if finished(point["workdir"]):
@@ -218,7 +221,7 @@ def emit(sweep_file: str, workdir: str, launcher: str, config: str | None = None
     """One shell command per unfinished point that trains it through a ``launch/`` script."""
     if launcher not in LAUNCHERS:
         raise SweepError(f"--emit {launcher!r}: expected one of {LAUNCHERS}")
-    index = plan(sweep_file, workdir, config)
+    index = plan(sweep_file, workdir, config, extra)
     commands = []
     for point in index["points"]:
         if finished(point["workdir"]):

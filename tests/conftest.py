@@ -15,9 +15,9 @@ def data_dir(tmp_path_factory):
     """A TFDS data_dir with every embedded dataset prepared once for the whole session."""
     path = str(tmp_path_factory.mktemp("tensorflow_datasets"))
     os.environ["MASKJAX_DATA_DIR"] = path
-    from maskjax.data import pipeline
+    from maskjax.data import sources
 
-    for builder in pipeline.EMBEDDED.values():
+    for builder in sources.EMBEDDED.values():
         builder(data_dir=path, file_format="array_record").download_and_prepare()
     return path
 

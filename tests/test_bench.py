@@ -8,7 +8,8 @@ import os
 import jax
 import pytest
 
-from maskjax import aot, bench, cli, config as config_lib, train
+from maskjax import step as step_lib
+from maskjax import aot, bench, cli, config as config_lib
 from tests.conftest import ROOT, load_config
 
 WIDE = 256  # wide enough that matmuls dominate: norms, GELU, softmax and Adam are O(width) per token
@@ -28,7 +29,7 @@ def test_analytic_flops_match_xla_cost_analysis(data_dir, name, overrides):
     """One layer per stack (XLA counts a scanned loop body once): the analytic count (matmuls and
     attention only, 3x forward) is within 5% of XLA's whole-step count and never above it. Text: below."""
     config = load_config(name, f"model.width={WIDE}", "model.depth=1", "mesh.data=1", *overrides, data_dir=data_dir)
-    setup = train.build(config, devices=jax.devices()[:1])
+    setup = step_lib.build(config, devices=jax.devices()[:1])
     compiled, _, _ = aot.compile_step(setup)
     xla, analytic = aot.compiled_flops(compiled), float(setup.objective.flops())
     assert 0.95 * xla <= analytic <= xla, (analytic, xla)
@@ -41,7 +42,7 @@ def test_sparse_mlm_head_saves_the_flops_the_count_says(data_dir):
     for sparse in (True, False):
         config = load_config("mlm_text.py:tiny", f"mlm.sparse={sparse}", f"model.width={WIDE}", "model.depth=1", "mesh.data=1",
                              data_dir=data_dir)
-        setup = train.build(config, devices=jax.devices()[:1])
+        setup = step_lib.build(config, devices=jax.devices()[:1])
         counts[sparse] = (aot.compiled_flops(aot.compile_step(setup)[0]), float(setup.objective.flops()))
         assert 0.95 * counts[sparse][0] <= counts[sparse][1] <= counts[sparse][0], counts
     xla_saved, analytic_saved = counts[False][0] - counts[True][0], counts[False][1] - counts[True][1]
@@ -103,7 +104,7 @@ def test_synthetic_batches_match_the_batch_spec(data_dir):
     import numpy as np
 
     for name in ("mae_digits.py:tiny", "mlm_text.py:tiny", "flip_digits.py:tiny", "videomae_digits.py:tiny"):
-        objective = train.build(load_config(name, data_dir=data_dir)).objective
+        objective = step_lib.build(load_config(name, data_dir=data_dir)).objective
         batch = objective.synthetic_batch(np.random.default_rng(0))
         for key, (shape, dtype) in objective.batch_spec().items():
             assert batch[key].shape == shape and batch[key].dtype == np.dtype(dtype), (name, key)

@@ -5,6 +5,7 @@ import sys
 
 import pytest
 
+from maskjax import step as step_lib
 from maskjax import config as config_lib
 from tests.conftest import ROOT, load_config
 
@@ -12,7 +13,7 @@ from tests.conftest import ROOT, load_config
 def test_shipped_configs_validate():
     for spec in ("mae_digits.py", "mae_digits.py:tiny", "simmim_digits.py", "mae_imagenet.py:vit_b16",
                  "mae_imagenet.py:vit_l16"):
-        config_lib.validate(load_config(spec), num_devices=8)
+        step_lib.validate(load_config(spec), num_devices=8)
 
 
 def test_imagenet_recipe_matches_the_paper():
@@ -53,7 +54,7 @@ def test_overrides_are_typed():
 def test_errors_name_the_key(overrides, key):
     with pytest.raises(config_lib.ConfigError) as err:
         c = load_config("mae_digits.py", *overrides)
-        config_lib.validate(c, num_devices=8)
+        step_lib.validate(c, num_devices=8)
     assert err.value.key == key
     assert str(err.value).startswith(f"config.{key}")
 

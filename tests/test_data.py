@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from maskjax.data import pipeline
+from maskjax.data import pipeline, sources
 from tests.conftest import load_config
 
 
@@ -30,7 +30,7 @@ def test_train_batches_shapes_and_normalisation(data_dir):
 def test_same_global_batches_for_any_process_count(data_dir):
     config = load_config("mae_digits.py", data_dir=data_dir)
     whole = pipeline.train_loader(config)
-    parts = [pipeline.train_loader(config, pipeline.block_rows(config.batch_size, p, 4)) for p in range(4)]
+    parts = [pipeline.train_loader(config, sources.block_rows(config.batch_size, p, 4)) for p in range(4)]
     odd = np.arange(1, config.batch_size, 2)  # a mesh may give a process rows that are not one block
     strided = pipeline.train_loader(config, odd)
     for _ in range(3):  # includes augmentation: seeded by global position
@@ -43,7 +43,7 @@ def test_same_global_batches_for_any_process_count(data_dir):
 def test_epochs_cover_the_dataset_and_reshuffle(data_dir):
     config = load_config("mae_digits.py", "batch_size=479", "data.crop_scale=(1.0, 1.0)", data_dir=data_dir)
     loader = pipeline.train_loader(config)
-    order = pipeline.GlobalOrder(1437, config.seed, shuffle=True)
+    order = sources.GlobalOrder(1437, config.seed, shuffle=True)
     first, second = order(np.arange(1437)), order(np.arange(1437, 2874))
     assert sorted(first) == list(range(1437)) and sorted(second) == list(range(1437))
     assert not np.array_equal(first, second)
@@ -83,5 +83,5 @@ def test_eval_batches_cover_the_split_once_in_order(data_dir):
 ])
 def test_data_errors_name_the_problem(data_dir, overrides, match):
     config = load_config("mae_digits.py", *overrides, data_dir=data_dir)
-    with pytest.raises(pipeline.DataError, match=match):
+    with pytest.raises(sources.DataError, match=match):
         next(pipeline.train_loader(config))

@@ -12,6 +12,7 @@ import jax
 import numpy as np
 import pytest
 
+from maskjax import step as step_lib
 from maskjax import aot, cli, config as config_lib, distributed, metrics, sharding, train
 from tests.conftest import ROOT, load_config
 
@@ -157,13 +158,13 @@ def test_first_difference_names_the_key():
 
 def test_process_rows_and_hybrid_mesh_errors(data_dir):
     config = load_config("mae_digits.py:tiny", data_dir=data_dir)
-    setup = train.build(config)
+    setup = step_lib.build(config)
     np.testing.assert_array_equal(setup.rows(32), np.arange(32))
     assert len(sharding.process_rows(setup.mesh, 32, process_index=1)) == 0
     with pytest.raises(config_lib.ConfigError, match=r"config.mesh_dcn: .*spans 2 slices/nodes, but the devices form 1 \(slices, else processes\)"):
-        train.build(config_lib.override(load_config("mae_digits.py:tiny", data_dir=data_dir), ["mesh_dcn.data=2"]))
+        step_lib.build(config_lib.override(load_config("mae_digits.py:tiny", data_dir=data_dir), ["mesh_dcn.data=2"]))
     with pytest.raises(config_lib.ConfigError, match=r"mesh_dcn.fsdp=3 must be a positive divisor of mesh.fsdp=1"):
-        train.build(config_lib.override(load_config("mae_digits.py:tiny", data_dir=data_dir), ["mesh_dcn.fsdp=3"]))
+        step_lib.build(config_lib.override(load_config("mae_digits.py:tiny", data_dir=data_dir), ["mesh_dcn.fsdp=3"]))
 
 
 # --------------------------------------------------------------------------- compile-check

@@ -28,6 +28,7 @@ import pytest
 from flax import nnx
 
 from tests.conftest import load_config, random_images, to_torch_images
+from maskjax import step as step_lib
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -319,12 +320,12 @@ class BertAdamWeightDecay:
 def _adamw_steps(tmp_path, config, arch, cls, no_decay, lr_fn, steps, reference=TorchAdamW):
     """Runs ``steps`` updates with the same random gradients in maskjax (the trainer's optimizer) and
     in ``reference``; returns both parameter sets in transformers' layout."""
-    from maskjax import export, train
+    from maskjax import export
     from maskjax.models import layers
 
     objective, graphdef, params = _setup(config, seed=9)
     _, state = nnx.split(objective.build(nnx.Rngs(0)))
-    optimizer, schedule = train.make_optimizer(config, layers.param_roles(state))
+    optimizer, schedule = step_lib.make_optimizer(config, layers.param_roles(state))
     ref = reference(_hf(config, params, arch, cls, tmp_path / arch), no_decay, config.optim)
     ours = jax.tree.map(jnp.asarray, params)
     opt_state = optimizer.init(ours)

@@ -15,6 +15,7 @@ import jax
 import numpy as np
 import pytest
 
+from maskjax import step as step_lib
 from maskjax import checkpoint, faults, metrics, train
 from tests.conftest import ROOT, load_config
 
@@ -44,7 +45,7 @@ def history(workdir):
 
 
 def restored_params(config, workdir, step):
-    setup = train.build(config)
+    setup = step_lib.build(config)
     ckpt = checkpoint.Checkpointer(str(workdir))
     state = ckpt.restore_state(step, setup.abstract_state)
     ckpt.close()
@@ -215,7 +216,7 @@ def _folder(tmp_path, broken: bool):
 
 @pytest.mark.parametrize("policy", ["stop", "skip"])
 def test_corrupt_record_stops_with_its_index_or_is_skipped_in_place(tmp_path, policy):
-    from maskjax.data import pipeline
+    from maskjax.data import pipeline, sources
 
     def loader(broken):
         config = load_config("flip_digits.py:tiny", "data.name=maskjax_image_text_folder",
@@ -227,10 +228,10 @@ def test_corrupt_record_stops_with_its_index_or_is_skipped_in_place(tmp_path, po
     clean, broken = loader(False), loader(True)
     src = broken.source
     index = next(i for i in range(len(src)) if src[i]["name"] in ("07", b"07"))  # TFDS shuffles on write
-    order = pipeline.GlobalOrder(len(src), 0, shuffle=True)(np.arange(len(src)))
+    order = sources.GlobalOrder(len(src), 0, shuffle=True)(np.arange(len(src)))
     slot = int(np.flatnonzero(order == index)[0])  # where the broken record sits in the first epoch
     if policy == "stop":
-        with pytest.raises(pipeline.DataError, match=rf"record {index} of 'maskjax_image_text_folder': 'image' is "
+        with pytest.raises(sources.DataError, match=rf"record {index} of 'maskjax_image_text_folder': 'image' is "
                                                       r"not a readable image"):
             for _ in range(3):
                 next(broken)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from maskjax import step as step_lib
 from maskjax import cli, config as config_lib, masking, objectives
 from tests.conftest import ROOT, load_config
 
@@ -40,9 +41,9 @@ def test_mae_recipe_decays_every_kernel_and_nothing_else(capsys, tmp_path):
 
 
 def test_flip_recipe_decays_both_projections_not_the_temperature(capsys, tmp_path, data_dir):
-    from maskjax.data import pipeline
+    from maskjax.data import sources
 
-    vocab = os.path.join(pipeline.builder(load_config("flip_digits.py", data_dir=data_dir).data).data_dir, "vocab.txt")
+    vocab = os.path.join(sources.builder(load_config("flip_digits.py", data_dir=data_dir).data).data_dir, "vocab.txt")
     rows, _ = _params_json(capsys, tmp_path, "flip_laion.py:vit_b16", f"--config.data.tokenizer={vocab}",
                            f"--config.data.data_dir={data_dir}")
     assert rows["image_proj/kernel"]["weight_decay"] and rows["text_proj/kernel"]["weight_decay"]
@@ -94,7 +95,7 @@ def test_running_cell_hides_int_4r_per_cell(ratio, hidden):
 
 def test_dual_masking_trains_at_a_high_decoder_ratio():
     config = load_config("videomae_digits.py:tiny,dual", "mask.decoder_ratio=0.9")
-    config_lib.validate(config, num_devices=8)
+    step_lib.validate(config, num_devices=8)
     objective = objectives.get(config)
     model = objective.build(nnx.Rngs(0))
     batch = {k: jnp.ones(shape, dtype) for k, (shape, dtype) in objective.batch_spec().items()}

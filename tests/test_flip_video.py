@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from maskjax import step as step_lib
 from maskjax import config as config_lib
 from maskjax import masking, objectives, train
-from maskjax.data import DataError, pipeline
+from maskjax.data import DataError, pipeline, sources
 from maskjax.data import digits as digits_data
 from maskjax.objectives import flip, mae, vision
 from tests.conftest import load_config
@@ -36,8 +37,8 @@ def test_contrastive_loss_is_over_the_global_batch(data_dir):
     """8 devices give the loss of one device on the same global batch, and not the mean of the
     per-device losses (which would only contrast within a device)."""
     config = load_config("flip_digits.py:tiny", "mask.ratio=0.5", data_dir=data_dir)
-    one = train.build(config, devices=jax.devices()[:1])
-    eight = train.build(config, devices=jax.devices())
+    one = step_lib.build(config, devices=jax.devices()[:1])
+    eight = step_lib.build(config, devices=jax.devices())
     batch = flip_batch(one)
     _, m1 = one.step_fn(one.init_fn(), one.global_batch(batch))
     _, m8 = eight.step_fn(eight.init_fn(), eight.global_batch(batch))
@@ -85,7 +86,7 @@ def test_text_masking_drops_words_and_keeps_positions(data_dir):
 
 
 def test_captioned_digits_and_flip_train_with_zero_shot_eval(data_dir, tmp_path):
-    b = pipeline.builder(load_config("flip_digits.py", data_dir=data_dir).data)
+    b = sources.builder(load_config("flip_digits.py", data_dir=data_dir).data)
     assert b.info.features["label"].names == list(digits_data.CLASS_NAMES)
     record = b.as_data_source("train")[0]
     assert digits_data.CLASS_NAMES[record["label"]] in record["caption"].decode()
@@ -104,7 +105,7 @@ def test_captioned_digits_and_flip_train_with_zero_shot_eval(data_dir, tmp_path)
 
 def test_moving_digits_clips_and_video_preprocessing(data_dir):
     config = load_config("videomae_digits.py", data_dir=data_dir)
-    src = pipeline.source(config.data, "train")
+    src = sources.source(config.data, "train")
     clip = src[0]["video"]
     assert clip.shape == (16, 32, 32, 1) and clip.dtype == np.uint8
     assert (clip.reshape(16, -1).sum(1) == clip[0].sum()).all()  # the whole digit is on every frame
@@ -201,7 +202,7 @@ def test_hog_matches_numpy_and_is_zero_on_constant_images():
 def test_hog_targets_train(name):
     config = load_config(name, "loss.target=hog", "loss.hog_cell=2", "optim.base_lr=0.01",
                          "optim.warmup_steps=0", "optim.schedule=constant")
-    setup = train.build(config)
+    setup = step_lib.build(config)
     assert setup.objective.target_dim == 4 * 9  # 2x2 cells of one channel per 4-pixel patch
     rng = np.random.default_rng(0)
     batch = setup.global_batch({"image": rng.normal(size=(32, 16, 16, 1)).astype(np.float32),
@@ -272,7 +273,7 @@ def test_pairwise_rank_loss_rewards_the_right_order():
 ])
 def test_config_errors_name_the_key(data_dir, name, overrides, key):
     with pytest.raises(config_lib.ConfigError) as err:
-        config_lib.validate(load_config(name, *overrides, data_dir=data_dir), num_devices=8)
+        step_lib.validate(load_config(name, *overrides, data_dir=data_dir), num_devices=8)
     assert err.value.key == key
 
 
@@ -292,21 +293,21 @@ def test_data_errors_name_the_record_and_field(data_dir):
 
 
 def test_recipes_follow_the_papers(data_dir):
-    vocab = os.path.join(pipeline.builder(load_config("flip_digits.py", data_dir=data_dir).data).data_dir, "vocab.txt")
+    vocab = os.path.join(sources.builder(load_config("flip_digits.py", data_dir=data_dir).data).data_dir, "vocab.txt")
     c = load_config("flip_laion.py:vit_l16", f"data.tokenizer={vocab}", data_dir=data_dir)
-    config_lib.validate(c, num_devices=8)
+    step_lib.validate(c, num_devices=8)
     assert (c.model.width, c.model.depth, c.model.patch_size, c.mask.ratio) == (1024, 24, 16, 0.5)
     assert c.batch_size == 32768 and config_lib.lr(c) == pytest.approx(4e-6 * 32768 / 256)
     assert (c.optim.b1, c.optim.b2, c.optim.weight_decay) == (0.9, 0.95, 0.2)
     assert load_config("flip_laion.py:vit_b16,unmasked").mask.ratio == 0.0
 
     v = load_config("videomae_k400.py:vit_b", data_dir=data_dir)
-    config_lib.validate(v, num_devices=8)
+    step_lib.validate(v, num_devices=8)
     objective = objectives.get(v)
     assert objective.token_grid == (8, 14, 14) and objective.num_kept == 8 * int(196 * 0.1)
     assert (v.decoder.depth, v.decoder.width, v.mask.kind, v.loss.norm_pix) == (4, 384, "tube", True)
     dual = load_config("videomae_k400.py:vit_l,dual", data_dir=data_dir)
-    config_lib.validate(dual, num_devices=8)
+    step_lib.validate(dual, num_devices=8)
     assert dual.mask.decoder_ratio == 0.5 and dual.model.width == 1024
     with pytest.raises(config_lib.ConfigError, match="unknown variant"):
         load_config("videomae_k400.py:vit_h")
@@ -327,7 +328,7 @@ def test_image_text_folder_builder(tmp_path):
                          "batch_size=8", "data.eval_split=validation", data_dir=str(tmp_path / "tfds"))
     batch = next(pipeline.train_loader(config, captions=True))
     assert batch["image"].shape == (8, 16, 16, 3) and batch["text"].shape == (8, 16)
-    assert len(pipeline.source(config.data, "validation")) == 3
+    assert len(sources.source(config.data, "validation")) == 3
 
     (folder / "train" / "broken.png").write_bytes(b"not a png")
     (folder / "train" / "broken.txt").write_text("broken")
@@ -338,7 +339,7 @@ def test_image_text_folder_builder(tmp_path):
         list(pipeline.eval_batches(corrupt, "train", 16))
     (folder / "train" / "lonely.png").write_bytes(b"x")
     with pytest.raises(DataError, match="lonely.png' has no caption file"):
-        pipeline.builder(load_config("flip_digits.py:tiny", "data.name=maskjax_image_text_folder",
+        sources.builder(load_config("flip_digits.py:tiny", "data.name=maskjax_image_text_folder",
                                      f"data.manual_dir={folder}", data_dir=str(tmp_path / "tfds3")).data)
 
 

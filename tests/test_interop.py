@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import ROOT, load_config, random_images, to_torch_images
+from maskjax import step as step_lib
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -37,13 +38,13 @@ def _export(workdir, out, *extra):
 
 
 def _params(config, workdir):
-    from maskjax import checkpoint, train
+    from maskjax import checkpoint
 
-    setup = train.build(config)
+    setup = step_lib.build(config)
     ckpt = checkpoint.Checkpointer(str(workdir))
     state = ckpt.restore_state(ckpt.latest_step(), setup.abstract_state)
     ckpt.close()
-    return setup, train.host_params(state["params"])
+    return setup, step_lib.host_params(state["params"])
 
 
 def _model(setup, params):
@@ -141,10 +142,9 @@ def test_mlm_export_matches_bert_for_masked_lm(runs):
 
 
 def _fresh(config):
-    from maskjax import train
 
-    setup = train.build(config)
-    return train.host_params(setup.init_fn()["params"])
+    setup = step_lib.build(config)
+    return step_lib.host_params(setup.init_fn()["params"])
 
 
 def _tensors(path):
@@ -310,12 +310,11 @@ def test_sincos_table_is_the_one_transformers_and_the_mae_release_compute():
 def _import_model(config, path):
     """A maskjax model of ``config`` initialised from ``path`` (the trainer's own init_from path)."""
     from maskjax import config as config_lib
-    from maskjax import train
 
     config = config_lib.override(config, [f"init_from={path}"])
-    setup = train.build(config)
-    state, report = train.initialize_from(setup, setup.init_fn(), str(path))
-    return _model(setup, train.host_params(state["params"])), report
+    setup = step_lib.build(config)
+    state, report = step_lib.initialize_from(setup, setup.init_fn(), str(path))
+    return _model(setup, step_lib.host_params(state["params"])), report
 
 
 def test_models_saved_by_transformers_import_and_match(tmp_path, data_dir):
@@ -371,12 +370,12 @@ def test_flip_image_tower_exports_as_vit_model(tmp_path, data_dir):
     """FLIP's image tower (under ``image``) as a ViTModel, from freshly initialised parameters."""
     import jax.numpy as jnp
 
-    from maskjax import export, train
+    from maskjax import export
     from maskjax.models import vit
 
     config = load_config("flip_digits.py:tiny", data_dir=data_dir)
-    setup = train.build(config)
-    params = train.host_params(setup.init_fn()["params"])
+    setup = step_lib.build(config)
+    params = step_lib.host_params(setup.init_fn()["params"])
     params["image"]["patch_embed"]["bias"] = params["image"]["patch_embed"]["bias"] + 0.1  # not all zero, so a misplaced bias would show
     export.export(config, params, "hf", str(tmp_path / "flip"))
     info = json.loads((tmp_path / "flip" / "config.json").read_text())

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from maskjax import step as step_lib
 from maskjax import objectives
 from maskjax.objectives import mae, vision
 from tests.conftest import load_config
@@ -109,11 +110,10 @@ def test_mae_flops_counts_encoder_on_kept_tokens_only():
     ("mae_digits.py:tiny", ["mask.kind=block", "mask.ratio=0.5", "mask.min_patches=2"]),
 ])
 def test_a_few_steps_on_a_fixed_batch_reduce_the_loss(name, overrides):
-    from maskjax import train
 
     config = load_config(name, *overrides, "optim.base_lr=0.01", "optim.warmup_steps=0",
                          "optim.schedule=constant", "total_steps=20")
-    setup = train.build(config)
+    setup = step_lib.build(config)
     spec = setup.objective.batch_spec()
     rng = np.random.default_rng(0)
     local = {"image": rng.normal(size=spec["image"][0]).astype(np.float32),

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from maskjax import step as step_lib
 from maskjax import config as config_lib
 from maskjax import masking, objectives
 from maskjax.config import ConfigError
-from maskjax.data import DataError, TokenizerError, pipeline
+from maskjax.data import DataError, TokenizerError, sources
 from maskjax.data import text as text_data
 from maskjax.data import tokenizer as tokenizer_lib
 from maskjax.models import text as text_model
@@ -25,14 +26,14 @@ def mlm_config(data_dir, *overrides):
 
 
 def vocab(data_dir):
-    return text_data.load_tokenizer(mlm_config(data_dir).data)
+    return sources.load_tokenizer(mlm_config(data_dir).data)
 
 
 # --------------------------------------------------------------------------- tokenizers and corpus
 
 
 def test_embedded_corpus_has_disjoint_splits_and_a_vocab_beside_it(data_dir):
-    b = pipeline.builder(mlm_config(data_dir).data)
+    b = sources.builder(mlm_config(data_dir).data)
     assert b.info.splits["train"].num_examples > 2000 and b.info.splits["validation"].num_examples > 200
     assert os.path.isfile(os.path.join(b.data_dir, "vocab.txt"))
     names = {split: {r["source"] for r in b.as_data_source(split)} for split in ("train", "validation")}
@@ -152,7 +153,7 @@ def test_text_loader_resumes_exactly_and_splits_rows_by_process(data_dir):
         for key in want:
             np.testing.assert_array_equal(got[key], want[key])
     resumed.close()
-    halves = [text_data.train_loader(config, pipeline.block_rows(config.batch_size, p, 2)) for p in range(2)]
+    halves = [text_data.train_loader(config, sources.block_rows(config.batch_size, p, 2)) for p in range(2)]
     whole = text_data.train_loader(config)
     for _ in range(2):
         parts, full = [next(h) for h in halves], next(whole)
@@ -324,7 +325,7 @@ def test_text_encoder_shapes_names_and_tied_output(positions, pre_norm):
 def test_text_configs_validate(data_dir):
     for spec in ("mlm_text.py", "mlm_text.py:wwm", "mlm_text.py:span", "mlm_text.py:40", "mlm_text.py:decay",
                  "mdlm_text.py", "mdlm_text.py:cosine"):
-        config_lib.validate(load_config(spec, data_dir=data_dir), num_devices=8)
+        step_lib.validate(load_config(spec, data_dir=data_dir), num_devices=8)
 
 
 @pytest.mark.parametrize("overrides,error,needle", [
@@ -336,7 +337,7 @@ def test_text_configs_validate(data_dir):
 ])
 def test_bad_text_configs_name_the_problem(data_dir, overrides, error, needle):
     with pytest.raises(error, match=needle):
-        config_lib.validate(mlm_config(data_dir, *overrides), num_devices=8)
+        step_lib.validate(mlm_config(data_dir, *overrides), num_devices=8)
 
 
 def test_empty_corpus_is_a_data_error(data_dir, tmp_path):
@@ -364,7 +365,7 @@ def test_empty_corpus_is_a_data_error(data_dir, tmp_path):
         next(iter(text_data.eval_batches(config, "train", 8)))
     config = load_config("mlm_text.py:tiny", "data.name=empty_text", data_dir=str(tmp_path))
     with pytest.raises(DataError, match="data.tokenizer is not set"):
-        text_data.load_tokenizer(config.data)
+        sources.load_tokenizer(config.data)
 
 
 # --------------------------------------------------------------------------- end to end
@@ -430,10 +431,10 @@ def test_recipes_match_the_papers_and_validate_with_a_tokenizer(data_dir):
         assert (c.data.seq_len, c.mlm.max_predictions, c.batch_size, c.total_steps) == (length, predictions, 256, 10**6)
         assert config_lib.lr(c) == 1e-4 and c.optim.warmup_steps == 10_000 and c.optim.weight_decay == 0.01
         assert c.mask.ratio == 0.15 and c.mlm.replace and not c.model.pre_norm
-        config_lib.validate(c, num_devices=8)
+        step_lib.validate(c, num_devices=8)
     c = load_config("mdlm_owt.py", path)
     assert (c.model.width, c.model.depth, c.data.seq_len, c.batch_size, config_lib.lr(c)) == (768, 12, 1024, 512, 3e-4)
     assert c.diffusion.schedule == "loglinear" and c.diffusion.antithetic
-    config_lib.validate(c, num_devices=8)
+    step_lib.validate(c, num_devices=8)
     with pytest.raises(DataError, match="data.tokenizer is not set"):
-        config_lib.validate(load_config("bert_base.py:128"), num_devices=8)
+        step_lib.validate(load_config("bert_base.py:128"), num_devices=8)

@@ -7,6 +7,7 @@ import jax
 import numpy as np
 import pytest
 
+from maskjax import step as step_lib
 from maskjax import metrics, train
 from tests.conftest import load_config
 
@@ -59,7 +60,7 @@ def test_same_losses_on_every_mesh(data_dir, tmp_path, mesh, data_parallel_losse
 
 def test_fsdp_and_tensor_axes_shard_parameters(data_dir):
     config = tiny(data_dir, "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2")
-    setup = train.build(config)
+    setup = step_lib.build(config)
     shardings = setup.state_shardings["params"]["encoder"]["blocks"]["blocks"]
     assert tuple(shardings["attn"]["query"].spec) == (None, "fsdp", "tensor", None)
     assert tuple(shardings["mlp"]["fc1"]["kernel"].spec) == (None, "fsdp", "tensor")
@@ -79,7 +80,7 @@ def test_gradient_accumulation_takes_strided_rows_without_moving_data(data_dir, 
     from flax import nnx
 
     config = tiny(data_dir, "optim.grad_accum=2", "total_steps=6", "batch_size=32")
-    setup = train.build(config)
+    setup = step_lib.build(config)
     hlo = setup.step_fn.lower(setup.abstract_state, setup.abstract_batch()).compile().as_text()
     assert "all-gather" not in hlo and "collective-permute" not in hlo
     rng = np.random.default_rng(0)

@@ -1,5 +1,6 @@
 """Datasets (TFDS builders for embedded data), tokenizers and the Grain / text input pipelines."""
-from maskjax.data.pipeline import DataError, Loader, builder, eval_batches, source
+from maskjax.data.pipeline import Loader, eval_batches
+from maskjax.data.sources import DataError, builder, source
 from maskjax.data.tokenizer import TokenizerError
 
 

@@ -9,89 +9,14 @@ the work, and the loader position is one integer that the checkpoint stores.
 """
 from __future__ import annotations
 
-import os
 import sys
 from typing import Iterator
 
 import grain
 import numpy as np
-import tensorflow_datasets as tfds
 from PIL import Image
 
-from maskjax.config import fault_policy
-from maskjax.data.digits import MaskjaxDigitCaptions, MaskjaxDigits, MaskjaxMovingDigits
-from maskjax.data.folder import MaskjaxImageTextFolder
-from maskjax.data.text_corpus import MaskjaxText
-
-# Built here from data that ships with Python and scikit-learn (prepared on first use).
-EMBEDDED = {"maskjax_digits": MaskjaxDigits, "maskjax_digit_captions": MaskjaxDigitCaptions,
-            "maskjax_moving_digits": MaskjaxMovingDigits, "maskjax_text": MaskjaxText}
-# Built from the user's files in ``data.manual_dir`` (prepared on first use).
-LOCAL = {"maskjax_image_text_folder": MaskjaxImageTextFolder}
-
-
-class DataError(ValueError):
-    """A dataset, split or record that cannot be used; the message names it."""
-
-
-def data_dir(data_config) -> str:
-    return os.path.expanduser(
-        data_config.data_dir or os.environ.get("MASKJAX_DATA_DIR") or os.environ.get("TFDS_DATA_DIR")
-        or "~/tensorflow_datasets"
-    )
-
-
-def builder(data_config) -> tfds.core.DatasetBuilder:
-    """The prepared TFDS builder for ``data.name``; embedded datasets are prepared on first use."""
-    name, directory = data_config.name, data_dir(data_config)
-    if name in EMBEDDED:
-        b = EMBEDDED[name](data_dir=directory, file_format="array_record")
-        if not b.is_prepared():
-            b.download_and_prepare()
-        return b
-    if name in LOCAL:
-        b = LOCAL[name](data_dir=directory, file_format="array_record")
-        if not b.is_prepared():
-            manual = data_config.get("manual_dir", "")
-            if not manual or not os.path.isdir(os.path.expanduser(manual)):
-                raise DataError(f"dataset {name!r} is not prepared in {directory!r} and data.manual_dir={manual!r} "
-                                "is not a folder of image + caption files")
-            try:
-                b.download_and_prepare(download_config=tfds.download.DownloadConfig(
-                    manual_dir=os.path.expanduser(manual)))
-            except ValueError as err:
-                raise DataError(f"data.manual_dir={manual!r}: {err}") from None
-        return b
-    try:
-        b = tfds.builder(name, data_dir=directory)
-    except tfds.core.DatasetNotFoundError:
-        raise DataError(f"data.name={name!r} is not a TFDS dataset (embedded: {sorted(EMBEDDED)})") from None
-    if not b.is_prepared():
-        raise DataError(
-            f"dataset {name!r} is not prepared in data_dir {directory!r}; prepare it with "
-            f"`tfds build {name} --data_dir {directory} --file_format array_record`"
-        )
-    return b
-
-
-def source(data_config, split: str):
-    """A random-access TFDS data source for ``split``."""
-    b = builder(data_config)
-    try:
-        b.info.splits[split]  # accepts TFDS slices such as 'train[:99%]'
-    except (KeyError, ValueError):
-        raise DataError(f"dataset {data_config.name!r} has no split {split!r}; it has {sorted(b.info.splits)}") from None
-    try:
-        src = b.as_data_source(split)
-    except NotImplementedError as err:
-        raise DataError(
-            f"dataset {data_config.name!r} in {data_dir(data_config)!r} is not in a random-access format "
-            f"(array_record): {str(err).splitlines()[0]}"
-        ) from None
-    if len(src) == 0:
-        raise DataError(f"dataset {data_config.name!r} split {split!r} is empty")
-    return src
-
+from maskjax.data.sources import DataError, GlobalOrder, _skip_bad, block_rows, load_tokenizer, source
 
 # --------------------------------------------------------------------------- preprocessing
 
@@ -214,9 +139,7 @@ class Captions:
     """Adds ``text`` [b, seq_len] int32 (tokenized ``data.text_key`` of each record) to an image batch."""
 
     def __init__(self, data_config):
-        from maskjax.data import text as text_data
-
-        self.tokenizer = text_data.load_tokenizer(data_config)
+        self.tokenizer = load_tokenizer(data_config)
         self.key, self.seq_len, self.name = data_config.text_key, data_config.seq_len, data_config.name
 
     def __call__(self, positions, records) -> dict:
@@ -231,38 +154,6 @@ class Captions:
 
 
 # --------------------------------------------------------------------------- process sharding
-
-
-class GlobalOrder:
-    """The global element stream: position ``g`` -> record index. With ``shuffle``, epoch
-    ``g // n`` is a permutation seeded by (seed, epoch); without, positions past the end repeat the
-    last record (padding for eval)."""
-
-    def __init__(self, n: int, seed: int, shuffle: bool):
-        self.n, self.seed, self.shuffle = n, seed, shuffle
-        self._perms: dict[int, np.ndarray] = {}
-
-    def __call__(self, positions: np.ndarray) -> np.ndarray:
-        if not self.shuffle:
-            return np.minimum(positions, self.n - 1)
-        epochs, offsets = np.divmod(positions, self.n)
-        out = np.empty_like(positions)
-        for epoch in np.unique(epochs):
-            perm = self._perms.get(int(epoch))
-            if perm is None:
-                perm = np.random.default_rng([self.seed, int(epoch)]).permutation(self.n)
-                self._perms = {int(epoch): perm}  # keep one epoch: batches move forward
-            out[epochs == epoch] = perm[offsets[epochs == epoch]]
-        return out
-
-
-def block_rows(batch_size: int, process_index: int = 0, process_count: int = 1) -> np.ndarray:
-    """Process ``p`` of ``P`` holding rows ``[p*B/P, (p+1)*B/P)`` of every global batch (the layout of
-    a mesh whose devices are ordered by process; the trainer asks the mesh: ``sharding.process_rows``)."""
-    if batch_size % process_count:
-        raise DataError(f"batch_size={batch_size} is not divisible by the {process_count} processes")
-    local = batch_size // process_count
-    return np.arange(process_index * local, (process_index + 1) * local)
 
 
 class ProcessBatches:
@@ -323,10 +214,6 @@ def train_loader(config, rows: np.ndarray | None = None, captions: bool = False)
         captions=Captions(data) if captions else None, skip_bad=_skip_bad(config), split=data.train_split,
     )
     return Loader(grain.MapDataset.source(batches), data, src)
-
-
-def _skip_bad(config) -> bool:
-    return fault_policy(config)["bad_records"] == "skip"
 
 
 def eval_batches(config, split: str, batch_size: int, rows: np.ndarray | None = None

@@ -20,36 +20,20 @@ from typing import Iterator
 
 import numpy as np
 
-from maskjax.data import pipeline
+from maskjax.data import sources
 from maskjax.data import tokenizer as tokenizer_lib
-from maskjax.data.text_corpus import vocab_path
+from maskjax.data.sources import load_tokenizer, tokenizer_path  # noqa: F401  (the text API)
 
 READ_CHUNK = 256  # documents read and tokenized together
-
-
-def tokenizer_path(data_config) -> str:
-    """``data.tokenizer`` when set; otherwise the vocabulary stored beside an embedded corpus."""
-    if data_config.tokenizer:
-        return data_config.tokenizer
-    builders = {**pipeline.EMBEDDED, **pipeline.LOCAL}
-    if getattr(builders.get(data_config.name), "HAS_VOCAB", False):
-        return vocab_path(pipeline.builder(data_config))
-    raise pipeline.DataError(
-        f"data.tokenizer is not set: dataset {data_config.name!r} needs a tokenizer file "
-        "(a SentencePiece .model or a WordPiece vocab.txt)")
-
-
-def load_tokenizer(data_config) -> tokenizer_lib.Tokenizer:
-    return tokenizer_lib.load(tokenizer_path(data_config))
 
 
 class Documents:
     """Tokenized documents of one split, by global stream position, read in chunks and cached.
 
-    ``order`` maps stream positions to record indices (:class:`pipeline.GlobalOrder`).
+    ``order`` maps stream positions to record indices (:class:`sources.GlobalOrder`).
     """
 
-    def __init__(self, src, order: pipeline.GlobalOrder, tok: tokenizer_lib.Tokenizer, text_key: str, name: str,
+    def __init__(self, src, order: sources.GlobalOrder, tok: tokenizer_lib.Tokenizer, text_key: str, name: str,
                  skip_bad: bool = False):
         self.src, self.order, self.tok, self.text_key, self.name = src, order, tok, text_key, name
         self.skip_bad = skip_bad  # a record without the text field is an empty document (and a warning)
@@ -66,7 +50,7 @@ class Documents:
                     message = (f"record {int(index)} of {self.name!r} has no field data.text_key={self.text_key!r}; "
                                f"it has {sorted(record)}")
                     if not self.skip_bad:
-                        raise pipeline.DataError(message)
+                        raise sources.DataError(message)
                     print(f"maskjax: warning: skipped {message}", file=sys.stderr, flush=True)
                     texts.append("")
                     continue
@@ -74,7 +58,7 @@ class Documents:
                 texts.append(text.decode("utf-8", "replace") if isinstance(text, bytes) else str(text))
             ids = self.tok.encode_batch(texts)
             if chunk == 0 and not any(ids):
-                raise pipeline.DataError(
+                raise sources.DataError(
                     f"dataset {self.name!r} is empty: its first {min(READ_CHUNK, len(self.src))} "
                     f"documents have no text in field data.text_key={self.text_key!r}")
             self._cache = [[self.tok.cls_id] + doc + [self.tok.sep_id] for doc in ids]
@@ -123,10 +107,10 @@ def make_batch(rows: list, tok: tokenizer_lib.Tokenizer) -> dict:
 
 def _documents(config, split: str, shuffle: bool) -> Documents:
     data = config.data
-    src = pipeline.source(data, split)
+    src = sources.source(data, split)
     tok = load_tokenizer(data)
-    return Documents(src, pipeline.GlobalOrder(len(src), config.seed, shuffle), tok, data.text_key, data.name,
-                     skip_bad=pipeline._skip_bad(config))
+    return Documents(src, sources.GlobalOrder(len(src), config.seed, shuffle), tok, data.text_key, data.name,
+                     skip_bad=sources._skip_bad(config))
 
 
 class TextLoader:
@@ -136,7 +120,7 @@ class TextLoader:
         self.docs = _documents(config, config.data.train_split, shuffle=True)
         self.docs[0]  # a bad text field or an empty corpus fails here, before a run writes anything
         self.global_batch = config.batch_size
-        self.rows = pipeline.block_rows(config.batch_size) if rows is None else np.asarray(rows)
+        self.rows = sources.block_rows(config.batch_size) if rows is None else np.asarray(rows)
         self.seq_len, self.prefetch = config.data.seq_len, max(1, config.data.prefetch)
         self._state = {"document": 0, "offset": 0}
         self._thread = None
@@ -205,7 +189,7 @@ def eval_batches(config, split: str, batch_size: int, rows: np.ndarray | None = 
     batch, number of rows holding any real token). Rows after the end are all padding."""
     docs = _documents(config, split, shuffle=False)
     packer = Packer(docs, config.data.seq_len, limit=len(docs.src))
-    rows = pipeline.block_rows(batch_size) if rows is None else rows
+    rows = sources.block_rows(batch_size) if rows is None else rows
     count = 0
     while not packer.exhausted() and (not max_batches or count < max_batches):
         packed = [packer.row() for _ in range(batch_size)]
@@ -223,7 +207,7 @@ def unigram_log_probs(config, max_tokens: int = 2_000_000) -> np.ndarray:
     probability 0): the context-free baseline of text evals. Counted once per dataset and
     tokenizer in a process, so evaluations during training reuse it."""
     d = config.data
-    key = (d.name, pipeline.data_dir(d), d.train_split, d.text_key, tokenizer_path(d), max_tokens)
+    key = (d.name, sources.data_dir(d), d.train_split, d.text_key, tokenizer_path(d), max_tokens)
     if key not in _UNIGRAMS:
         _UNIGRAMS[key] = _count_unigram(_documents(config, d.train_split, shuffle=False), max_tokens)
     return _UNIGRAMS[key]

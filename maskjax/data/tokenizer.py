@@ -13,6 +13,8 @@ from typing import Sequence
 
 import numpy as np
 
+from maskjax.errors import MaskjaxError
+
 SPECIAL_NAMES = {  # role -> spellings accepted, in order of preference
     "pad": ("[PAD]", "<pad>"),
     "unk": ("[UNK]", "<unk>"),
@@ -23,7 +25,7 @@ SPECIAL_NAMES = {  # role -> spellings accepted, in order of preference
 WORDPIECE_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
-class TokenizerError(ValueError):
+class TokenizerError(MaskjaxError, ValueError):
     """A tokenizer file that is missing, unreadable or lacks a required token; names the file."""
 
 

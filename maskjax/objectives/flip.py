@@ -24,8 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from maskjax import masking, objectives, sharding
-from maskjax.config import ConfigError
+from maskjax import masking, sharding
+from maskjax.objectives import base
+from maskjax.errors import ConfigError
 from maskjax.models import layers, text as text_model, vit
 from maskjax.objectives.vision import VisionObjective
 
@@ -96,21 +97,21 @@ def drop_text_tokens(key: jax.Array, tokens: jax.Array, tokenizer, ratio: float
     return take(tokens), take(keep).astype(jnp.int32), order
 
 
-@objectives.register
+@base.register
 class FLIP(VisionObjective):
     name = "flip"
     data_kind = "image_text"
 
     @functools.cached_property
     def tokenizer(self):
-        from maskjax.data import text as text_data
+        from maskjax.data import sources
 
-        return text_data.load_tokenizer(self.config.data)
+        return sources.load_tokenizer(self.config.data)
 
     def validate(self) -> None:
         super().validate()
         c = self.config
-        objectives.check_transformer(c.text_model, "text_model", config=c)
+        base.check_transformer(c.text_model, "text_model", config=c)
         if c.text_model.positions not in text_model.POSITIONS:
             raise ConfigError("text_model.positions", f"must be one of {text_model.POSITIONS}, "
                                                       f"got {c.text_model.positions!r}")
@@ -135,7 +136,9 @@ class FLIP(VisionObjective):
         if c.optim.grad_accum != 1:
             raise ConfigError("optim.grad_accum", "FLIP's contrastive loss needs the whole batch in one step "
                                                   "(accumulating micro-batches would contrast within each only)")
-        self.tokenizer  # a missing or unusable tokenizer fails here
+        from maskjax.data import sources
+
+        sources.check_tokenizer(self.config.data)  # never prepares a corpus (validation writes nothing)
 
     def build(self, rngs: nnx.Rngs) -> FLIPModel:
         m, t = self.config.model, self.config.text_model

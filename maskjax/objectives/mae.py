@@ -17,8 +17,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from maskjax import masking, objectives
-from maskjax.config import ConfigError
+from maskjax import masking
+from maskjax.objectives import base
+from maskjax.errors import ConfigError
 from maskjax.models import layers, vit
 from maskjax.objectives import vision
 from maskjax.objectives.vision import VisionObjective
@@ -97,7 +98,7 @@ class MAEModel(nnx.Module):
         self.encoder, self.decoder = encoder, decoder
 
 
-@objectives.register
+@base.register
 class MAE(VisionObjective):
     name = "mae"
 
@@ -111,7 +112,7 @@ class MAE(VisionObjective):
 
     def validate(self) -> None:
         super().validate()
-        objectives.check_transformer(self.config.decoder, "decoder", config=self.config)
+        base.check_transformer(self.config.decoder, "decoder", config=self.config)
         if self.dual:
             try:
                 self.decoder_masker()

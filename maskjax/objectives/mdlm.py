@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from maskjax import objectives
-from maskjax.config import ConfigError
+from maskjax.objectives import base
+from maskjax.errors import ConfigError
 from maskjax.objectives.text import TextObjective, cross_entropy
 
 SCHEDULES = ("loglinear", "cosine")
@@ -65,7 +65,7 @@ def nelbo_sums(logits: jax.Array, x0: jax.Array, masked: jax.Array, weight: jax.
     return {"nelbo": jnp.sum(weight * per_row), "correct": jnp.sum(correct * m), "masked": jnp.sum(m)}
 
 
-@objectives.register
+@base.register
 class MDLM(TextObjective):
     name = "mdlm"
 

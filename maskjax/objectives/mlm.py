@@ -13,8 +13,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from maskjax import masking, objectives
-from maskjax.config import ConfigError
+from maskjax import masking
+from maskjax.objectives import base
+from maskjax.errors import ConfigError
 from maskjax.objectives.text import TextObjective, cross_entropy, gather_rows, predicted_positions
 
 
@@ -31,7 +32,7 @@ def bert_corrupt(key: jax.Array, tokens: jax.Array, selected: jax.Array, unit: j
     return jnp.where(selected & (draw >= 0.8) & (draw < 0.9), random_ids, out)
 
 
-@objectives.register
+@base.register
 class MLM(TextObjective):
     name = "mlm"
 

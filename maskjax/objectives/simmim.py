@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from maskjax import objectives
+from maskjax.objectives import base
 from maskjax.models import layers, vit
 from maskjax.objectives.vision import VisionObjective
 
@@ -30,7 +30,7 @@ class SimMIMModel(nnx.Module):
         return self.head(out).astype(jnp.float32)
 
 
-@objectives.register
+@base.register
 class SimMIM(VisionObjective):
     name = "simmim"
 

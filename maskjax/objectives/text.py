@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from maskjax import objectives
-from maskjax.config import ConfigError
+from maskjax.objectives import base
+from maskjax.errors import ConfigError
 from maskjax.models import layers
 from maskjax.models import text as text_model
 
@@ -44,9 +44,9 @@ class TextObjective:
 
     @functools.cached_property
     def tokenizer(self):
-        from maskjax.data import text as text_data
+        from maskjax.data import sources
 
-        return text_data.load_tokenizer(self.config.data)
+        return sources.load_tokenizer(self.config.data)
 
     @property
     def seq_len(self) -> int:
@@ -55,7 +55,7 @@ class TextObjective:
     # ---------------------------------------------------------------- config
     def validate(self) -> None:
         m, d = self.config.model, self.config.data
-        objectives.check_transformer(m, config=self.config)
+        base.check_transformer(m, config=self.config)
         for key, value in (("data.seq_len", d.seq_len), ("model.max_len", m.max_len)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 2:
                 raise ConfigError(key, f"must be an int >= 2, got {value!r}")
@@ -66,7 +66,9 @@ class TextObjective:
                                               "model's learned position table covers (model.max_len)")
         if m.positions == "rotary" and (m.width // m.heads) % 2:
             raise ConfigError("model.heads", f"rotary positions need an even head dim, got {m.width // m.heads}")
-        self.tokenizer  # a missing or unusable tokenizer fails here, before anything is compiled
+        from maskjax.data import sources
+
+        sources.check_tokenizer(self.config.data)  # never prepares a corpus (validation writes nothing)
 
     # ---------------------------------------------------------------- model and data
     def build(self, rngs) -> text_model.TextEncoder:

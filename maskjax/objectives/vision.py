@@ -7,8 +7,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from maskjax import masking, objectives
-from maskjax.config import ConfigError
+from maskjax import masking
+from maskjax.objectives import base
+from maskjax.errors import ConfigError
 from maskjax.models import layers, vit
 
 
@@ -99,7 +100,7 @@ class VisionObjective:
         except ValueError as err:
             key = "data.frames" if "frames" in str(err) else "model.tubelet" if "tubelet=" in str(err) else "data.image_size"
             raise ConfigError(key, str(err)) from None
-        objectives.check_transformer(model, config=self.config)
+        base.check_transformer(model, config=self.config)
         if data.channels < 1:
             raise ConfigError("data.channels", f"must be >= 1, got {data.channels}")
         stride = data.get("frame_stride", 1)
