@@ -42,5 +42,5 @@ setup(
         "cuda": ["jax[cuda12]==0.10.2"],
         "tpu": ["jax[tpu]==0.10.2"],
     },
-    entry_points={"console_scripts": ["maskjax=maskjax.cli:main"]},
+    entry_points={"console_scripts": ["maskjax=maskjax.cli:console"]},
 )

@@ -1,5 +1,5 @@
 import sys
 
-from maskjax.cli import main
+from maskjax.cli import console
 
-sys.exit(main())
+sys.exit(console())

@@ -397,14 +397,13 @@ def _check_workdir(workdir: str) -> None:
         raise UsageError(f"--workdir {workdir!r} is not writable")
 
 
-def main(argv: list[str] | None = None) -> int:
-    if argv is None:  # the command itself (not a call from Python): large host buffers on huge pages
-        from maskjax import hostmem
+def console() -> int:
+    """The ``maskjax`` command (console entry point and ``python -m maskjax``): process-wide settings
+    that belong to a whole process, never to a call of :func:`main` from Python (a test, a notebook)."""
+    from maskjax import hostmem
 
-        hostmem.reexec_with_huge_pages()
-    argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv
-    if not debug:  # TFDS and Orbax log through absl; keep stderr to our own lines
+    hostmem.reexec_with_huge_pages()  # large host buffers on huge pages
+    if "--debug" not in sys.argv[1:]:  # TFDS and Orbax log through absl; keep stderr to our own lines
         import logging
         import threading
 
@@ -419,6 +418,13 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("asyncio").setLevel(logging.CRITICAL + 1)
         threading.excepthook = lambda args: None
         sys.unraisablehook = lambda args: None
+    return main(sys.argv[1:])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs one command; bad input is one line on stderr and a non-zero status (see the module doc)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
     try:
         rest, overrides = _split_overrides(argv)
         args = _parser().parse_args(rest)
@@ -453,4 +459,4 @@ def main(argv: list[str] | None = None) -> int:
         return status
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console())

@@ -135,3 +135,18 @@ def test_sweep_emit_validates_with_the_commands_own_overrides(tmp_path, capsys):
                      "--workdir", str(tmp_path / "sweep"), "--emit", "local", f"--config.data.data_dir={data}"]) == 0
     assert f"--config.data.data_dir={data}" in capsys.readouterr().out
     assert not data.exists()
+
+
+def test_main_called_from_python_leaves_process_wide_hooks_alone(tmp_path):
+    """Only the console entry point silences thread exceptions and logging; a test or notebook that
+    calls ``cli.main`` keeps its own."""
+    import logging
+    import sys
+    import threading
+
+    from maskjax import cli
+
+    before = (threading.excepthook, sys.unraisablehook, logging.getLogger().level)
+    assert cli.main(["params", "--config", os.path.join(ROOT, "configs", "mae_digits.py:tiny")]) == 0
+    assert cli.main(["train", "--config", "no_such_file.py", "--workdir", str(tmp_path)]) == 2
+    assert (threading.excepthook, sys.unraisablehook, logging.getLogger().level) == before

@@ -1,5 +1,4 @@
 """ViT shapes, dtypes, layout helpers, logical names, remat, and scan compile time."""
-import time
 
 import jax
 import jax.numpy as jnp
@@ -93,24 +92,22 @@ def test_remat_gives_the_same_values_and_gradients(policy):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
 
 
-def _compile_seconds(depth: int) -> float:
+def _program_size(depth: int) -> int:
+    """Characters of the lowered train-step program (StableHLO) of an encoder of ``depth`` blocks."""
     model = encoder(depth=depth, width=64, heads=4)
     graphdef, params = nnx.split(model)
 
     def loss(p, x):
         return jnp.mean(nnx.merge(graphdef, p)(x) ** 2)
 
-    x = jnp.ones((2, 16, 48))
-    start = time.perf_counter()
-    jax.jit(jax.grad(loss)).lower(params, x).compile()
-    return time.perf_counter() - start
+    return len(jax.jit(jax.grad(loss)).lower(params, jnp.ones((2, 16, 48))).as_text())
 
 
-def test_scan_keeps_compile_time_flat_in_depth():
-    _compile_seconds(2)  # warm up tracing caches
-    shallow = min(_compile_seconds(6) for _ in range(2))
-    deep = min(_compile_seconds(24) for _ in range(2))
-    assert deep <= 1.5 * shallow, f"depth 24 compiled in {deep:.2f}s vs depth 6 in {shallow:.2f}s"
+def test_scan_keeps_the_program_flat_in_depth():
+    """Blocks are scanned, so the program (and with it compile time) does not grow with depth: one block
+    body whatever the depth; unrolled, depth 24 would be about four times depth 6."""
+    shallow, deep = _program_size(6), _program_size(24)
+    assert deep <= 1.05 * shallow, f"depth 24 lowers to {deep} characters vs depth 6 to {shallow}"
 
 
 @pytest.mark.parametrize("call,match", [
