@@ -115,13 +115,6 @@ def synthetic_batches(setup, seed: int = 0) -> Iterator[dict]:
     return itertools.cycle(pool)
 
 
-def tokens_per_example(objective) -> int:
-    """Input tokens an example carries: patches (all frames) for vision, sequence length for text."""
-    if hasattr(objective, "num_tokens"):
-        return int(objective.num_tokens)
-    return int(objective.seq_len)
-
-
 def attention_kernel(config) -> str:
     """The attention implementation ('xla' or 'cudnn') the encoder's blocks run with (on this backend)."""
     m = config.model
@@ -242,15 +235,15 @@ def run(config, steps: int, warmup: int, data: str = "real", progress: bool = Tr
     achieved = flops / median / devices
     batch = config.batch_size
     return {
-        "objective": config.objective, "batch_size": batch, "mask_ratio": float(config.mask.ratio),
+        "objective": config.objective, "batch_size": batch, "mask_ratio": setup.objective.mask_ratio,
         "devices": devices, "device_kind": setup.mesh.devices.flat[0].device_kind, "mesh": dict(setup.mesh.shape),
         "dtype": config.model.dtype, "attention": attention_kernel(config), "data": data, "steps": steps,
         "warmup": warmup,
         "compile_seconds": lower_s + compile_s, "lower_seconds": lower_s,
         "step_seconds_median": median, "step_seconds_min": best,
         "examples_per_second": batch / median, "examples_per_second_per_device": batch / median / devices,
-        "tokens_per_second": batch * tokens_per_example(setup.objective) / median,
-        "tokens_per_second_per_device": batch * tokens_per_example(setup.objective) / median / devices,
+        "tokens_per_second": batch * setup.objective.tokens_per_example / median,
+        "tokens_per_second_per_device": batch * setup.objective.tokens_per_example / median / devices,
         "data_wait_seconds_median": statistics.median(waits), "data_wait_fraction": sum(waits) / sum(step_times),
         "peak_memory_bytes": peak_memory(setup),
         "model_flops_per_step": flops, "achieved_tflops_per_device": achieved / 1e12,

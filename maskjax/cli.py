@@ -2,7 +2,7 @@
 
     maskjax train  --config configs/mae_digits.py[:variant] --workdir DIR [--config.KEY=VALUE ...]
     maskjax eval   --workdir DIR [--config FILE] [--config.KEY=VALUE ...]
-    maskjax sample --workdir DIR [--steps K] [--num N] [--out FILE]     (masked diffusion runs)
+    maskjax sample --workdir DIR [--steps K] [--num N] [--out FILE]     (objectives that sample)
     maskjax params --config FILE [--mesh data=8,fsdp=4] [--devices N] [--json OUT]
     maskjax compile-check --config FILE [--mesh data=8,fsdp=4] [--devices N] [--device_memory 16GiB]
     maskjax bench  --config FILE [--steps N] [--warmup W] [--sweep mask_ratio=0,0.75] [--json OUT]
@@ -78,7 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     common(ev, False, step=True)
     sample = sub.add_parser("sample", help="generate text from a masked diffusion run by iterative unmasking")
     common(sample, False, step=True)
-    sample.add_argument("--steps", type=int, default=None, help="denoising steps (default: diffusion.sample_steps)")
+    sample.add_argument("--steps", type=int, default=None, help="sampling steps (default: the objective's, e.g. diffusion.sample_steps)")
     sample.add_argument("--num", type=int, default=4, help="number of sequences")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--out", default=None, help="also write the samples to this text file")
@@ -261,10 +261,13 @@ def _sample(args, overrides) -> int:
         raise UsageError(f"--steps {args.steps} must be >= 1")
     setup, params, step = _restore(args, overrides)
     objective = setup.objective
-    if not hasattr(objective, "sample"):
-        raise UsageError(f"--workdir {args.workdir!r} is a {setup.config.objective!r} run; sampling needs a "
-                         "masked diffusion run (objective 'mdlm')")
-    steps = args.steps or setup.config.diffusion.sample_steps
+    if objective.sample_kind is None:
+        from maskjax import objectives
+
+        can = sorted(name for name, cls in objectives.REGISTRY.items() if cls.sample_kind)
+        raise UsageError(f"--workdir {args.workdir!r} is a {setup.config.objective!r} run, which cannot sample "
+                         f"(objectives that can: {', '.join(can)})")
+    steps = args.steps or objective.sample_steps
 
     def generate(params, key):
         with sharding.activation_mesh(setup.mesh):

@@ -20,6 +20,7 @@ from jax.experimental import multihost_utils
 from maskjax import metrics as metrics_lib
 from maskjax import sharding
 from maskjax.data import pipeline, sources
+from maskjax.objectives import base
 
 
 def features_fn(setup):
@@ -90,7 +91,8 @@ def run(setup, params, workdir: str, step: int, writer=None) -> dict:
     config = setup.config
     results: dict[str, Any] = {"step": int(step), "objective": config.objective,
                                "train_split": config.data.train_split, "eval_split": config.data.eval_split}
-    if config.eval.probe and hasattr(setup.objective, "features"):
+    declared = base.check_evaluators(setup.objective)
+    if config.eval.probe and "probe" in declared:
         from maskjax.step import init_params_fn
 
         k = config.eval.knn_k
@@ -104,12 +106,11 @@ def run(setup, params, workdir: str, step: int, writer=None) -> dict:
         results["raw_pixels"] = probe(train_px, train_y, test_px, test_y, k)
         if config.eval.get("finetune_epochs", 0) > 0:
             results["finetune"] = finetune(setup, params)
-    if hasattr(setup.objective, "eval_step"):
+    if "text" in declared:
         results["text"] = evaluate_text(setup, params)
-    if hasattr(setup.objective, "zero_shot_logits") and config.eval.get("zero_shot", False):
+    if "zero_shot" in declared and config.eval.get("zero_shot", False):
         results["zero_shot"] = evaluate_zero_shot(setup, params)
-    if hasattr(setup.objective, "reconstruct") and getattr(setup.objective, "reconstructs", True) \
-            and config.eval.num_images:
+    if "reconstruction" in declared and config.eval.num_images:
         results["reconstruction_png"] = save_reconstructions(setup, params, workdir, step, writer)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "eval.json"), "w") as f:

@@ -45,8 +45,22 @@ ARCHS = {  # --arch -> transformers class
     "vit": "ViTModel",
     "bert": "BertForMaskedLM",
 }
-DEFAULT_ARCH = {"mae": "vit_mae", "simmim": "vit_mim", "flip": "vit", "mlm": "bert", "mdlm": "bert"}
-ENCODER_PATH = {"mae": "encoder", "simmim": "encoder", "flip": "image"}  # the ViT inside each image objective
+
+
+def interop(config):
+    """The export/import rules the run's objective declares (:class:`maskjax.objectives.base.Interop`)."""
+    from maskjax import objectives
+
+    if config.objective not in objectives.REGISTRY:
+        raise ConfigError("objective", f"unknown objective {config.objective!r}; known: {sorted(objectives.REGISTRY)}")
+    return objectives.REGISTRY[config.objective].interop
+
+
+def exportable() -> list[str]:
+    """Objectives that declare a transformers architecture."""
+    from maskjax import objectives
+
+    return sorted(name for name, cls in objectives.REGISTRY.items() if cls.interop.archs)
 
 
 class InteropError(MaskjaxError, ValueError):
@@ -186,11 +200,10 @@ def check_exportable(config, arch: str) -> None:
     objective = config.objective
     if arch not in ARCHS:
         raise InteropError(f"--arch {arch!r} is unknown; known: {', '.join(ARCHS)}")
-    allowed = {"vit_mae": ("mae",), "vit_mim": ("simmim",), "vit": tuple(ENCODER_PATH), "bert": ("mlm", "mdlm")}[arch]
-    if objective not in allowed:
+    archs = interop(config).archs
+    if arch not in archs:
         raise InteropError(f"--arch {arch} ({ARCHS[arch]}) cannot hold a {objective!r} run; for {objective!r} use "
-                           + (f"--arch {DEFAULT_ARCH[objective]}" if objective in DEFAULT_ARCH else
-                              "nothing yet: it has no transformers equivalent"))
+                           + (f"--arch {archs[0]}" if archs else "nothing yet: it has no transformers equivalent"))
     if arch == "bert":
         if config.model.pre_norm:
             raise ConfigError("model.pre_norm", "True: BertForMaskedLM is post-norm; only runs trained with "
@@ -217,10 +230,11 @@ def groups(config, arch: str, encoder_prefix: str | None = None) -> list[Group]:
     if arch == "bert":
         return [Group("text encoder", bert_rules(bias))]
     prefix = encoder_prefix if encoder_prefix is not None else ("" if arch == "vit" else "vit.")
-    out = [Group("image encoder", vit_encoder_rules(prefix, ENCODER_PATH[config.objective], bias))]
-    if config.objective == "mae" and arch in ("vit_mae", "import"):
+    archs = interop(config).archs
+    out = [Group("image encoder", vit_encoder_rules(prefix, interop(config).encoder, bias))]
+    if "vit_mae" in archs and arch in ("vit_mae", "import"):
         out.append(Group("MAE decoder", mae_decoder_rules(bias), required=arch != "import"))
-    if config.objective == "simmim" and arch in ("vit_mim", "import"):
+    if "vit_mim" in archs and arch in ("vit_mim", "import"):
         out.append(Group("SimMIM mask token and head", simmim_head_rules(), required=arch != "import"))
     return out
 
@@ -245,7 +259,7 @@ def position_tables(config, arch: str, prefix: str = "vit.") -> dict[str, np.nda
     grid = _grid(config)
     table = lambda width: np.concatenate([np.zeros((1, width), np.float32), vit.sincos_pos_embed(width, grid)])[None]
     tables[f"{prefix}embeddings.position_embeddings"] = table(config.model.width)
-    if arch in ("vit_mae", "import") and config.objective == "mae":
+    if arch in ("vit_mae", "import") and "vit_mae" in interop(config).archs:
         tables["decoder.decoder_pos_embed"] = table(config.decoder.width)
     return tables
 
@@ -409,10 +423,11 @@ def export(config, params: dict, fmt: str, out: str, arch: str | None = None, st
     """Writes ``params`` (host NumPy nested dict) of a run of ``config`` to ``out``; returns a summary."""
     if fmt not in FORMATS:
         raise InteropError(f"--format {fmt!r} is unknown; known: {', '.join(FORMATS)}")
-    arch = arch or DEFAULT_ARCH.get(config.objective)
-    if arch is None:
+    archs = interop(config).archs
+    if arch is None and not archs:
         raise InteropError(f"a {config.objective!r} run has no transformers equivalent to export to "
-                           f"(supported: {', '.join(sorted(DEFAULT_ARCH))})")
+                           f"(objectives that have one: {', '.join(exportable())})")
+    arch = arch or archs[0]
     tensors = to_tensors(config, params, arch)
     vocab = None
     if arch == "bert":
@@ -499,7 +514,7 @@ def _expected(config, info: dict) -> list[tuple[str, str, Any]]:
         pairs += [("patch_size", "model.patch_size", m.patch_size), ("image_size", "data.image_size",
                   config.data.image_size), ("num_channels", "data.channels", config.data.channels),
                   ("qkv_bias", "model.qkv_bias", block["qkv_bias"])]
-        if info.get("model_type") == "vit_mae" and config.objective == "mae":
+        if info.get("model_type") == "vit_mae" and "vit_mae" in interop(config).archs:
             d = config.decoder
             pairs += [("decoder_hidden_size", "decoder.width", d.width), ("decoder_num_hidden_layers", "decoder.depth",
                       d.depth), ("decoder_num_attention_heads", "decoder.heads", d.heads),
@@ -527,7 +542,8 @@ def import_params(config, params: dict, path: str) -> tuple[dict, str]:
     """``params`` (host NumPy nested dict of a fresh run of ``config``) with every tensor ``path`` provides
     for it; returns (params, a one-line report). Errors name the tensor, the parameter or the config key."""
     tensors, info = read(path)
-    if config.objective in ("mlm", "mdlm"):
+    archs = interop(config).archs
+    if "bert" in archs:
         check_exportable(config, "bert")
         if "bert.embeddings.word_embeddings.weight" not in tensors:
             raise InteropError(f"init_from {path!r} is not a BERT model (no bert.embeddings.word_embeddings.weight)")
@@ -538,7 +554,7 @@ def import_params(config, params: dict, path: str) -> tuple[dict, str]:
             tensors["bert.embeddings.position_embeddings.weight"] = \
                 tensors["bert.embeddings.position_embeddings.weight"] + types[0]
         found, tables = groups(config, "bert"), {}
-    elif config.objective in ENCODER_PATH:
+    elif "vit" in archs:
         check_exportable(config, "vit")
         prefixes = [p for p in ("vit.", "") if f"{p}embeddings.patch_embeddings.projection.weight" in tensors]
         if not prefixes:
@@ -557,7 +573,7 @@ def import_params(config, params: dict, path: str) -> tuple[dict, str]:
                                    "be imported)")
     else:
         raise InteropError(f"init_from: a {config.objective!r} run cannot start from a transformers model "
-                           f"(supported objectives: {', '.join(sorted(DEFAULT_ARCH))})")
+                           f"(objectives that can: {', '.join(exportable())})")
     ctx = _ctx(config)
     loaded, fresh, used, stacks = 0, [], set(), []
     for group in found:

@@ -267,20 +267,6 @@ def model_size(config) -> dict:
     return {"parameters": total, "non_embedding_parameters": total - embedding}
 
 
-def downstream(objective: str, results: dict) -> tuple[str, float | None]:
-    """(name, value) of the objective's downstream metric in an ``eval.json``."""
-    if objective == "flip" and "zero_shot" in results:
-        return "zero_shot_accuracy", results["zero_shot"].get("accuracy")
-    if objective == "mdlm" and "text" in results:
-        text = results["text"]
-        return "perplexity_bound", text.get("perplexity_bound", text.get("perplexity"))
-    if "text" in results:
-        return "masked_accuracy", results["text"].get("accuracy")
-    if "pretrained" in results:
-        return "linear_probe", results["pretrained"].get("linear_probe")
-    return "none", None
-
-
 def collect(workdir: str) -> list[dict]:
     """One row per point: size, compute, data, losses, downstream metric, status."""
     from maskjax import config as config_lib, metrics, objectives
@@ -302,10 +288,10 @@ def collect(workdir: str) -> list[dict]:
         row.update(model_size(config))
         per_step = int(objective.flops())
         steps = config.total_steps
-        row.update(objective=config.objective, mask_ratio=float(config.mask.ratio), steps=steps,
+        row.update(objective=config.objective, mask_ratio=objective.mask_ratio, steps=steps,
                    batch_size=config.batch_size, flops_per_step=per_step, train_flops=float(per_step) * steps,
                    examples_seen=steps * config.batch_size,
-                   tokens_seen=steps * config.batch_size * _tokens_per_example(objective, config))
+                   tokens_seen=steps * config.batch_size * objective.tokens_per_example)
         records = metrics.read_jsonl(os.path.join(d, "metrics.jsonl")) if os.path.exists(
             os.path.join(d, "metrics.jsonl")) else []
         losses = [(r["step"], r["loss"]) for r in records if "loss" in r and np.isfinite(r["loss"])]
@@ -317,7 +303,7 @@ def collect(workdir: str) -> list[dict]:
         try:
             with open(os.path.join(d, "eval.json")) as f:
                 results = json.load(f)
-            name, value = downstream(config.objective, results)
+            name, value = objective.summary(results)
             row.update(metric=name, metric_value=value, eval_step=results.get("step"))
             if "finetune" in results:
                 row["finetune_accuracy"] = results["finetune"]["accuracy"]
@@ -335,13 +321,6 @@ def collect(workdir: str) -> list[dict]:
                 if os.path.exists(os.path.join(workdir, "logs", point["name"] + ".log")) else "no log"
         rows.append(row)
     return rows
-
-
-def _tokens_per_example(objective, config) -> int:
-    for attr in ("num_tokens", "seq_len"):
-        if hasattr(objective, attr):
-            return int(getattr(objective, attr))
-    return 1
 
 
 # --------------------------------------------------------------------------- fitting
@@ -497,7 +476,7 @@ def plots(workdir: str, rows: list[dict], fits: dict, frontier: list[dict]) -> l
         ax.legend(fontsize=8)
         written.append(_save(fig, workdir, "loss_vs_compute.png"))
         ratios = {r["mask_ratio"] for r in done}
-        with_metric = [r for r in done if r.get("metric_value") is not None]
+        with_metric = [r for r in done if r.get("metric_value") is not None and r["mask_ratio"] is not None]
         if len(ratios) > 1 and with_metric:
             fig, ax = plt.subplots(figsize=(6.4, 4.4))
             with_metric.sort(key=lambda r: r["mask_ratio"])

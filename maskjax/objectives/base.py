@@ -2,32 +2,113 @@
 never the package."""
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar, Protocol
-
-import jax
-from flax import nnx
+import dataclasses
+from typing import ClassVar
 
 from maskjax.errors import ConfigError
 
 
-class Objective(Protocol):
+@dataclasses.dataclass(frozen=True)
+class Interop:
+    """Which Hugging Face architectures (``maskjax export --arch`` names) can hold a run of an objective,
+    the first being the default, and where its ViT encoder lives in the parameters (image objectives;
+    None for text). An objective with no architectures is refused by export and ``init_from``."""
+
+    archs: tuple[str, ...] = ()
+    encoder: str | None = None
+
+
+# What each evaluator (``maskjax.evaluate``) calls on the objective; declaring one without its
+# methods fails at registration, not in the middle of an evaluation.
+EVALUATORS = {
+    "probe": ("features",),                              # linear probe + k-NN vs random init and raw pixels
+    "reconstruction": ("reconstruct",),                  # the PNG of masked inputs and predictions
+    "text": ("eval_step", "summarize"),                  # held-out loss/accuracy next to a unigram baseline
+    "zero_shot": ("zero_shot_logits", "class_embeddings"),  # class names as captions
+}
+# How ``maskjax sample`` renders the rows ``sample(model, key, num, steps)`` returns, and what that needs
+# besides ``sample`` and ``sample_steps`` (the default number of steps).
+SAMPLE_KINDS = {"text": ("tokenizer",)}
+REQUIRED = ("validate", "build", "loss", "batch_spec", "synthetic_batch", "flops")
+
+
+class Objective:
+    """The contract between an objective and everything that runs it (train, evaluate, bench, sweep,
+    export, sample). Subclass it, set the class attributes, implement the required methods, and
+    decorate with :func:`register`; nothing outside ``objectives/`` needs to know the new name.
+
+    Required: ``validate()`` (raises ``ConfigError`` naming the key), ``build(rngs)`` (the model,
+    parameters only), ``loss(model, batch, key, step) -> (scalar, metrics)`` (pure; masks drawn from
+    ``key``), ``batch_spec()`` (``{name: (global shape, dtype)}``), ``synthetic_batch(rng)`` (a local
+    batch of that spec for benchmarks), ``flops()`` (analytic FLOPs of one training step).
+
+    Declared capabilities: ``evaluators`` (names from :data:`EVALUATORS`, each needing its methods),
+    ``sample_kind`` (``sample(model, key, num, steps)`` and how ``maskjax sample`` renders it),
+    ``interop`` (export/import), ``summary(results)`` (the sweep's downstream metric),
+    ``mask_ratio`` and ``tokens_per_example`` (what sweeps and benchmarks report).
+    """
+
     name: ClassVar[str]
-    config: Any
+    data_kind: ClassVar[str]  # the input pipeline that feeds it: 'image', 'image_text' or 'text'
+    sample_kind: ClassVar[str | None] = None
+    interop: ClassVar[Interop] = Interop()
 
-    def validate(self) -> None: ...
-    def build(self, rngs: nnx.Rngs) -> nnx.Module: ...
-    def loss(self, model: nnx.Module, batch: dict, key: jax.Array, step: jax.Array) -> tuple[jax.Array, dict]: ...
-    def batch_spec(self) -> dict[str, tuple[tuple[int, ...], Any]]: ...
-    def flops(self) -> int: ...
+    def __init__(self, config):
+        self.config = config
+
+    @property
+    def evaluators(self) -> tuple[str, ...]:
+        return ()
+
+    @property
+    def mask_ratio(self) -> float | None:
+        """The one masking ratio a sweep or benchmark row reports (None: no single ratio)."""
+        return None
+
+    @property
+    def tokens_per_example(self) -> int:
+        raise NotImplementedError
+
+    def summary(self, results: dict) -> tuple[str, float | None]:
+        """(name, value) of the downstream metric in this objective's ``eval.json`` results."""
+        if "pretrained" in results:
+            return "linear_probe", results["pretrained"].get("linear_probe")
+        return "none", None
 
 
-REGISTRY: dict[str, Callable[[Any], Objective]] = {}
+REGISTRY: dict[str, type[Objective]] = {}
 
 
 def register(cls):
-    """Class decorator: makes ``cls`` available as ``config.objective = cls.name``."""
+    """Class decorator: makes ``cls`` available as ``config.objective = cls.name``, after checking that
+    it implements the contract and every capability it declares."""
+    if not (isinstance(cls, type) and issubclass(cls, Objective)):
+        raise TypeError(f"{cls!r} is not an objectives.base.Objective subclass")
+    missing = [m for m in REQUIRED if getattr(cls, m, None) is getattr(Objective, m, None)]
+    missing += [a for a in ("name", "data_kind") if not isinstance(getattr(cls, a, None), str)]
+    if cls.sample_kind is not None:
+        if cls.sample_kind not in SAMPLE_KINDS:
+            missing.append(f"sample_kind in {tuple(SAMPLE_KINDS)}")
+        missing += [m for m in ("sample", "sample_steps", *SAMPLE_KINDS.get(cls.sample_kind, ()))
+                    if not hasattr(cls, m)]
+    if missing:
+        raise TypeError(f"objective {getattr(cls, 'name', cls.__name__)!r} lacks {', '.join(missing)}")
+    if cls.name in REGISTRY and REGISTRY[cls.name] is not cls:
+        raise TypeError(f"objective name {cls.name!r} is taken by {REGISTRY[cls.name].__module__}")
     REGISTRY[cls.name] = cls
     return cls
+
+
+def check_evaluators(objective: Objective) -> tuple[str, ...]:
+    """``objective.evaluators``, each known and backed by the methods it calls."""
+    names = tuple(objective.evaluators)
+    for name in names:
+        if name not in EVALUATORS:
+            raise TypeError(f"objective {objective.name!r} declares unknown evaluator {name!r}; known: {sorted(EVALUATORS)}")
+        lacking = [m for m in EVALUATORS[name] if not callable(getattr(objective, m, None))]
+        if lacking:
+            raise TypeError(f"objective {objective.name!r} declares evaluator {name!r} but lacks {', '.join(lacking)}")
+    return names
 
 
 def check_transformer(model_config, group: str = "model", config=None) -> None:
@@ -57,6 +138,7 @@ def check_transformer(model_config, group: str = "model", config=None) -> None:
 
 
 def get(config) -> Objective:
+    """The objective ``config.objective`` names, constructed from the run's config."""
     if config.objective not in REGISTRY:
         raise ConfigError("objective", f"unknown objective {config.objective!r}; known: {sorted(REGISTRY)}")
     return REGISTRY[config.objective](config)

@@ -101,6 +101,13 @@ def drop_text_tokens(key: jax.Array, tokens: jax.Array, tokenizer, ratio: float
 class FLIP(VisionObjective):
     name = "flip"
     data_kind = "image_text"
+    interop = base.Interop(archs=("vit",), encoder="image")
+    evaluators = ("probe", "zero_shot")
+
+    def summary(self, results: dict) -> tuple[str, float | None]:
+        if "zero_shot" in results:
+            return "zero_shot_accuracy", results["zero_shot"].get("accuracy")
+        return super().summary(results)
 
     @functools.cached_property
     def tokenizer(self):

@@ -101,6 +101,7 @@ class MAEModel(nnx.Module):
 @base.register
 class MAE(VisionObjective):
     name = "mae"
+    interop = base.Interop(archs=("vit_mae", "vit"), encoder="encoder")
 
     @property
     def dual(self) -> bool:

@@ -68,6 +68,15 @@ def nelbo_sums(logits: jax.Array, x0: jax.Array, masked: jax.Array, weight: jax.
 @base.register
 class MDLM(TextObjective):
     name = "mdlm"
+    sample_kind = "text"
+
+    @property
+    def sample_steps(self) -> int:
+        return self.config.diffusion.sample_steps
+
+    def summary(self, results: dict) -> tuple[str, float | None]:
+        text = results.get("text", {})
+        return "perplexity_bound", text.get("perplexity_bound", text.get("perplexity"))
 
     def validate(self) -> None:
         super().validate()

@@ -36,6 +36,10 @@ def bert_corrupt(key: jax.Array, tokens: jax.Array, selected: jax.Array, unit: j
 class MLM(TextObjective):
     name = "mlm"
 
+    @property
+    def mask_ratio(self) -> float:
+        return float(self.config.mask.ratio)
+
     def validate(self) -> None:
         super().validate()
         mask, mlm = self.config.mask, self.config.mlm

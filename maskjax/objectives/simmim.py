@@ -33,6 +33,7 @@ class SimMIMModel(nnx.Module):
 @base.register
 class SimMIM(VisionObjective):
     name = "simmim"
+    interop = base.Interop(archs=("vit_mim", "vit"), encoder="encoder")
 
     def build(self, rngs: nnx.Rngs) -> SimMIMModel:
         return SimMIMModel(vit.encoder_from_config(self.config, rngs), self.target_dim, rngs)

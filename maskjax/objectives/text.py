@@ -33,14 +33,22 @@ def predicted_positions(selected: jax.Array, count: int) -> tuple[jax.Array, jax
     return order, jnp.take_along_axis(selected, order, axis=-1)
 
 
-class TextObjective:
+class TextObjective(base.Objective):
     """Base for objectives over packed token sequences (see :mod:`maskjax.data.text`)."""
 
-    name = "text"
     data_kind = "text"
+    interop = base.Interop(archs=("bert",))
 
-    def __init__(self, config):
-        self.config = config
+    @property
+    def evaluators(self) -> tuple[str, ...]:
+        return ("text",)
+
+    @property
+    def tokens_per_example(self) -> int:
+        return self.seq_len
+
+    def summary(self, results: dict) -> tuple[str, float | None]:
+        return "masked_accuracy", results.get("text", {}).get("accuracy")
 
     @functools.cached_property
     def tokenizer(self):

@@ -80,14 +80,13 @@ def hog(images: jax.Array, cell: int = 8, bins: int = 9, eps: float = 1e-12) -> 
     return hist.reshape(n, h // cell, w // cell, c * bins)
 
 
-class VisionObjective:
+class VisionObjective(base.Objective):
     """Base for objectives over images [B, H, W, C] or videos [B, T, H, W, C] in ``batch['image']``."""
 
-    name = "vision"
     data_kind = "image"
 
     def __init__(self, config):
-        self.config = config
+        super().__init__(config)
         data, model = config.data, config.model
         self.frames = data.get("frames", 0)
         self.tubelet = model.get("tubelet", 1) if self.frames else 1
@@ -191,9 +190,17 @@ class VisionObjective:
         return masking.make_masker(self.config.mask, t, (h, w))
 
     @property
-    def reconstructs(self) -> bool:
-        """Whether predictions are pixels a person can look at (not HOG features)."""
-        return self.target == "pixels"
+    def evaluators(self) -> tuple[str, ...]:
+        # predictions that are pixels a person can look at (not HOG features) make a reconstruction PNG
+        return ("probe", "reconstruction") if self.target == "pixels" else ("probe",)
+
+    @property
+    def mask_ratio(self) -> float:
+        return float(self.config.mask.ratio)
+
+    @property
+    def tokens_per_example(self) -> int:
+        return self.num_tokens
 
     def reconstruction_images(self, batch: dict, patches: jax.Array, hidden: jax.Array, pred: jax.Array) -> dict:
         """Images for a person: input, masked input (hidden patches at 0, the mean), and the
