@@ -24,7 +24,7 @@ position more or less in some rows).
 """
 from maskjax.config import base_config
 
-PAPER = "bert"  # the paper this recipe follows (maskjax.reference.PAPERS; docs/reference/recipes)
+PAPER = "bert"  # the paper this recipe follows (an objective's papers; docs/reference/recipes)
 
 
 def get_config(arg: str = "128"):

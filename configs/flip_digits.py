@@ -9,7 +9,7 @@ the CLIP baseline when trained from scratch), ``:textmask`` (also drop half the 
 from maskjax.config import base_config, variants
 from maskjax.data.digits import PROMPT_TEMPLATES
 
-PAPER = "flip"  # the paper this recipe follows (maskjax.reference.PAPERS; docs/reference/recipes)
+PAPER = "flip"  # the paper this recipe follows (an objective's papers; docs/reference/recipes)
 
 
 def get_config(arg: str = ""):

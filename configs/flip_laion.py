@@ -23,7 +23,7 @@ crop scale (0.5, 1), the warm-up length, no zero-shot eval during training (LAIO
 """
 from maskjax.config import base_config, variants
 
-PAPER = "flip"  # the paper this recipe follows (maskjax.reference.PAPERS; docs/reference/recipes)
+PAPER = "flip"  # the paper this recipe follows (an objective's papers; docs/reference/recipes)
 
 SAMPLES_SEEN = 6_400_000_000
 TOWERS = {

@@ -5,7 +5,7 @@ Variants: ``:tiny`` (a few seconds, for tests and smoke runs).
 """
 from maskjax.config import base_config
 
-PAPER = "mae"  # the paper this recipe follows (maskjax.reference.PAPERS; docs/reference/recipes)
+PAPER = "mae"  # the paper this recipe follows (an objective's papers; docs/reference/recipes)
 
 
 def get_config(arg: str = ""):

@@ -20,7 +20,7 @@ pos_embed). Add ``token`` to ``optim.decay_roles`` to match the pretraining scri
 """
 from maskjax.config import base_config, steps_for_epochs
 
-PAPER = "mae"  # the paper this recipe follows (maskjax.reference.PAPERS; docs/reference/recipes)
+PAPER = "mae"  # the paper this recipe follows (an objective's papers; docs/reference/recipes)
 
 IMAGENET_TRAIN = 1_281_167
 VARIANTS = {

@@ -13,7 +13,7 @@ Not in this recipe: dropout 0.1 and the EMA of weights (0.9999) that the paper u
 """
 from maskjax.config import base_config
 
-PAPER = "mdlm"  # the paper this recipe follows (maskjax.reference.PAPERS; docs/reference/recipes)
+PAPER = "mdlm"  # the paper this recipe follows (an objective's papers; docs/reference/recipes)
 
 
 def get_config(arg: str = ""):

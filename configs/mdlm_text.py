@@ -9,7 +9,7 @@ Variants (combine with commas): ``tiny`` (seconds, for tests), ``cosine`` (cosin
 from maskjax import config as config_lib
 from maskjax.config import small_text_config
 
-PAPER = "mdlm"  # the paper this recipe follows (maskjax.reference.PAPERS; docs/reference/recipes)
+PAPER = "mdlm"  # the paper this recipe follows (an objective's papers; docs/reference/recipes)
 
 VARIANTS = ("tiny", "cosine")
 

@@ -10,7 +10,7 @@ Variants (combine with commas, e.g. ``:span,tiny``): ``tiny`` (seconds, for test
 from maskjax import config as config_lib
 from maskjax.config import small_text_config
 
-PAPER = "bert"  # the paper this recipe follows (maskjax.reference.PAPERS; docs/reference/recipes)
+PAPER = "bert"  # the paper this recipe follows (an objective's papers; docs/reference/recipes)
 
 VARIANTS = ("tiny", "wwm", "span", "40", "decay")
 

@@ -4,7 +4,7 @@ maskjax train --config configs/simmim_digits.py --workdir runs/simmim_digits
 """
 from maskjax.config import base_config
 
-PAPER = "simmim"  # the paper this recipe follows (maskjax.reference.PAPERS; docs/reference/recipes)
+PAPER = "simmim"  # the paper this recipe follows (an objective's papers; docs/reference/recipes)
 
 
 def get_config(arg: str = ""):

@@ -9,7 +9,7 @@ masking), ``dual`` (VideoMAE V2: the decoder drops half its tokens with a runnin
 """
 from maskjax.config import base_config, variants
 
-PAPER = "videomae"  # the paper this recipe follows (maskjax.reference.PAPERS; docs/reference/recipes)
+PAPER = "videomae"  # the paper this recipe follows (an objective's papers; docs/reference/recipes)
 
 
 def get_config(arg: str = ""):

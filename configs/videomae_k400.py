@@ -16,7 +16,7 @@ crop (0.5, 1) in place of the multi-scale crop.
 """
 from maskjax.config import base_config, steps_for_epochs, variants
 
-PAPER = "videomae"  # the paper this recipe follows (maskjax.reference.PAPERS; docs/reference/recipes)
+PAPER = "videomae"  # the paper this recipe follows (an objective's papers; docs/reference/recipes)
 
 K400_TRAIN = 240_436
 SIZES = {"vit_b": dict(width=768, depth=12, heads=12), "vit_l": dict(width=1024, depth=24, heads=16)}

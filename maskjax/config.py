@@ -21,7 +21,7 @@ from maskjax.errors import ConfigError  # noqa: F401  (re-exported: configs rais
 def base_config() -> ml_collections.ConfigDict:
     """Every key the trainer reads, with defaults; config files start from this and change fields."""
     c = ml_collections.ConfigDict()
-    c.objective = "mae"
+    c.objective = ""  # every config names one (maskjax.objectives.REGISTRY)
     # Start from published weights: a Hugging Face model directory or a maskjax .npz (maskjax export)
     c.init_from = ""
     c.seed = 0

@@ -153,66 +153,11 @@ FIELDS = {
     "eval.class_names": "FLIP zero-shot class names ('' = the dataset's labels).",
 }
 
-IMAGENET_TRAIN = 1_281_167
-# The hyperparameters each paper states, as maskjax config keys (recipes name one with ``PAPER = "key"``).
-PAPERS = {
-    "mae": {
-        "title": "Masked Autoencoders Are Scalable Vision Learners (He et al. 2021), ViT-B/16, 800 epochs",
-        "official": "facebookresearch/mae (models_mae.py, main_pretrain.py)",
-        "values": {"batch_size": 4096, "total_steps": math.ceil(800 * IMAGENET_TRAIN / 4096),
-                   "optim.warmup_steps": math.ceil(40 * IMAGENET_TRAIN / 4096), "optim.base_lr": 1.5e-4,
-                   "optim.base_batch": 256, "optim.b1": 0.9, "optim.b2": 0.95, "optim.weight_decay": 0.05,
-                   "optim.decay_roles": ("kernel",), "optim.schedule": "cosine", "data.image_size": 224, "data.crop_scale": (0.2, 1.0),
-                   "data.flip": True, "model.patch_size": 16, "model.width": 768, "model.depth": 12,
-                   "model.heads": 12, "model.qkv_bias": True, "model.cls_token": True, "mask.kind": "random",
-                   "mask.ratio": 0.75, "loss.norm_pix": True, "decoder.width": 512, "decoder.depth": 8,
-                   "decoder.heads": 16},
-    },
-    "simmim": {
-        "title": "SimMIM: a Simple Framework for Masked Image Modeling (Xie et al. 2022), ViT-B/16, 800 epochs",
-        "official": "microsoft/SimMIM (data/data_simmim.py, models/simmim.py)",
-        "values": {"batch_size": 2048, "optim.base_lr": 1e-4, "optim.base_batch": 512, "optim.b1": 0.9,
-                   "optim.b2": 0.999, "optim.weight_decay": 0.05, "optim.clip_norm": 5.0, "data.image_size": 224,
-                   "model.patch_size": 16, "model.width": 768, "model.depth": 12, "mask.kind": "grid",
-                   "mask.ratio": 0.6, "mask.cell": 2, "loss.target": "pixels"},
-    },
-    "bert": {
-        "title": "BERT: Pre-training of Deep Bidirectional Transformers (Devlin et al. 2018), BERT-base",
-        "official": "google-research/bert (create_pretraining_data.py, run_pretraining.py)",
-        "values": {"batch_size": 256, "total_steps": 1_000_000, "optim.base_lr": 1e-4, "optim.warmup_steps": 10_000,
-                   "optim.weight_decay": 0.01, "optim.b1": 0.9, "optim.b2": 0.999, "optim.eps": 1e-6,
-                   "optim.bias_correction": False,
-                   "optim.decay_roles": ("kernel", "embedding", "position"), "optim.schedule": "linear",
-                   "optim.decay_start": "zero",
-                   "data.seq_len": 128, "model.width": 768, "model.depth": 12, "model.heads": 12,
-                   "model.max_len": 512, "model.positions": "learned", "model.pre_norm": False,
-                   "model.qkv_bias": True, "model.norm_eps": 1e-12, "mask.ratio": 0.15, "mlm.replace": True,
-                   "mlm.max_predictions": 20},
-    },
-    "mdlm": {
-        "title": "Simple and Effective Masked Diffusion Language Models (Sahoo et al. 2024), OpenWebText",
-        "official": "kuleshov-group/mdlm (diffusion.py, configs/)",
-        "values": {"batch_size": 512, "data.seq_len": 1024, "optim.base_lr": 3e-4, "optim.warmup_steps": 2500,
-                   "model.width": 768, "model.depth": 12, "model.heads": 12, "model.positions": "rotary",
-                   "diffusion.schedule": "loglinear", "diffusion.antithetic": True},
-    },
-    "flip": {
-        "title": "Scaling Language-Image Pre-training via Masking (Li et al. 2023), ViT-B/16 on LAION-400M",
-        "official": "facebookresearch/flip (models_flip.py, configs/)",
-        "values": {"batch_size": 32768, "optim.base_lr": 4e-6, "optim.base_batch": 256, "optim.b1": 0.9,
-                   "optim.b2": 0.95, "optim.weight_decay": 0.2, "data.image_size": 224, "model.patch_size": 16,
-                   "model.width": 768, "model.depth": 12, "mask.kind": "random", "mask.ratio": 0.5,
-                   "flip.text_mask_ratio": 0.0, "flip.init_temperature": 0.07, "flip.max_logit_scale": 100.0},
-    },
-    "videomae": {
-        "title": "VideoMAE: Masked Autoencoders are Data-Efficient Learners (Tong et al. 2022), ViT-B on K400",
-        "official": "MCG-NJU/VideoMAE (masking_generator.py, run_mae_pretraining.py)",
-        "values": {"data.frames": 16, "model.tubelet": 2, "model.patch_size": 16, "data.image_size": 224,
-                   "model.width": 768, "model.depth": 12, "mask.kind": "tube", "mask.ratio": 0.9,
-                   "decoder.width": 384, "decoder.depth": 4, "optim.base_lr": 1.5e-4, "optim.base_batch": 256,
-                   "optim.b1": 0.9, "optim.b2": 0.95, "loss.norm_pix": True, "loss.norm_pix_mode": "channel"},
-    },
-}
+def papers() -> dict[str, dict]:
+    """Every paper an objective declares (``Objective.papers``), by the key recipes name it with."""
+    from maskjax import objectives
+
+    return {key: paper for cls in objectives.REGISTRY.values() for key, paper in cls.papers.items()}
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:
@@ -265,7 +210,7 @@ def recipe_page(path: str) -> tuple[str, dict, int]:
     module = _module(path)
     name = os.path.basename(path)[:-3]
     config = flatten(module.get_config().to_dict())
-    paper = PAPERS[module.PAPER]
+    paper = papers()[module.PAPER]
     doc = (module.__doc__ or "").strip()
     lines = [f"# Recipe `configs/{name}.py`", "", f"**Follows:** {paper['title']}.  ",
              f"**Official code:** {paper['official']}.", "", "```text", doc, "```", "",

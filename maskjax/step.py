@@ -270,7 +270,7 @@ def build(config, devices=None) -> Setup:
     def loss_and_grads(params, batch, key, step):
         def loss_fn(p):
             loss, metrics = objective.loss(nnx.merge(graphdef, p), batch, key, step)
-            return loss, metrics
+            return loss, {**metrics, "loss": loss}  # the loss is always logged, whatever else is
 
         return jax.value_and_grad(loss_fn, has_aux=True)(params)
 

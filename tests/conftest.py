@@ -10,6 +10,11 @@ import pytest  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def pytest_configure(config):
+    # `make test-fast` deselects these: subprocesses, whole training runs, full-size configs, HF peers.
+    config.addinivalue_line("markers", "slow: runs a process, a training run or a full-size model (make test only)")
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
     """A TFDS data_dir with every embedded dataset prepared once for the whole session."""

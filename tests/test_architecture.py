@@ -150,3 +150,120 @@ def test_main_called_from_python_leaves_process_wide_hooks_alone(tmp_path):
     assert cli.main(["params", "--config", os.path.join(ROOT, "configs", "mae_digits.py:tiny")]) == 0
     assert cli.main(["train", "--config", "no_such_file.py", "--workdir", str(tmp_path)]) == 2
     assert (threading.excepthook, sys.unraisablehook, logging.getLogger().level) == before
+
+
+GUIDE = os.path.join(ROOT, "docs", "adding_an_objective.md")
+
+
+def guide_files(folder) -> dict[str, str]:
+    """The guide's ```python blocks, each written to the file its first line names."""
+    import re
+
+    os.makedirs(folder, exist_ok=True)
+    out = {}
+    for block in re.findall(r"```python\n(.*?)```", open(GUIDE).read(), re.S):
+        name = re.match(r"# (\w+\.py)\n", block).group(1)
+        out[name] = os.path.join(folder, name)
+        with open(out[name], "w") as f:
+            f.write(block)
+    return out
+
+
+@pytest.fixture
+def toy(tmp_path):
+    """The guide's objective and config as files; its registration is undone afterwards, so other
+    tests in this worker see the shipped objectives only."""
+    import sys
+
+    from maskjax import objectives
+
+    files = guide_files(tmp_path / "toy")
+    yield files["toy_config.py"]
+    objectives.REGISTRY.pop("toy", None)
+    sys.modules.pop("toy_objective", None)
+    sys.path[:] = [p for p in sys.path if p != str(tmp_path / "toy")]
+
+
+def test_an_objective_that_breaks_the_contract_is_refused_at_registration():
+    from maskjax.objectives import base
+
+    class NoLoss(base.Objective):
+        name, data_kind = "no_loss", "image"
+
+    with pytest.raises(TypeError, match="'no_loss' lacks validate, build, loss"):
+        base.register(NoLoss)
+
+    class Sampler(NoLoss):
+        sample_kind = "text"
+
+    with pytest.raises(TypeError, match="sample, sample_steps, tokenizer"):
+        base.register(Sampler)
+    assert "no_loss" not in base.REGISTRY
+
+
+@pytest.mark.slow
+def test_the_guide_adds_an_objective(toy, data_dir, tmp_path, capsys):
+    """docs/adding_an_objective.md's two files train, evaluate, benchmark and sweep; export and sample
+    refuse the run in one line. No module of maskjax knows the objective's name."""
+    import json
+
+    from maskjax import cli
+
+    data = f"--config.data.data_dir={data_dir}"
+    run = tmp_path / "run"
+    assert cli.main(["train", "--config", toy, "--workdir", str(run), data]) == 0
+    results = json.loads((run / "eval.json").read_text())
+    assert results["objective"] == "toy" and results["step"] == 6
+    assert {"pretrained", "random_init", "raw_pixels"} <= set(results)
+    assert cli.main(["eval", "--workdir", str(run), data]) == 0
+
+    bench_json = tmp_path / "bench.json"
+    assert cli.main(["bench", "--config", toy, "--steps", "2", "--warmup", "1", "--data", "synthetic",
+                     "--json", str(bench_json)]) == 0
+    [row] = json.loads(bench_json.read_text())["results"]
+    assert row["objective"] == "toy" and row["mask_ratio"] == 0.5 and row["model_flops_per_step"] > 0
+
+    sweep_file = tmp_path / "toy_sweep.py"
+    sweep_file.write_text(f"CONFIG = {toy!r}\n\n\ndef get_sweep():\n"
+                          "    return [{'mask.ratio': 0.25}, {'mask.ratio': 0.75}]\n")
+    sweep_dir = tmp_path / "sweep"
+    assert cli.main(["sweep", "--sweep", str(sweep_file), "--workdir", str(sweep_dir), data]) == 0
+    assert cli.main(["sweep", "--report", str(sweep_dir)]) == 0
+    rows = json.loads((sweep_dir / "report.json").read_text())["points"]
+    assert [(r["objective"], r["mask_ratio"], r["metric"]) for r in rows] == [
+        ("toy", 0.25, "linear_probe"), ("toy", 0.75, "linear_probe")]
+    assert all(0.0 < r["metric_value"] <= 1.0 for r in rows)
+
+    capsys.readouterr()
+    assert cli.main(["export", "--workdir", str(run), "--out", str(tmp_path / "hf")]) == 2
+    assert cli.main(["sample", "--workdir", str(run), data]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert errors[-2] == "maskjax: error: a 'toy' run has no transformers equivalent to export to " \
+                         "(objectives that have one: flip, mae, mdlm, mlm, simmim)"
+    assert errors[-1].startswith("maskjax: error: ") and "'toy' run, which cannot sample" in errors[-1]
+    assert not (tmp_path / "hf").exists()
+
+
+def test_no_objective_name_outside_objectives_and_configs():
+    """Code outside ``maskjax/objectives/`` asks the objective (its declared capabilities) instead of
+    comparing names: no string constant other than a docstring spells an objective's name."""
+    import re
+
+    from maskjax import objectives
+
+    names = sorted(objectives.REGISTRY)
+    quoted = re.compile("|".join(rf"['\"]{name}['\"]" for name in names))
+    found = []
+    for module, path in _modules().items():
+        if module.startswith("maskjax.objectives"):
+            continue
+        tree = ast.parse(open(path).read(), path)
+        docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                      if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                      and node.body and isinstance(node.body[0], ast.Expr)
+                      and isinstance(node.body[0].value, ast.Constant)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+                if node.value in names or quoted.search(node.value):
+                    found.append(f"{path}:{node.lineno}: {node.value!r}")
+    assert found == []

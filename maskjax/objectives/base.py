@@ -52,9 +52,16 @@ class Objective:
     data_kind: ClassVar[str]  # the input pipeline that feeds it: 'image', 'image_text' or 'text'
     sample_kind: ClassVar[str | None] = None
     interop: ClassVar[Interop] = Interop()
+    papers: ClassVar[dict[str, dict]] = {}  # {key: {"title", "official", "values": {config key: value}}}
 
     def __init__(self, config):
         self.config = config
+
+    @staticmethod
+    def defaults() -> dict:
+        """The config groups this objective adds to :func:`maskjax.config.base_config`
+        (``{group: {field: default}}``); a recipe applies them with ``c.update(...)``."""
+        return {}
 
     @property
     def evaluators(self) -> tuple[str, ...]:

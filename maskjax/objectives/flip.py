@@ -100,6 +100,18 @@ def drop_text_tokens(key: jax.Array, tokens: jax.Array, tokenizer, ratio: float
 @base.register
 class FLIP(VisionObjective):
     name = "flip"
+    # The hyperparameters each paper states, as maskjax config keys; a recipe names one with
+    # ``PAPER = "key"`` and docs/reference/recipes compares the two (maskjax.reference).
+    papers = {
+        "flip": {
+            "title": "Scaling Language-Image Pre-training via Masking (Li et al. 2023), ViT-B/16 on LAION-400M",
+            "official": "facebookresearch/flip (models_flip.py, configs/)",
+            "values": {"batch_size": 32768, "optim.base_lr": 4e-6, "optim.base_batch": 256, "optim.b1": 0.9,
+                       "optim.b2": 0.95, "optim.weight_decay": 0.2, "data.image_size": 224, "model.patch_size": 16,
+                       "model.width": 768, "model.depth": 12, "mask.kind": "random", "mask.ratio": 0.5,
+                       "flip.text_mask_ratio": 0.0, "flip.init_temperature": 0.07, "flip.max_logit_scale": 100.0},
+        },
+    }
     data_kind = "image_text"
     interop = base.Interop(archs=("vit",), encoder="image")
     evaluators = ("probe", "zero_shot")

@@ -13,6 +13,8 @@ The same code trains video MAE (VideoMAE / MAE-ST): ``data.frames > 0`` gives 3D
 """
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -23,6 +25,8 @@ from maskjax.errors import ConfigError
 from maskjax.models import layers, vit
 from maskjax.objectives import vision
 from maskjax.objectives.vision import VisionObjective
+
+IMAGENET_TRAIN = 1_281_167  # images in ImageNet-1k train: epochs -> steps
 
 
 def masked_mse(pred: jax.Array, target: jax.Array, hidden: jax.Array) -> jax.Array:
@@ -101,6 +105,30 @@ class MAEModel(nnx.Module):
 @base.register
 class MAE(VisionObjective):
     name = "mae"
+    # The hyperparameters each paper states, as maskjax config keys; a recipe names one with
+    # ``PAPER = "key"`` and docs/reference/recipes compares the two (maskjax.reference).
+    papers = {
+        "mae": {
+            "title": "Masked Autoencoders Are Scalable Vision Learners (He et al. 2021), ViT-B/16, 800 epochs",
+            "official": "facebookresearch/mae (models_mae.py, main_pretrain.py)",
+            "values": {"batch_size": 4096, "total_steps": math.ceil(800 * IMAGENET_TRAIN / 4096),
+                       "optim.warmup_steps": math.ceil(40 * IMAGENET_TRAIN / 4096), "optim.base_lr": 1.5e-4,
+                       "optim.base_batch": 256, "optim.b1": 0.9, "optim.b2": 0.95, "optim.weight_decay": 0.05,
+                       "optim.decay_roles": ("kernel",), "optim.schedule": "cosine", "data.image_size": 224, "data.crop_scale": (0.2, 1.0),
+                       "data.flip": True, "model.patch_size": 16, "model.width": 768, "model.depth": 12,
+                       "model.heads": 12, "model.qkv_bias": True, "model.cls_token": True, "mask.kind": "random",
+                       "mask.ratio": 0.75, "loss.norm_pix": True, "decoder.width": 512, "decoder.depth": 8,
+                       "decoder.heads": 16},
+        },
+        "videomae": {
+            "title": "VideoMAE: Masked Autoencoders are Data-Efficient Learners (Tong et al. 2022), ViT-B on K400",
+            "official": "MCG-NJU/VideoMAE (masking_generator.py, run_mae_pretraining.py)",
+            "values": {"data.frames": 16, "model.tubelet": 2, "model.patch_size": 16, "data.image_size": 224,
+                       "model.width": 768, "model.depth": 12, "mask.kind": "tube", "mask.ratio": 0.9,
+                       "decoder.width": 384, "decoder.depth": 4, "optim.base_lr": 1.5e-4, "optim.base_batch": 256,
+                       "optim.b1": 0.9, "optim.b2": 0.95, "loss.norm_pix": True, "loss.norm_pix_mode": "channel"},
+        },
+    }
     interop = base.Interop(archs=("vit_mae", "vit"), encoder="encoder")
 
     @property

@@ -68,6 +68,17 @@ def nelbo_sums(logits: jax.Array, x0: jax.Array, masked: jax.Array, weight: jax.
 @base.register
 class MDLM(TextObjective):
     name = "mdlm"
+    # The hyperparameters each paper states, as maskjax config keys; a recipe names one with
+    # ``PAPER = "key"`` and docs/reference/recipes compares the two (maskjax.reference).
+    papers = {
+        "mdlm": {
+            "title": "Simple and Effective Masked Diffusion Language Models (Sahoo et al. 2024), OpenWebText",
+            "official": "kuleshov-group/mdlm (diffusion.py, configs/)",
+            "values": {"batch_size": 512, "data.seq_len": 1024, "optim.base_lr": 3e-4, "optim.warmup_steps": 2500,
+                       "model.width": 768, "model.depth": 12, "model.heads": 12, "model.positions": "rotary",
+                       "diffusion.schedule": "loglinear", "diffusion.antithetic": True},
+        },
+    }
     sample_kind = "text"
 
     @property

@@ -35,6 +35,23 @@ def bert_corrupt(key: jax.Array, tokens: jax.Array, selected: jax.Array, unit: j
 @base.register
 class MLM(TextObjective):
     name = "mlm"
+    # The hyperparameters each paper states, as maskjax config keys; a recipe names one with
+    # ``PAPER = "key"`` and docs/reference/recipes compares the two (maskjax.reference).
+    papers = {
+        "bert": {
+            "title": "BERT: Pre-training of Deep Bidirectional Transformers (Devlin et al. 2018), BERT-base",
+            "official": "google-research/bert (create_pretraining_data.py, run_pretraining.py)",
+            "values": {"batch_size": 256, "total_steps": 1_000_000, "optim.base_lr": 1e-4, "optim.warmup_steps": 10_000,
+                       "optim.weight_decay": 0.01, "optim.b1": 0.9, "optim.b2": 0.999, "optim.eps": 1e-6,
+                       "optim.bias_correction": False,
+                       "optim.decay_roles": ("kernel", "embedding", "position"), "optim.schedule": "linear",
+                       "optim.decay_start": "zero",
+                       "data.seq_len": 128, "model.width": 768, "model.depth": 12, "model.heads": 12,
+                       "model.max_len": 512, "model.positions": "learned", "model.pre_norm": False,
+                       "model.qkv_bias": True, "model.norm_eps": 1e-12, "mask.ratio": 0.15, "mlm.replace": True,
+                       "mlm.max_predictions": 20},
+        },
+    }
 
     @property
     def mask_ratio(self) -> float:

@@ -33,6 +33,18 @@ class SimMIMModel(nnx.Module):
 @base.register
 class SimMIM(VisionObjective):
     name = "simmim"
+    # The hyperparameters each paper states, as maskjax config keys; a recipe names one with
+    # ``PAPER = "key"`` and docs/reference/recipes compares the two (maskjax.reference).
+    papers = {
+        "simmim": {
+            "title": "SimMIM: a Simple Framework for Masked Image Modeling (Xie et al. 2022), ViT-B/16, 800 epochs",
+            "official": "microsoft/SimMIM (data/data_simmim.py, models/simmim.py)",
+            "values": {"batch_size": 2048, "optim.base_lr": 1e-4, "optim.base_batch": 512, "optim.b1": 0.9,
+                       "optim.b2": 0.999, "optim.weight_decay": 0.05, "optim.clip_norm": 5.0, "data.image_size": 224,
+                       "model.patch_size": 16, "model.width": 768, "model.depth": 12, "mask.kind": "grid",
+                       "mask.ratio": 0.6, "mask.cell": 2, "loss.target": "pixels"},
+        },
+    }
     interop = base.Interop(archs=("vit_mim", "vit"), encoder="encoder")
 
     def build(self, rngs: nnx.Rngs) -> SimMIMModel:
