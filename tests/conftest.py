@@ -10,20 +10,44 @@ import pytest  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+# Whole modules of end-to-end tests: multi-process runs, fault injection, exports checked against
+# transformers, equivalence with PyTorch peers, sweeps, full training runs.
+SLOW_MODULES = {"test_distributed", "test_faults", "test_interop", "test_equivalence", "test_sweep", "test_train"}
+
+
 def pytest_configure(config):
-    # `make test-fast` deselects these: subprocesses, whole training runs, full-size configs, HF peers.
-    config.addinivalue_line("markers", "slow: runs a process, a training run or a full-size model (make test only)")
+    config.addinivalue_line("markers", "slow: runs a process, a training run, a dataset or a full-size model; "
+                                       "`make test-fast` leaves these out, `make test` runs everything")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Slow: marked so, in a slow module, or needing the prepared datasets (``data_dir``: preparing them
+    alone takes a minute)."""
+    for item in items:
+        module = item.module.__name__.rpartition(".")[2]
+        if module in SLOW_MODULES or "data_dir" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
-    """A TFDS data_dir with every embedded dataset prepared once for the whole session."""
-    path = str(tmp_path_factory.mktemp("tensorflow_datasets"))
+    """A TFDS data_dir with every embedded dataset prepared once for the whole run: the pytest-xdist
+    workers share it (the first prepares it under a lock, the others find it prepared)."""
+    import fcntl
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # shared by the workers of this run
+    path = str(root / "tensorflow_datasets")
     os.environ["MASKJAX_DATA_DIR"] = path
     from maskjax.data import sources
 
-    for builder in sources.EMBEDDED.values():
-        builder(data_dir=path, file_format="array_record").download_and_prepare()
+    with open(root / "tensorflow_datasets.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        for builder in sources.EMBEDDED.values():
+            b = builder(data_dir=path, file_format="array_record")
+            if not b.is_prepared():
+                b.download_and_prepare()
     return path
 
 
