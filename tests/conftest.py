@@ -15,6 +15,22 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SLOW_MODULES = {"test_distributed", "test_faults", "test_interop", "test_equivalence", "test_sweep", "test_train"}
 
 
+# Tests elsewhere that train for a few steps, start a process or compile a whole model: each took
+# 10 s or more on 2 cores (AMD EPYC, `pytest --durations`), which the quick tier cannot afford.
+SLOW_TESTS = {
+    "test_generator_properties[block]", "test_generator_properties[filtered_noise]",
+    "test_hpm_hard_share_follows_its_schedule", "test_the_command_runs_with_huge_page_malloc",
+    "test_a_few_steps_on_a_fixed_batch_reduce_the_loss", "test_hog_targets_train",
+    "test_dual_masking_trains_at_a_high_decoder_ratio", "test_scan_keeps_the_program_flat_in_depth",
+    "test_auto_attention_asks_jax_for_cudnn_on_a_gpu_in_bfloat16", "test_mae_loss_is_the_masked_mse_of_the_drawn_mask",
+    "test_remat_gives_the_same_values_and_gradients", "test_encoder_shapes_and_dtypes",
+    "test_span_lengths_follow_spanbert_truncated_geometric", "test_xla_attention_values_and_gradients_match_jax",
+    "test_text_encoder_shapes_names_and_tied_output", "test_attention_option_reaches_every_block_and_xla_matches_auto_on_cpu",
+    "test_spans_cover_whole_words_except_the_cut_at_the_budget", "test_output_shapes_and_reconstruction",
+    "test_packed_documents_never_see_each_other",
+}
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: runs a process, a training run, a dataset or a full-size model; "
                                        "`make test-fast` leaves these out, `make test` runs everything")
@@ -25,7 +41,8 @@ def pytest_collection_modifyitems(config, items):
     alone takes a minute)."""
     for item in items:
         module = item.module.__name__.rpartition(".")[2]
-        if module in SLOW_MODULES or "data_dir" in getattr(item, "fixturenames", ()):
+        if module in SLOW_MODULES or item.name in SLOW_TESTS or item.originalname in SLOW_TESTS \
+                or "data_dir" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
 
 
