@@ -9,6 +9,12 @@ import pytest  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# One persistent XLA compilation cache for the whole suite: the pytest workers and every process a
+# test starts (train, sweep, multi-process runs) compile the same small programs again and again.
+# A cached executable is the same program, so results (and bit-identical resume) are unchanged.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(ROOT, ".pytest_cache", "jax_compilation"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
 
 # Whole modules of end-to-end tests: multi-process runs, fault injection, exports checked against
 # transformers, equivalence with PyTorch peers, sweeps, full training runs.
