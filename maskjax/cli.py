@@ -251,9 +251,6 @@ def _export(args, overrides) -> int:
 
 def _sample(args, overrides) -> int:
     import jax
-    from flax import nnx
-
-    from maskjax import sharding
 
     if args.num < 1:
         raise UsageError(f"--num {args.num} must be >= 1")
@@ -269,11 +266,8 @@ def _sample(args, overrides) -> int:
                          f"(objectives that can: {', '.join(can)})")
     steps = args.steps or objective.sample_steps
 
-    def generate(params, key):
-        with sharding.activation_mesh(setup.mesh):
-            return objective.sample(nnx.merge(setup.graphdef, params), key, args.num, steps)
-
-    tokens = jax.jit(generate, out_shardings=sharding.replicated(setup.mesh))(params, jax.random.key(args.seed))
+    generate = setup.jit_model_call(lambda model, key: objective.sample(model, key, args.num, steps))
+    tokens = generate(params, jax.random.key(args.seed))
     texts = [objective.tokenizer.decode(row) for row in jax.device_get(tokens)]
     report = "\n\n".join(f"--- sample {i} (step {step}, {steps} denoising steps)\n{t}" for i, t in enumerate(texts))
     print(report)

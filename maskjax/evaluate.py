@@ -25,13 +25,7 @@ from maskjax.objectives import base
 
 def features_fn(setup):
     """Jitted ``(params, batch) -> [B, D]`` frozen encoder features, replicated on every process."""
-    objective, graphdef = setup.objective, setup.graphdef
-
-    def features(params, batch):
-        with sharding.activation_mesh(setup.mesh):
-            return objective.features(nnx.merge(graphdef, params), batch)
-
-    return jax.jit(features, out_shardings=sharding.replicated(setup.mesh))
+    return setup.jit_model_call(setup.objective.features)
 
 
 def _eval_batch_size(setup) -> int:
@@ -192,11 +186,7 @@ def evaluate_text(setup, params) -> dict:
     config, objective = setup.config, setup.objective
     unigram = jax.device_put(text_data.unigram_log_probs(config), sharding.replicated(setup.mesh))
 
-    def step(params, batch, key, unigram):  # unigram is an argument: as a constant XLA would fold it
-        with sharding.activation_mesh(setup.mesh):
-            return objective.eval_step(nnx.merge(setup.graphdef, params), batch, key, unigram)
-
-    fn = jax.jit(step, out_shardings=sharding.replicated(setup.mesh))
+    fn = setup.jit_model_call(objective.eval_step)  # unigram is an argument: as a constant XLA would fold it
     base_key = jax.random.key(config.seed + 3)
     totals: dict[str, float] = {}
     batch_size = _eval_batch_size(setup)
@@ -231,16 +221,9 @@ def evaluate_zero_shot(setup, params) -> dict:
     tokens = pipeline.caption_tokens(objective.tokenizer, prompts, config.data.seq_len)
     replicated = sharding.replicated(setup.mesh)
 
-    def classes_fn(params, tokens):
-        with sharding.activation_mesh(setup.mesh):
-            return objective.class_embeddings(nnx.merge(setup.graphdef, params), tokens, len(names))
-
-    def logits_fn(params, batch, classes):
-        with sharding.activation_mesh(setup.mesh):
-            return objective.zero_shot_logits(nnx.merge(setup.graphdef, params), batch, classes)
-
-    classes = jax.jit(classes_fn, out_shardings=replicated)(params, jax.device_put(tokens, replicated))
-    logits = jax.jit(logits_fn, out_shardings=replicated)
+    embed = setup.jit_model_call(lambda model, tokens: objective.class_embeddings(model, tokens, len(names)))
+    classes = embed(params, jax.device_put(tokens, replicated))
+    logits = setup.jit_model_call(objective.zero_shot_logits)
     correct = total = 0
     batch_size = _eval_batch_size(setup)
     rows = setup.rows(batch_size)
@@ -266,11 +249,7 @@ def save_reconstructions(setup, params, workdir: str, step: int, writer=None) ->
     batch = setup.global_batch(local)
     key = jax.random.key(config.seed + 2)
 
-    def images(params, batch):
-        with sharding.activation_mesh(setup.mesh):
-            return setup.objective.reconstruct(nnx.merge(setup.graphdef, params), batch, key)
-
-    out = jax.jit(images, out_shardings=sharding.replicated(setup.mesh))(params, batch)
+    out = setup.jit_model_call(lambda model, batch: setup.objective.reconstruct(model, batch, key))(params, batch)
     n = config.eval.num_images
     rows = [np.asarray(out[name])[:n] for name in ("input", "masked", "reconstruction")]
     if rows[0].ndim == 5:  # video: a strip per clip, rows input / masked / reconstructed frames

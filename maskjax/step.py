@@ -208,6 +208,16 @@ class Setup:
     step_fn: Callable  # (state, batch) -> (state, metrics), jitted, state donated
     batch_shardings: dict
 
+    def jit_model_call(self, fn: Callable) -> Callable:
+        """``fn(model, *args)`` as a jitted ``(params, *args)``: the model merged from ``params``, its
+        activations constrained on the run's mesh, the output replicated on every process (evaluation,
+        sampling: anything that reads a result on the host)."""
+        def call(params, *args):
+            with sharding.activation_mesh(self.mesh):
+                return fn(nnx.merge(self.graphdef, params), *args)
+
+        return jax.jit(call, out_shardings=sharding.replicated(self.mesh))
+
     def global_batch(self, local_batch: dict) -> dict:
         """Host-local rows -> global jax.Arrays sharded over data x fsdp (multi-process safe)."""
         return {

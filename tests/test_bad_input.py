@@ -71,7 +71,7 @@ CASES = [
     ("bench bad sweep", ["bench", "--config", TINY, "--sweep", "mask_ratio"], "--sweep 'mask_ratio'"),
     ("compile-check bad mesh", ["compile-check", "--config", TINY, "--mesh", "data=8,pipe=2"], "--mesh 'data=8,pipe=2'"),
     ("compile-check bad memory", ["compile-check", "--config", TINY, "--device_memory", "12 parsecs"], "--device_memory"),
-    ("sample on an MAE run", ["sample", "--workdir", "{workdir}"], "sampling needs a masked diffusion run"),
+    ("sample on an MAE run", ["sample", "--workdir", "{workdir}"], "run, which cannot sample (objectives that can: mdlm)"),
     ("eval of a missing step", ["eval", "--workdir", "{workdir}", "--step", "3"], "has no checkpoint at step 3"),
     ("eval without config", ["eval", "--workdir", "{root}/nowhere"], "has no config.json; pass --config"),
     ("eval of broken config.json", ["eval", "--workdir", "{root}/run_broken_json"], "config.json: not a readable config"),

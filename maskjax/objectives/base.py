@@ -52,7 +52,9 @@ class Objective:
     data_kind: ClassVar[str]  # the input pipeline that feeds it: 'image', 'image_text' or 'text'
     sample_kind: ClassVar[str | None] = None
     interop: ClassVar[Interop] = Interop()
-    papers: ClassVar[dict[str, dict]] = {}  # {key: {"title", "official", "values": {config key: value}}}
+    # The hyperparameters each paper the objective implements states, as config keys: {key: {"title",
+    # "official", "values"}}; a recipe names one with ``PAPER = "key"``, docs/reference/recipes compares.
+    papers: ClassVar[dict[str, dict]] = {}
 
     def __init__(self, config):
         self.config = config

@@ -100,8 +100,6 @@ def drop_text_tokens(key: jax.Array, tokens: jax.Array, tokenizer, ratio: float
 @base.register
 class FLIP(VisionObjective):
     name = "flip"
-    # The hyperparameters each paper states, as maskjax config keys; a recipe names one with
-    # ``PAPER = "key"`` and docs/reference/recipes compares the two (maskjax.reference).
     papers = {
         "flip": {
             "title": "Scaling Language-Image Pre-training via Masking (Li et al. 2023), ViT-B/16 on LAION-400M",

@@ -105,8 +105,6 @@ class MAEModel(nnx.Module):
 @base.register
 class MAE(VisionObjective):
     name = "mae"
-    # The hyperparameters each paper states, as maskjax config keys; a recipe names one with
-    # ``PAPER = "key"`` and docs/reference/recipes compares the two (maskjax.reference).
     papers = {
         "mae": {
             "title": "Masked Autoencoders Are Scalable Vision Learners (He et al. 2021), ViT-B/16, 800 epochs",

@@ -68,8 +68,6 @@ def nelbo_sums(logits: jax.Array, x0: jax.Array, masked: jax.Array, weight: jax.
 @base.register
 class MDLM(TextObjective):
     name = "mdlm"
-    # The hyperparameters each paper states, as maskjax config keys; a recipe names one with
-    # ``PAPER = "key"`` and docs/reference/recipes compares the two (maskjax.reference).
     papers = {
         "mdlm": {
             "title": "Simple and Effective Masked Diffusion Language Models (Sahoo et al. 2024), OpenWebText",

@@ -35,8 +35,6 @@ def bert_corrupt(key: jax.Array, tokens: jax.Array, selected: jax.Array, unit: j
 @base.register
 class MLM(TextObjective):
     name = "mlm"
-    # The hyperparameters each paper states, as maskjax config keys; a recipe names one with
-    # ``PAPER = "key"`` and docs/reference/recipes compares the two (maskjax.reference).
     papers = {
         "bert": {
             "title": "BERT: Pre-training of Deep Bidirectional Transformers (Devlin et al. 2018), BERT-base",

@@ -33,8 +33,6 @@ class SimMIMModel(nnx.Module):
 @base.register
 class SimMIM(VisionObjective):
     name = "simmim"
-    # The hyperparameters each paper states, as maskjax config keys; a recipe names one with
-    # ``PAPER = "key"`` and docs/reference/recipes compares the two (maskjax.reference).
     papers = {
         "simmim": {
             "title": "SimMIM: a Simple Framework for Masked Image Modeling (Xie et al. 2022), ViT-B/16, 800 epochs",
