@@ -22,7 +22,7 @@ position tables included), linear decay of the global step from 0 with the warm-
 not help); the masking budget counts maskable tokens, where BERT counts [CLS] and [SEP] too (one
 position more or less in some rows).
 """
-from maskjax.config import base_config
+from maskjax import objectives
 
 PAPER = "bert"  # the paper this recipe follows (an objective's papers; docs/reference/recipes)
 
@@ -30,8 +30,7 @@ PAPER = "bert"  # the paper this recipe follows (an objective's papers; docs/ref
 def get_config(arg: str = "128"):
     if arg not in ("128", "512"):
         raise ValueError(f"unknown variant {arg!r}; known: 128 (phase 1), 512 (phase 2)")
-    c = base_config()
-    c.objective = "mlm"
+    c = objectives.base_config("mlm")
     c.batch_size = 256
     c.total_steps = 1_000_000
     c.log_every = 100

@@ -6,7 +6,8 @@ maskjax train --config configs/flip_digits.py --workdir runs/flip_digits
 Variants: ``:tiny`` (seconds, for tests), ``:unmasked`` (mask ratio 0: FLIP's unmasked tuning, or
 the CLIP baseline when trained from scratch), ``:textmask`` (also drop half the caption's words).
 """
-from maskjax.config import base_config, variants
+from maskjax import objectives
+from maskjax.config import variants
 from maskjax.data.digits import PROMPT_TEMPLATES
 
 PAPER = "flip"  # the paper this recipe follows (an objective's papers; docs/reference/recipes)
@@ -14,8 +15,7 @@ PAPER = "flip"  # the paper this recipe follows (an objective's papers; docs/ref
 
 def get_config(arg: str = ""):
     chosen = variants(arg, ("tiny", "unmasked", "textmask"))
-    c = base_config()
-    c.objective = "flip"
+    c = objectives.base_config("flip")
     c.batch_size = 128
     c.total_steps = 1000
     c.log_every = 50

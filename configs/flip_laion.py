@@ -21,7 +21,8 @@ Ours, not the paper's: without ``data.tokenizer``, a WordPiece vocabulary traine
 crop scale (0.5, 1), the warm-up length, no zero-shot eval during training (LAION has no labels; run
 ``maskjax eval`` with a labelled ``data.name`` and ``data.tokenizer``).
 """
-from maskjax.config import base_config, variants
+from maskjax import objectives
+from maskjax.config import variants
 
 PAPER = "flip"  # the paper this recipe follows (an objective's papers; docs/reference/recipes)
 
@@ -38,8 +39,7 @@ def get_config(arg: str = "vit_b16"):
     if len(sizes) > 1:
         raise ValueError(f"choose one model size of {sorted(TOWERS)}")
     image, text, embed = TOWERS[sizes[0]]
-    c = base_config()
-    c.objective = "flip"
+    c = objectives.base_config("flip")
     c.batch_size = 32768
     c.total_steps = SAMPLES_SEEN // c.batch_size
     c.log_every = 100

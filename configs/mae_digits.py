@@ -3,14 +3,13 @@
 maskjax train --config configs/mae_digits.py --workdir runs/mae_digits
 Variants: ``:tiny`` (a few seconds, for tests and smoke runs).
 """
-from maskjax.config import base_config
+from maskjax import objectives
 
 PAPER = "mae"  # the paper this recipe follows (an objective's papers; docs/reference/recipes)
 
 
 def get_config(arg: str = ""):
-    c = base_config()
-    c.objective = "mae"
+    c = objectives.base_config("mae")
     c.batch_size = 128
     c.total_steps = 2000
     c.log_every = 50

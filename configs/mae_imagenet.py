@@ -18,7 +18,8 @@ only for 1-D tensors and biases), which also decays the [1, 1, D] cls and mask t
 papers' stated rule and MAE's own fine-tuning code (``param_groups_lrd`` exempts cls_token and
 pos_embed). Add ``token`` to ``optim.decay_roles`` to match the pretraining script exactly.
 """
-from maskjax.config import base_config, steps_for_epochs
+from maskjax import objectives
+from maskjax.config import steps_for_epochs
 
 PAPER = "mae"  # the paper this recipe follows (an objective's papers; docs/reference/recipes)
 
@@ -34,8 +35,7 @@ def get_config(arg: str = "vit_b16"):
     arg = arg or "vit_b16"
     if arg not in VARIANTS:
         raise ValueError(f"unknown variant {arg!r}; known: {sorted(VARIANTS)}")
-    c = base_config()
-    c.objective = "mae"
+    c = objectives.base_config("mae")
     c.batch_size = 4096
     epochs, warmup_epochs = 800, 40
     c.total_steps = steps_for_epochs(epochs, IMAGENET_TRAIN, c.batch_size)

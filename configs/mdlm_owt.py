@@ -11,14 +11,13 @@ The tokenizer is a file you supply (SentencePiece .model or WordPiece vocab.txt 
 
 Not in this recipe: dropout 0.1 and the EMA of weights (0.9999) that the paper uses.
 """
-from maskjax.config import base_config
+from maskjax import objectives
 
 PAPER = "mdlm"  # the paper this recipe follows (an objective's papers; docs/reference/recipes)
 
 
 def get_config(arg: str = ""):
-    c = base_config()
-    c.objective = "mdlm"
+    c = objectives.base_config("mdlm")
     c.batch_size = 512
     c.total_steps = 1_000_000
     c.log_every = 100

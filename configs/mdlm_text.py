@@ -7,7 +7,7 @@ maskjax sample --workdir runs/mdlm_text --steps 64 --num 4
 Variants (combine with commas): ``tiny`` (seconds, for tests), ``cosine`` (cosine schedule).
 """
 from maskjax import config as config_lib
-from maskjax.config import small_text_config
+from maskjax.objectives.text import small_text_config
 
 PAPER = "mdlm"  # the paper this recipe follows (an objective's papers; docs/reference/recipes)
 
@@ -17,7 +17,9 @@ VARIANTS = ("tiny", "cosine")
 def get_config(arg: str = ""):
     variants = config_lib.variants(arg, VARIANTS)
     c = small_text_config("mdlm", tiny="tiny" in variants)
-    if "tiny" not in variants:
+    if "tiny" in variants:
+        c.diffusion.sample_steps = 8
+    else:
         c.total_steps = 1200
         c.diffusion.sample_steps = 128
     c.model.update(positions="rotary", pre_norm=True)

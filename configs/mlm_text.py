@@ -8,7 +8,7 @@ Variants (combine with commas, e.g. ``:span,tiny``): ``tiny`` (seconds, for test
 ``decay`` (30% -> 15% linear, Ankner et al. 2023).
 """
 from maskjax import config as config_lib
-from maskjax.config import small_text_config
+from maskjax.objectives.text import small_text_config
 
 PAPER = "bert"  # the paper this recipe follows (an objective's papers; docs/reference/recipes)
 
@@ -32,5 +32,5 @@ def get_config(arg: str = ""):
         c.mask.ratio = 0.4
     if "decay" in variants:
         c.mask.update(ratio=0.3, schedule="linear", final_ratio=0.15)
-    c.mlm.max_predictions = max(c.mlm.max_predictions, round(c.mask.ratio * c.data.seq_len))
+    c.mlm.max_predictions = max(8 if "tiny" in variants else 10, round(c.mask.ratio * c.data.seq_len))
     return c

@@ -2,14 +2,13 @@
 
 maskjax train --config configs/simmim_digits.py --workdir runs/simmim_digits
 """
-from maskjax.config import base_config
+from maskjax import objectives
 
 PAPER = "simmim"  # the paper this recipe follows (an objective's papers; docs/reference/recipes)
 
 
 def get_config(arg: str = ""):
-    c = base_config()
-    c.objective = "simmim"
+    c = objectives.base_config("simmim")
     c.batch_size = 128
     c.total_steps = 2000
     c.data.crop_scale = (0.6, 1.0)

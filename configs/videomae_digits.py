@@ -7,15 +7,15 @@ maskjax train --config configs/videomae_digits.py --workdir runs/videomae_digits
 Variants (comma-separated): ``tiny`` (seconds, for tests), ``st`` (MAE-ST: spatiotemporal random
 masking), ``dual`` (VideoMAE V2: the decoder drops half its tokens with a running-cell mask).
 """
-from maskjax.config import base_config, variants
+from maskjax import objectives
+from maskjax.config import variants
 
 PAPER = "videomae"  # the paper this recipe follows (an objective's papers; docs/reference/recipes)
 
 
 def get_config(arg: str = ""):
     chosen = variants(arg, ("tiny", "st", "dual"))
-    c = base_config()
-    c.objective = "mae"
+    c = objectives.base_config("mae")
     c.batch_size = 16
     c.total_steps = 800
     c.log_every = 25

@@ -14,7 +14,8 @@ lr 1.5e-4 x batch / 256, AdamW (0.9, 0.95), weight decay 0.05, 40 warm-up epochs
 (1600 for the best numbers), multi-scale crop + flip. Ours: the batch of 512 and random resized
 crop (0.5, 1) in place of the multi-scale crop.
 """
-from maskjax.config import base_config, steps_for_epochs, variants
+from maskjax import objectives
+from maskjax.config import steps_for_epochs, variants
 
 PAPER = "videomae"  # the paper this recipe follows (an objective's papers; docs/reference/recipes)
 
@@ -27,8 +28,7 @@ def get_config(arg: str = "vit_b"):
     sizes = [v for v in chosen if v in SIZES] or ["vit_b"]
     if len(sizes) > 1:
         raise ValueError(f"choose one model size of {sorted(SIZES)}")
-    c = base_config()
-    c.objective = "mae"
+    c = objectives.base_config("mae")
     c.batch_size = 512
     epochs, warmup_epochs = 800, 40
     c.total_steps = steps_for_epochs(epochs, K400_TRAIN, c.batch_size)

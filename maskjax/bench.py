@@ -118,7 +118,7 @@ def synthetic_batches(setup, seed: int = 0) -> Iterator[dict]:
 def attention_kernel(config) -> str:
     """The attention implementation ('xla' or 'cudnn') the encoder's blocks run with (on this backend)."""
     m = config.model
-    return layers.attention_implementation(m.get("attention", "auto"), layers.compute_dtype(m.dtype),
+    return layers.attention_implementation(m.attention, layers.compute_dtype(m.dtype),
                                            m.width // m.heads)
 
 

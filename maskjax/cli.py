@@ -163,6 +163,8 @@ def load_config(spec: str | None, workdir: str, overrides: list[str]):
     from maskjax import config as config_lib
 
     if spec is None:
+        from maskjax import objectives
+
         saved = os.path.join(workdir, "config.json")
         if not os.path.exists(saved):
             raise UsageError(f"--workdir {workdir!r} has no config.json; pass --config")
@@ -170,7 +172,7 @@ def load_config(spec: str | None, workdir: str, overrides: list[str]):
 
         try:
             with open(saved) as f:
-                config = config_lib.from_saved(json.load(f))
+                config = objectives.from_saved(json.load(f))
         except (ValueError, OSError) as err:
             raise UsageError(f"{saved}: not a readable config ({type(err).__name__}: {err}); pass --config") from None
         config.lock()

@@ -47,25 +47,17 @@ def base_config() -> ml_collections.ConfigDict:
         attention="auto",
     )
     c.decoder = dict(width=64, depth=2, heads=4)
-    # FLIP: the text tower (dtype and remat follow model.*; its position table covers data.seq_len)
-    c.text_model = dict(width=64, depth=2, heads=4, mlp_ratio=4.0, positions="learned")
-    # FLIP: joint embedding size, learnable temperature (initial value, clip), text masking
-    c.flip = dict(embed_dim=64, init_temperature=0.07, max_logit_scale=100.0, text_mask_ratio=0.0)
     c.mask = dict(kind="random", ratio=0.75, cell=2, min_patches=16, min_aspect=0.3,
                   filter="band", low=0.15, high=0.35,
                   # MLM: ratio schedule over training ('constant', 'linear', 'cosine') ending at final_ratio
                   schedule="constant", final_ratio=0.15,
                   # MAE / video MAE: VideoMAE V2 dual masking, share of tokens the decoder drops (0 = off)
                   decoder_ratio=0.0)
-    # MLM: BERT's 80/10/10 replacement, static predicted positions per sequence, SpanBERT spans
-    c.mlm = dict(replace=True, max_predictions=20, sparse=True, span_p=0.2, span_max=10)
-    # Masked diffusion: alpha(t) schedule, t in [eps, 1], antithetic t, sampler steps
-    c.diffusion = dict(schedule="loglinear", eps=1e-3, antithetic=True, sample_steps=128)
     # targets: 'pixels' or 'hog' (MaskFeat: hog_bins orientations per hog_cell x hog_cell pixels)
     # norm_pix_mode: 'patch' (MAE, MAE-ST: each patch vector) or 'channel' (VideoMAE: each channel of a tubelet)
     c.loss = dict(norm_pix=True, norm_pix_mode="patch", target="pixels", hog_cell=8, hog_bins=9)
-    # hard-patch mining (MAE): share of the mask from the predicted-hardest patches, 0 -> final_share
-    c.hpm = dict(enabled=False, final_share=0.5, weight=1.0)
+    # Groups only one objective reads (flip, mlm, diffusion, hpm, ...) are declared by that objective
+    # (Objective.config_groups) and added by maskjax.objectives.base_config(name).
     # decay_roles: which parameter roles (maskjax.models.layers.ROLES) weight decay applies to
     c.optim = dict(
         base_lr=1.5e-4, base_batch=256, b1=0.9, b2=0.95, eps=1e-8, bias_correction=True, weight_decay=0.05,
@@ -101,33 +93,6 @@ def variants(arg: str, known) -> set[str]:
     return chosen
 
 
-def small_text_config(objective: str, tiny: bool = False) -> ml_collections.ConfigDict:
-    """The CPU-sized text run both ``configs/mlm_text.py`` and ``configs/mdlm_text.py`` start from:
-    the embedded corpus packed to 64 tokens, a 4 x 128 encoder, batch 32, AdamW 1e-3 with warm-up.
-    ``tiny`` shrinks it to a few seconds (tests, smoke runs)."""
-    c = base_config()
-    c.objective = objective
-    c.batch_size = 32
-    c.log_every = 50
-    c.data.update(name="maskjax_text", train_split="train", eval_split="validation", seq_len=64, prefetch=8)
-    c.model.update(width=128, depth=4, heads=4, mlp_ratio=4.0, max_len=64)
-    c.mlm.max_predictions = 10  # 15% of 64
-    c.optim.update(base_lr=1e-3, base_batch=32, b1=0.9, b2=0.98, weight_decay=0.01, warmup_steps=100,
-                   clip_norm=1.0)
-    c.checkpoint.update(every=500, keep=2)
-    c.eval.update(batch_size=64)
-    if tiny:
-        c.update(batch_size=16, total_steps=6, log_every=2)
-        c.data.seq_len = 32
-        c.model.update(width=32, depth=2, heads=2, max_len=32)
-        c.mlm.max_predictions = 8
-        c.diffusion.sample_steps = 8
-        c.optim.warmup_steps = 2
-        c.checkpoint.every = 3
-        c.eval.update(batch_size=16, max_batches=2)
-    return c
-
-
 def load(spec: str) -> ml_collections.ConfigDict:
     """Loads ``path/to/file.py[:arg]`` by calling its ``get_config(arg)``; returns a locked config."""
     path, _, arg = spec.partition(":")
@@ -151,10 +116,11 @@ def load(spec: str) -> ml_collections.ConfigDict:
     return config
 
 
-def from_saved(saved: dict) -> ml_collections.ConfigDict:
-    """A run's saved ``config.json`` merged over :func:`base_config`'s defaults, so a field added after
-    the run was written reads as its default instead of being missing. Saved values win; groups the
-    defaults lack are kept as saved."""
+def from_saved(saved: dict, groups: dict | None = None) -> ml_collections.ConfigDict:
+    """A run's saved ``config.json`` merged over :func:`base_config`'s defaults plus ``groups`` (its
+    objective's, see ``maskjax.objectives.from_saved``), so a field added after the run was written
+    reads as its default instead of being missing. Saved values win; groups the defaults lack are kept
+    as saved."""
 
     def merge(defaults: dict, values: dict) -> dict:
         out = dict(defaults)
@@ -162,7 +128,7 @@ def from_saved(saved: dict) -> ml_collections.ConfigDict:
             out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
         return out
 
-    return ml_collections.ConfigDict(merge(base_config().to_dict(), saved))
+    return ml_collections.ConfigDict(merge({**base_config().to_dict(), **(groups or {})}, saved))
 
 
 def _parse(key: str, text: str, current):
@@ -224,14 +190,6 @@ def lookup(config, key: str):
             raise ConfigError(key, "is missing")
         node = node[part]
     return node
-
-
-def fault_policy(config) -> dict:
-    """``config.faults`` over the defaults of :func:`base_config` (configs saved before the group existed
-    have none)."""
-    policy = base_config().faults.to_dict()
-    policy.update(config.get("faults", {}) or {})
-    return policy
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:

@@ -98,11 +98,11 @@ def run(setup, params, workdir: str, step: int, writer=None) -> dict:
         for name in encoders:
             results[name] = probe(train_f[name], train_y, test_f[name], test_y, k)
         results["raw_pixels"] = probe(train_px, train_y, test_px, test_y, k)
-        if config.eval.get("finetune_epochs", 0) > 0:
+        if config.eval.finetune_epochs > 0:
             results["finetune"] = finetune(setup, params)
     if "text" in declared:
         results["text"] = evaluate_text(setup, params)
-    if "zero_shot" in declared and config.eval.get("zero_shot", False):
+    if "zero_shot" in declared and config.eval.zero_shot:
         results["zero_shot"] = evaluate_zero_shot(setup, params)
     if "reconstruction" in declared and config.eval.num_images:
         results["reconstruction_png"] = save_reconstructions(setup, params, workdir, step, writer)
@@ -191,7 +191,7 @@ def evaluate_text(setup, params) -> dict:
     totals: dict[str, float] = {}
     batch_size = _eval_batch_size(setup)
     batches = text_data.eval_batches(config, config.data.eval_split, batch_size, setup.rows(batch_size),
-                                     config.eval.get("max_batches", 0))
+                                     config.eval.max_batches)
     for i, (local, _) in enumerate(batches):
         sums = jax.device_get(fn(params, setup.global_batch(local), jax.random.fold_in(base_key, i), unigram))
         for name, value in sums.items():

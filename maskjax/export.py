@@ -211,15 +211,15 @@ def check_exportable(config, arch: str) -> None:
         if config.model.positions != "learned":
             raise ConfigError("model.positions", f"{config.model.positions!r}: BertForMaskedLM has learned positions")
         return
-    if config.data.get("frames", 0):
+    if config.data.frames:
         raise ConfigError("data.frames", f"{config.data.frames}: video encoders (3D tubelets) have no "
                                          "ViT/ViTMAE equivalent in transformers")
     if not config.model.cls_token:
         raise ConfigError("model.cls_token", "False: transformers' ViT models always have a cls token")
-    if arch in ("vit_mae", "vit_mim") and config.loss.get("target", "pixels") != "pixels":
+    if arch in ("vit_mae", "vit_mim") and config.loss.target != "pixels":
         raise ConfigError("loss.target", f"{config.loss.target!r}: {ARCHS[arch]} predicts pixels; "
                                          "export the encoder alone with --arch vit")
-    if arch == "vit_mae" and (config.get("hpm", {}).get("enabled", False)):
+    if arch == "vit_mae" and (config.hpm.enabled):
         raise ConfigError("hpm.enabled", "True: the loss-prediction head has no ViTMAE equivalent; use --arch vit")
 
 
@@ -240,7 +240,7 @@ def groups(config, arch: str, encoder_prefix: str | None = None) -> list[Group]:
 
 
 def _ctx(config) -> dict:
-    return {"patch": config.model.get("patch_size", 1), "channels": config.data.get("channels", 1)}
+    return {"patch": config.model.patch_size, "channels": config.data.channels}
 
 
 def _grid(config) -> tuple:
@@ -279,7 +279,7 @@ def hf_config(config, arch: str, vocab_size: int = 0, pad_id: int = 0) -> dict:
                   num_channels=config.data.channels, qkv_bias=block["qkv_bias"])
     if arch == "vit_mae":
         dec = config.decoder
-        mask_ratio = config.mask.get("ratio", 0.75)
+        mask_ratio = config.mask.ratio
         return dict(vision, model_type="vit_mae", decoder_hidden_size=dec.width, decoder_num_hidden_layers=dec.depth,
                     decoder_num_attention_heads=dec.heads, decoder_intermediate_size=int(dec.width * m.mlp_ratio),
                     mask_ratio=mask_ratio, norm_pix_loss=bool(config.loss.norm_pix))

@@ -1,7 +1,8 @@
 """The config and recipe reference in ``docs/reference/``, generated from the code so it cannot go stale.
 
 ``python -m maskjax.reference`` rewrites ``docs/reference/config.md`` (every field of
-:func:`maskjax.config.base_config` with its default and meaning) and one page per shipped recipe
+:func:`maskjax.config.base_config` and of each objective's ``config_groups``, with its default and
+meaning) and one page per shipped recipe
 (``configs/*.py``): the paper it follows, each of the paper's hyperparameters next to the recipe's
 value, and the differences marked. A test fails when a field has no description here or when the
 committed pages differ from what this module writes.
@@ -18,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "docs", "reference")
 
 FIELDS = {
-    "objective": "Masked objective: mae, simmim, mlm, mdlm, flip (video MAE is mae with data.frames > 0).",
+    "objective": "Masked objective (the registered names below; video MAE is mae with data.frames > 0).",
     "init_from": "Start from published weights: a Hugging Face model directory (config.json + model.safetensors) "
                  "or a maskjax/timm .npz; used only when the workdir has no checkpoint (see `maskjax export`).",
     "seed": "Seed of parameter init, masks and data order (masks use fold_in(key, step)).",
@@ -70,15 +71,6 @@ FIELDS = {
     "decoder.width": "MAE decoder width.",
     "decoder.depth": "MAE decoder blocks.",
     "decoder.heads": "MAE decoder attention heads.",
-    "text_model.width": "FLIP text tower width.",
-    "text_model.depth": "FLIP text tower blocks.",
-    "text_model.heads": "FLIP text tower heads.",
-    "text_model.mlp_ratio": "FLIP text tower MLP ratio.",
-    "text_model.positions": "FLIP text tower positions: learned or rotary.",
-    "flip.embed_dim": "Joint image-text embedding size.",
-    "flip.init_temperature": "Initial softmax temperature of the contrastive loss (learned).",
-    "flip.max_logit_scale": "Clip of the learned logit scale (1 / temperature).",
-    "flip.text_mask_ratio": "Share of caption tokens dropped (FLIP's text masking; 0 = off).",
     "mask.kind": "Masker: random, block, grid, tube, spatiotemporal, filtered_noise (images, video); token, "
                  "word, span (text).",
     "mask.ratio": "Share of tokens hidden (MLM: selected for prediction).",
@@ -91,15 +83,6 @@ FIELDS = {
     "mask.schedule": "MLM masking-rate schedule over training: constant, linear, cosine (to final_ratio).",
     "mask.final_ratio": "MLM masking rate at the end of a linear or cosine schedule.",
     "mask.decoder_ratio": "VideoMAE V2 dual masking: share of tokens the decoder drops (0 = off).",
-    "mlm.replace": "BERT's 80/10/10 rule ([MASK] / random token / unchanged); False = always [MASK].",
-    "mlm.max_predictions": "Predicted positions per sequence (static; the sparse head's size).",
-    "mlm.sparse": "Run the output head only at the predicted positions (False: at every position).",
-    "mlm.span_p": "SpanBERT: geometric distribution parameter of span lengths in words.",
-    "mlm.span_max": "SpanBERT: longest span in words.",
-    "diffusion.schedule": "Masked diffusion alpha(t) schedule: loglinear or cosine.",
-    "diffusion.eps": "Smallest diffusion time sampled.",
-    "diffusion.antithetic": "Low-discrepancy (antithetic) sampling of t across the batch.",
-    "diffusion.sample_steps": "Denoising steps of `maskjax sample`.",
     "loss.norm_pix": "MAE: standardise every target patch by its own mean and unbiased variance.",
     "loss.norm_pix_mode": "What norm_pix standardises: 'patch' (the whole patch vector, (x - mean) / sqrt(var + "
                           "1e-6); MAE, MAE-ST) or 'channel' (each channel within a patch or tubelet, (x - mean) / "
@@ -107,9 +90,6 @@ FIELDS = {
     "loss.target": "Reconstruction target: pixels or hog (MaskFeat).",
     "loss.hog_cell": "HOG cell side in pixels.",
     "loss.hog_bins": "HOG orientation bins.",
-    "hpm.enabled": "Hard-patch mining (MAE): a head predicts patch losses; part of the mask takes the hardest.",
-    "hpm.final_share": "Share of the mask chosen from the predicted-hardest patches at the end of training.",
-    "hpm.weight": "Weight of the loss-prediction term.",
     "optim.base_lr": "Learning rate per base_batch examples: lr = base_lr * batch_size / base_batch.",
     "optim.base_batch": "Batch size base_lr refers to (256 for MAE, 512 for SimMIM).",
     "optim.b1": "AdamW beta1.",
@@ -180,21 +160,47 @@ def _fmt(value) -> str:
     return f"`{value!r}`"
 
 
+def all_fields() -> dict:
+    """Every config key, base and objective groups, -> its meaning."""
+    from maskjax import objectives
+
+    out = dict(FIELDS)
+    for cls in objectives.REGISTRY.values():
+        for group, fields in cls.config_groups.items():
+            out.update({f"{group}.{k}": v[1] for k, v in fields.items()})
+    return out
+
+
 def config_page() -> str:
+    from maskjax import objectives
     from maskjax.config import base_config
 
-    defaults = flatten(base_config().to_dict())
+    def table(defaults: dict, meanings: dict, note: str = "") -> list[str]:
+        lines, group = [], None
+        for key in sorted(defaults, key=lambda k: ("." in k, k)):
+            head = key.split(".")[0] if "." in key else "top level"
+            if head != group:
+                group = head
+                lines += ["", f"## {group}{note}", "", "| field | default | meaning |", "|---|---|---|"]
+            lines.append(f"| `{key}` | {_fmt(defaults[key])} | {meanings[key]} |")
+        return lines
+
     lines = ["# Config reference", "",
              "Every field the trainer reads, with its default (`maskjax.config.base_config`). Config files start",
              "from these and change fields; `--config.KEY=VALUE` overrides any of them on the command line.",
              "Generated by `python -m maskjax.reference`; do not edit by hand.", ""]
-    group = None
-    for key in sorted(defaults, key=lambda k: ("." in k, k)):
-        head = key.split(".")[0] if "." in key else "top level"
-        if head != group:
-            group = head
-            lines += ["", f"## {group}", "", "| field | default | meaning |", "|---|---|---|"]
-        lines.append(f"| `{key}` | {_fmt(defaults[key])} | {FIELDS[key]} |")
+    lines += table(flatten(base_config().to_dict()), FIELDS)
+    owners: dict[str, list[str]] = {}
+    for name in sorted(objectives.REGISTRY):
+        for group in objectives.REGISTRY[name].config_groups:
+            owners.setdefault(group, []).append(name)
+    lines += ["", "# Objective groups", "",
+              "Groups only some objectives read. `maskjax.objectives.base_config(NAME)` adds those of objective",
+              "NAME (its `config_groups`); a run's config.json holds its objective's groups and no others.", ""]
+    for group in sorted(owners):
+        fields = objectives.REGISTRY[owners[group][0]].config_groups[group]
+        lines += table({f"{group}.{k}": v[0] for k, v in fields.items()},
+                       {f"{group}.{k}": v[1] for k, v in fields.items()}, f" (objective {', '.join(owners[group])})")
     return "\n".join(lines) + "\n"
 
 

@@ -53,9 +53,9 @@ def validate(config, num_devices: int | None = None) -> None:
             raise ConfigError(key, f"must be in [0, 1), got {config_lib.lookup(config, key)}")
     if optim.schedule not in ("cosine", "constant", "linear"):
         raise ConfigError("optim.schedule", f"must be cosine, linear or constant, got {optim.schedule!r}")
-    if optim.get("decay_start", "warmup_end") not in ("warmup_end", "zero"):
+    if optim.decay_start not in ("warmup_end", "zero"):
         raise ConfigError("optim.decay_start", f"must be warmup_end or zero, got {optim.decay_start!r}")
-    if not (isinstance(optim.get("eps", 1e-8), float) and optim.get("eps", 1e-8) > 0):
+    if not (isinstance(optim.eps, float) and optim.eps > 0):
         raise ConfigError("optim.eps", f"must be a positive float, got {optim.eps!r}")
     roles = optim.get("decay_roles", ("kernel",))
     if isinstance(roles, str) or any(role not in layers.ROLES for role in roles):
@@ -67,12 +67,12 @@ def validate(config, num_devices: int | None = None) -> None:
                 raise ConfigError(f"faults.{key}", f"must be one of {allowed}, got {policy.get(key)!r}")
         if not isinstance(policy.max_skipped_steps, int) or policy.max_skipped_steps < 0:
             raise ConfigError("faults.max_skipped_steps", f"must be an int >= 0, got {policy.max_skipped_steps!r}")
-    if config.model.get("attention", "auto") not in layers.ATTENTION:
+    if config.model.attention not in layers.ATTENTION:
         raise ConfigError("model.attention", f"must be one of {layers.ATTENTION}, got {config.model.attention!r}")
-    eps = config.model.get("norm_eps", 1e-6)
+    eps = config.model.norm_eps
     if not (isinstance(eps, float) and eps > 0):
         raise ConfigError("model.norm_eps", f"must be a positive float, got {eps!r}")
-    init_from = config.get("init_from", "")
+    init_from = config.init_from
     if init_from and not os.path.exists(init_from):
         raise ConfigError("init_from", f"{init_from!r} does not exist (a Hugging Face model directory or an .npz)")
     if config.batch_size % optim.grad_accum:
@@ -83,7 +83,7 @@ def validate(config, num_devices: int | None = None) -> None:
         except sharding.MeshError as err:
             raise ConfigError("mesh", str(err)) from None
         try:
-            sharding.dcn_shape(shape, dict(config.get("mesh_dcn", {})))
+            sharding.dcn_shape(shape, dict(config.mesh_dcn))
         except sharding.MeshError as err:
             raise ConfigError("mesh_dcn", str(err)) from None
         shards = shape[0] * shape[1]
@@ -241,7 +241,7 @@ def build(config, devices=None) -> Setup:
     validate(config, num_devices=len(devices))
     objective = objectives.get(config)
     try:
-        mesh = sharding.make_mesh(dict(config.mesh), devices, dict(config.get("mesh_dcn", {})))
+        mesh = sharding.make_mesh(dict(config.mesh), devices, dict(config.mesh_dcn))
     except sharding.MeshError as err:
         raise config_lib.ConfigError("mesh_dcn", str(err)) from None
     seed_key = jax.random.key(config.seed)
@@ -275,7 +275,7 @@ def build(config, devices=None) -> Setup:
     spec = objective.batch_spec()
     batch_shardings = {k: sharding.batch_sharding(mesh, len(shape)) for k, (shape, _) in spec.items()}
     accum = config.optim.grad_accum
-    skip_nonfinite = config_lib.fault_policy(config)["nonfinite"] == "skip"
+    skip_nonfinite = config.faults.nonfinite == "skip"
 
     def loss_and_grads(params, batch, key, step):
         def loss_fn(p):

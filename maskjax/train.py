@@ -36,11 +36,11 @@ def train(config, workdir: str, *, stop_at: int | None = None, devices=None, eva
     distributed.check_same(config)  # every process: same config, same code
     setup = build(config, devices)  # validation happens here, before anything is written
     is_writer = jax.process_index() == 0
-    policy = config_lib.fault_policy(config)
+    policy = config.faults.to_dict()
     loader = data.train_loader(config, setup.rows(config.batch_size), kind=setup.objective.data_kind)
     os.makedirs(workdir, exist_ok=True)
     checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save,
-                                         checksum=config.checkpoint.get("checksum", True))
+                                         checksum=config.checkpoint.checksum)
     restored = checkpointer.restore_newest(setup.abstract_state, describe=lambda: _config_change(workdir, config))
     if restored is None:
         start, state = 0, setup.init_fn()

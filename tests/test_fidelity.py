@@ -115,7 +115,8 @@ def test_float16_mfu_uses_the_half_precision_peak():
 
 def test_saved_configs_read_new_fields_as_defaults():
     saved = load_config("mae_digits.py:tiny").to_dict()
-    del saved["optim"]["decay_roles"], saved["loss"]["norm_pix_mode"]
-    config = config_lib.from_saved(json.loads(json.dumps(saved)))
+    del saved["optim"]["decay_roles"], saved["loss"]["norm_pix_mode"], saved["hpm"]["weight"]
+    config = objectives.from_saved(json.loads(json.dumps(saved)))
     assert tuple(config.optim.decay_roles) == ("kernel",) and config.loss.norm_pix_mode == "patch"
+    assert config.hpm.weight == 1.0 and "mlm" not in config  # its objective's groups, no other
     assert config.batch_size == saved["batch_size"]

@@ -43,7 +43,7 @@ class Preprocess:
         self.cfg, self.train, self.seed = data_config, train, seed
         self.mean = np.asarray(data_config.mean, np.float32) * 255.0
         self.std = np.asarray(data_config.std, np.float32) * 255.0
-        self.frames = data_config.get("frames", 0)
+        self.frames = data_config.frames
 
     def __call__(self, item) -> dict:
         """item: (global stream position (seeds the augmentation), record index, record)."""
@@ -67,7 +67,7 @@ class Preprocess:
             )
         rng = np.random.default_rng([self.seed, position]) if self.train else None
         if self.frames:
-            stride = cfg.get("frame_stride", 1)
+            stride = cfg.frame_stride
             span = (self.frames - 1) * stride + 1
             if len(pixels) < span:
                 raise DataError(f"record {index} of {cfg.name!r}: video of {len(pixels)} frames is shorter "

@@ -11,7 +11,6 @@ import os
 import numpy as np
 import tensorflow_datasets as tfds
 
-from maskjax.config import fault_policy
 from maskjax.data import tokenizer as tokenizer_lib
 from maskjax.data.digits import MaskjaxDigitCaptions, MaskjaxDigits, MaskjaxMovingDigits
 from maskjax.data.folder import MaskjaxImageTextFolder
@@ -47,7 +46,7 @@ def builder(data_config) -> tfds.core.DatasetBuilder:
     if name in LOCAL:
         b = LOCAL[name](data_dir=directory, file_format="array_record")
         if not b.is_prepared():
-            manual = data_config.get("manual_dir", "")
+            manual = data_config.manual_dir
             if not manual or not os.path.isdir(os.path.expanduser(manual)):
                 raise DataError(f"dataset {name!r} is not prepared in {directory!r} and data.manual_dir={manual!r} "
                                 "is not a folder of image + caption files")
@@ -121,7 +120,7 @@ def block_rows(batch_size: int, process_index: int = 0, process_count: int = 1) 
 
 
 def _skip_bad(config) -> bool:
-    return fault_policy(config)["bad_records"] == "skip"
+    return config.faults.bad_records == "skip"
 
 
 def tokenizer_path(data_config, prepare: bool = True) -> str | None:

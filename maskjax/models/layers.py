@@ -62,11 +62,9 @@ ATTENTION = ("auto", "xla", "cudnn")
 
 
 def block_options(config) -> dict:
-    """``qkv_bias``, ``norm_eps`` and ``attention`` of ``config.model`` (defaults for configs written
-    before they existed)."""
+    """``qkv_bias``, ``norm_eps`` and ``attention`` of ``config.model``: what every block of a run shares."""
     m = config.model
-    return {"qkv_bias": m.get("qkv_bias", False), "norm_eps": m.get("norm_eps", 1e-6),
-            "attention": m.get("attention", "auto")}
+    return {"qkv_bias": m.qkv_bias, "norm_eps": m.norm_eps, "attention": m.attention}
 
 
 def cudnn_unsupported(dtype, head_dim: int | None = None, length: int | None = None, masked: bool = False,

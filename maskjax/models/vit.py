@@ -143,10 +143,10 @@ class ViTEncoder(nnx.Module):
 def encoder_from_config(config, rngs: nnx.Rngs) -> ViTEncoder:
     """The ViT encoder described by ``config.model`` for ``config.data``'s images or videos."""
     m, d = config.model, config.data
-    grid = token_grid(d.image_size, m.patch_size, d.get("frames", 0), m.get("tubelet", 1))
-    patch_dim = m.patch_size * m.patch_size * d.channels * (m.get("tubelet", 1) if d.get("frames", 0) else 1)
+    grid = token_grid(d.image_size, m.patch_size, d.frames, m.tubelet)
+    patch_dim = m.patch_size * m.patch_size * d.channels * (m.tubelet if d.frames else 1)
     return ViTEncoder(
         patch_dim=patch_dim, grid=grid, width=m.width, depth=m.depth, heads=m.heads,
         mlp_ratio=m.mlp_ratio, cls_token=m.cls_token, dtype=m.dtype, remat=m.remat,
-        one_hot_gather=m.get("one_hot_gather", False), rngs=rngs, **layers.block_options(config),
+        one_hot_gather=m.one_hot_gather, rngs=rngs, **layers.block_options(config),
     )

@@ -19,7 +19,8 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from maskjax.objectives.base import REGISTRY, Objective, check_transformer, get, register  # noqa: F401
+from maskjax.objectives.base import (  # noqa: F401
+    REGISTRY, Objective, base_config, check_transformer, from_saved, get, register)
 
 # Every module of this package registers its objectives on import: a new objective is one new file.
 for _module in pkgutil.iter_modules(__path__):

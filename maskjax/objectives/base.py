@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
+from maskjax import config as config_lib
 from maskjax.errors import ConfigError
 
 
@@ -56,14 +57,19 @@ class Objective:
     # "official", "values"}}; a recipe names one with ``PAPER = "key"``, docs/reference/recipes compares.
     papers: ClassVar[dict[str, dict]] = {}
 
+    # The config groups only this objective reads, ``{group: {field: (default, meaning)}}``: added to
+    # maskjax.config.base_config by :func:`base_config`, merged under a saved run's config.json by
+    # :func:`from_saved`, documented in docs/reference/config.md. Objectives that read the same group
+    # declare the same dict.
+    config_groups: ClassVar[dict[str, dict[str, tuple]]] = {}
+
     def __init__(self, config):
         self.config = config
 
-    @staticmethod
-    def defaults() -> dict:
-        """The config groups this objective adds to :func:`maskjax.config.base_config`
-        (``{group: {field: default}}``); a recipe applies them with ``c.update(...)``."""
-        return {}
+    @classmethod
+    def defaults(cls) -> dict:
+        """``{group: {field: default}}`` of :attr:`config_groups`."""
+        return {group: {k: v[0] for k, v in fields.items()} for group, fields in cls.config_groups.items()}
 
     @property
     def evaluators(self) -> tuple[str, ...]:
@@ -102,10 +108,42 @@ def register(cls):
                     if not hasattr(cls, m)]
     if missing:
         raise TypeError(f"objective {getattr(cls, 'name', cls.__name__)!r} lacks {', '.join(missing)}")
+    _check_groups(cls)
     if cls.name in REGISTRY and REGISTRY[cls.name] is not cls:
         raise TypeError(f"objective name {cls.name!r} is taken by {REGISTRY[cls.name].__module__}")
     REGISTRY[cls.name] = cls
     return cls
+
+
+def _check_groups(cls) -> None:
+    shared = set(config_lib.base_config())
+    for group, fields in cls.config_groups.items():
+        if group in shared:
+            raise TypeError(f"objective {cls.name!r}: config group {group!r} is in maskjax.config.base_config")
+        bad = [k for k, v in fields.items() if not (isinstance(v, tuple) and len(v) == 2 and isinstance(v[1], str))]
+        if bad:
+            raise TypeError(f"objective {cls.name!r}: {group}.{bad[0]} must be (default, meaning)")
+        for other in REGISTRY.values():
+            if other is not cls and group in other.config_groups and other.config_groups[group] != fields:
+                raise TypeError(f"objective {cls.name!r}: config group {group!r} differs from {other.name!r}'s")
+
+
+def base_config(name: str):
+    """The defaults of a run of objective ``name``: :func:`maskjax.config.base_config` plus the groups
+    the objective declares. Recipes start from this."""
+    if name not in REGISTRY:
+        raise ConfigError("objective", f"unknown objective {name!r}; known: {sorted(REGISTRY)}")
+    c = config_lib.base_config()
+    c.objective = name
+    for group, fields in REGISTRY[name].defaults().items():
+        c[group] = fields
+    return c
+
+
+def from_saved(saved: dict):
+    """A run's saved ``config.json`` over the defaults of its objective (:func:`base_config`)."""
+    cls = REGISTRY.get(saved.get("objective", ""))
+    return config_lib.from_saved(saved, cls.defaults() if cls else None)
 
 
 def check_evaluators(objective: Objective) -> tuple[str, ...]:
@@ -136,7 +174,7 @@ def check_transformer(model_config, group: str = "model", config=None) -> None:
         raise ConfigError(f"{group}.dtype", f"must be one of {tuple(layers.DTYPES)}, got {m.dtype!r}")
     if "remat" in m and m.remat not in layers.REMAT_POLICIES:
         raise ConfigError(f"{group}.remat", f"must be one of {tuple(layers.REMAT_POLICIES)}, got {m.remat!r}")
-    if config is not None and config.model.get("attention", "auto") == "cudnn":
+    if config is not None and config.model.attention == "cudnn":
         dtype = layers.compute_dtype(config.model.dtype)
         why = layers.cudnn_unsupported(dtype)  # the platform and dtype
         if why is None:

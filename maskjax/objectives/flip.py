@@ -100,6 +100,22 @@ def drop_text_tokens(key: jax.Array, tokens: jax.Array, tokenizer, ratio: float
 @base.register
 class FLIP(VisionObjective):
     name = "flip"
+    config_groups = {
+        # the text tower; dtype and remat follow model.*, its position table covers data.seq_len
+        "text_model": {
+            "width": (64, "FLIP text tower width."),
+            "depth": (2, "FLIP text tower blocks."),
+            "heads": (4, "FLIP text tower heads."),
+            "mlp_ratio": (4.0, "FLIP text tower MLP ratio."),
+            "positions": ("learned", "FLIP text tower positions: learned or rotary."),
+        },
+        "flip": {
+            "embed_dim": (64, "Joint image-text embedding size."),
+            "init_temperature": (0.07, "Initial softmax temperature of the contrastive loss (learned)."),
+            "max_logit_scale": (100.0, "Clip of the learned logit scale (1 / temperature)."),
+            "text_mask_ratio": (0.0, "Share of caption tokens dropped (FLIP's text masking; 0 = off)."),
+        },
+    }
     papers = {
         "flip": {
             "title": "Scaling Language-Image Pre-training via Masking (Li et al. 2023), ViT-B/16 on LAION-400M",

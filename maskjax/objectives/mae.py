@@ -105,6 +105,15 @@ class MAEModel(nnx.Module):
 @base.register
 class MAE(VisionObjective):
     name = "mae"
+    config_groups = {
+        "hpm": {
+            "enabled": (False, "Hard-patch mining (MAE): a head predicts patch losses; part of the mask takes "
+                               "the hardest."),
+            "final_share": (0.5, "Share of the mask chosen from the predicted-hardest patches at the end of "
+                                 "training (rising from 0)."),
+            "weight": (1.0, "Weight of the loss-prediction term."),
+        },
+    }
     papers = {
         "mae": {
             "title": "Masked Autoencoders Are Scalable Vision Learners (He et al. 2021), ViT-B/16, 800 epochs",
@@ -131,11 +140,11 @@ class MAE(VisionObjective):
 
     @property
     def dual(self) -> bool:
-        return self.config.mask.get("decoder_ratio", 0.0) > 0
+        return self.config.mask.decoder_ratio > 0
 
     @property
     def hpm(self) -> bool:
-        return self.config.get("hpm", {}).get("enabled", False)
+        return self.config.hpm.enabled
 
     def validate(self) -> None:
         super().validate()
@@ -166,7 +175,7 @@ class MAE(VisionObjective):
         decoder = MAEDecoder(
             enc_width=m.width, width=dec.width, depth=dec.depth, heads=dec.heads, mlp_ratio=m.mlp_ratio,
             grid=self.token_grid, target_dim=self.target_dim, num_prefix=encoder.num_prefix,
-            dtype=m.dtype, remat=m.remat, one_hot_gather=m.get("one_hot_gather", False),
+            dtype=m.dtype, remat=m.remat, one_hot_gather=m.one_hot_gather,
             predict_loss=self.hpm, rngs=rngs, **layers.block_options(self.config),
         )
         return MAEModel(encoder, decoder)

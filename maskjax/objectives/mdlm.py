@@ -68,6 +68,14 @@ def nelbo_sums(logits: jax.Array, x0: jax.Array, masked: jax.Array, weight: jax.
 @base.register
 class MDLM(TextObjective):
     name = "mdlm"
+    config_groups = {
+        "diffusion": {
+            "schedule": ("loglinear", "Masked diffusion alpha(t) schedule: loglinear or cosine."),
+            "eps": (1e-3, "Smallest diffusion time sampled."),
+            "antithetic": (True, "Low-discrepancy (antithetic) sampling of t across the batch."),
+            "sample_steps": (128, "Denoising steps of `maskjax sample`."),
+        },
+    }
     papers = {
         "mdlm": {
             "title": "Simple and Effective Masked Diffusion Language Models (Sahoo et al. 2024), OpenWebText",

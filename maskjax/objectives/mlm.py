@@ -35,6 +35,15 @@ def bert_corrupt(key: jax.Array, tokens: jax.Array, selected: jax.Array, unit: j
 @base.register
 class MLM(TextObjective):
     name = "mlm"
+    config_groups = {
+        "mlm": {
+            "replace": (True, "BERT's 80/10/10 rule ([MASK] / random token / unchanged); False = always [MASK]."),
+            "max_predictions": (20, "Predicted positions per sequence (static; the sparse head's size)."),
+            "sparse": (True, "Run the output head only at the predicted positions (False: at every position)."),
+            "span_p": (0.2, "SpanBERT: geometric distribution parameter of span lengths in words."),
+            "span_max": (10, "SpanBERT: longest span in words."),
+        },
+    }
     papers = {
         "bert": {
             "title": "BERT: Pre-training of Deep Bidirectional Transformers (Devlin et al. 2018), BERT-base",

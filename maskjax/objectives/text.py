@@ -33,6 +33,30 @@ def predicted_positions(selected: jax.Array, count: int) -> tuple[jax.Array, jax
     return order, jnp.take_along_axis(selected, order, axis=-1)
 
 
+def small_text_config(objective: str, tiny: bool = False):
+    """The CPU-sized text run both ``configs/mlm_text.py`` and ``configs/mdlm_text.py`` start from:
+    the embedded corpus packed to 64 tokens, a 4 x 128 encoder, batch 32, AdamW 1e-3 with warm-up.
+    ``tiny`` shrinks it to a few seconds (tests, smoke runs)."""
+    c = base.base_config(objective)
+    c.batch_size = 32
+    c.log_every = 50
+    c.data.update(name="maskjax_text", train_split="train", eval_split="validation", seq_len=64, prefetch=8)
+    c.model.update(width=128, depth=4, heads=4, mlp_ratio=4.0, max_len=64)
+    c.optim.update(base_lr=1e-3, base_batch=32, b1=0.9, b2=0.98, weight_decay=0.01, warmup_steps=100,
+                   clip_norm=1.0)
+    c.checkpoint.update(every=500, keep=2)
+    c.eval.update(batch_size=64)
+    if tiny:
+        c.update(batch_size=16, total_steps=6, log_every=2)
+        c.data.seq_len = 32
+        c.model.update(width=32, depth=2, heads=2, max_len=32)
+        c.optim.warmup_steps = 2
+        c.checkpoint.every = 3
+        c.eval.update(batch_size=16, max_batches=2)
+    return c
+
+
+
 class TextObjective(base.Objective):
     """Base for objectives over packed token sequences (see :mod:`maskjax.data.text`)."""
 

@@ -154,11 +154,11 @@ class VisionObjective(base.Objective):
     # ---------------------------------------------------------------- targets
     @property
     def target(self) -> str:
-        return self.config.loss.get("target", "pixels")
+        return self.config.loss.target
 
     @property
     def norm_pix_mode(self) -> str:
-        return self.config.loss.get("norm_pix_mode", "patch")
+        return self.config.loss.norm_pix_mode
 
     @property
     def target_dim(self) -> int:
