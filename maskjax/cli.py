@@ -246,7 +246,7 @@ def _export(args, overrides) -> int:
     if jax.process_index() != 0:
         return 0
     summary = export.export(setup.config, host, args.format, args.out, args.arch, step)
-    print(f"exported step {step} of {args.workdir} as {export.ARCHS[summary['arch']]} "
+    print(f"exported step {step} of {args.workdir} as {summary['class']} "
           f"({summary['tensors']} tensors, {args.format}) to {args.out}")
     return 0
 

@@ -25,18 +25,19 @@ folded into the position table on import (maskjax feeds one segment type), writt
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
 import shutil
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from maskjax.errors import MaskjaxError
 from maskjax.config import ConfigError
 from maskjax.models import layers
+from maskjax.models.hf_layout import BERT_BLOCK, LAYOUTS, VIT_BLOCK, Group, Rule  # noqa: F401 (tests use them)
+from maskjax.models.hf_layout import block_rules as _block_rules, linear as _linear, norm as _norm
 
 FORMATS = ("hf", "npz")
 ARCHS = {  # --arch -> transformers class
@@ -56,6 +57,23 @@ def interop(config):
     return objectives.REGISTRY[config.objective].interop
 
 
+def _own(config, arch: str):
+    """The :class:`~maskjax.objectives.base.HFArch` the run's objective declares for ``arch``, or None."""
+    return interop(config).own.get(arch)
+
+
+def arch_class(config, arch: str) -> str:
+    """The transformers class name of ``arch`` for this run."""
+    own = _own(config, arch)
+    return own.cls if own else ARCHS[arch]
+
+
+def _objective(config):
+    from maskjax import objectives
+
+    return objectives.get(config)
+
+
 def exportable() -> list[str]:
     """Objectives that declare a transformers architecture."""
     from maskjax import objectives
@@ -68,90 +86,6 @@ class InteropError(MaskjaxError, ValueError):
 
 
 
-# ----------------------------------------------------------------------------------- layouts
-# name -> (maskjax array -> file array, (file array, maskjax shape) -> maskjax array); ctx has patch, channels.
-
-def _patch_conv_out(x, ctx):  # [p*p*C (y, x, c), D] -> conv weight [D, C, p, p]
-    p, c = ctx["patch"], ctx["channels"]
-    return x.reshape(p, p, c, -1).transpose(3, 2, 0, 1)
-
-
-def _shuffle_conv_out(x, ctx):  # head [D, p*p*C (y, x, c)] -> 1x1 conv [C*p*p (c, y, x), D, 1, 1] + PixelShuffle
-    p, c = ctx["patch"], ctx["channels"]
-    return x.reshape(-1, p, p, c).transpose(3, 1, 2, 0).reshape(c * p * p, -1)[..., None, None]
-
-
-def _shuffle_conv_in(y, shape, ctx):
-    p, c = ctx["patch"], ctx["channels"]
-    return y[..., 0, 0].reshape(c, p, p, -1).transpose(3, 1, 2, 0).reshape(shape)
-
-
-LAYOUTS: dict[str, tuple[Callable, Callable]] = {
-    "same": (lambda x, ctx: x, lambda y, shape, ctx: y.reshape(shape)),
-    "linear": (lambda x, ctx: x.T, lambda y, shape, ctx: y.T.reshape(shape)),  # [in, out] <-> [out, in]
-    "qkv": (lambda x, ctx: x.reshape(x.shape[0], -1).T, lambda y, shape, ctx: y.T.reshape(shape)),  # [D, H, hd]
-    "flat": (lambda x, ctx: x.reshape(-1), lambda y, shape, ctx: y.reshape(shape)),  # [H, hd] bias
-    "attn_out": (lambda x, ctx: x.reshape(-1, x.shape[-1]).T, lambda y, shape, ctx: y.T.reshape(shape)),  # [H, hd, D]
-    "patch_conv": (_patch_conv_out, lambda y, shape, ctx: y.transpose(2, 3, 1, 0).reshape(shape)),
-    "shuffle_conv": (_shuffle_conv_out, _shuffle_conv_in),
-    "shuffle_bias": (lambda x, ctx: x.reshape(ctx["patch"], ctx["patch"], ctx["channels"]).transpose(2, 0, 1).reshape(-1),
-                     lambda y, shape, ctx: y.reshape(ctx["channels"], ctx["patch"], ctx["patch"]).transpose(1, 2, 0)
-                     .reshape(shape)),
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class Rule:
-    """One file tensor <-> one maskjax parameter. ``{i}`` in ``name`` marks a parameter stacked over
-    layers (leading axis), written as one tensor per layer."""
-
-    name: str
-    path: str  # '/'-joined keys of the parameter dict
-    layout: str = "same"
-
-
-@dataclasses.dataclass
-class Group:
-    """Rules that are loaded together: a ``required`` group must be complete in an imported file, an
-    optional one (a decoder, a head) is loaded when the file has it and kept fresh otherwise."""
-
-    name: str
-    rules: list[Rule]
-    required: bool = True
-
-
-def _block_rules(layer: str, path: str, names: dict, qkv_bias: bool) -> list[Rule]:
-    """The rules of one stacked transformer block; ``names`` holds the file's sub-module names."""
-    rules = []
-    for proj in ("query", "key", "value"):
-        rules.append(Rule(f"{layer}{names['attn']}{proj}.weight", f"{path}attn/{proj}", "qkv"))
-        if qkv_bias:
-            rules.append(Rule(f"{layer}{names['attn']}{proj}.bias", f"{path}attn/{proj}_bias", "flat"))
-    rules += [
-        Rule(f"{layer}attention.output.dense.weight", f"{path}attn/out", "attn_out"),
-        Rule(f"{layer}attention.output.dense.bias", f"{path}attn/out_bias"),
-        Rule(f"{layer}{names['norm1']}.weight", f"{path}norm1/scale"),
-        Rule(f"{layer}{names['norm1']}.bias", f"{path}norm1/bias"),
-        Rule(f"{layer}{names['norm2']}.weight", f"{path}norm2/scale"),
-        Rule(f"{layer}{names['norm2']}.bias", f"{path}norm2/bias"),
-        Rule(f"{layer}intermediate.dense.weight", f"{path}mlp/fc1/kernel", "linear"),
-        Rule(f"{layer}intermediate.dense.bias", f"{path}mlp/fc1/bias"),
-        Rule(f"{layer}output.dense.weight", f"{path}mlp/fc2/kernel", "linear"),
-        Rule(f"{layer}output.dense.bias", f"{path}mlp/fc2/bias"),
-    ]
-    return rules
-
-
-VIT_BLOCK = {"attn": "attention.attention.", "norm1": "layernorm_before", "norm2": "layernorm_after"}
-BERT_BLOCK = {"attn": "attention.self.", "norm1": "attention.output.LayerNorm", "norm2": "output.LayerNorm"}
-
-
-def _linear(name: str, path: str) -> list[Rule]:
-    return [Rule(f"{name}.weight", f"{path}/kernel", "linear"), Rule(f"{name}.bias", f"{path}/bias")]
-
-
-def _norm(name: str, path: str) -> list[Rule]:
-    return [Rule(f"{name}.weight", f"{path}/scale"), Rule(f"{name}.bias", f"{path}/bias")]
 
 
 def vit_encoder_rules(prefix: str, path: str, qkv_bias: bool) -> list[Rule]:
@@ -197,13 +131,19 @@ def bert_rules(qkv_bias: bool) -> list[Rule]:
 
 def check_exportable(config, arch: str) -> None:
     """Raises :class:`InteropError` naming the config key when ``arch`` cannot represent this run."""
+    from maskjax import objectives
+
     objective = config.objective
-    if arch not in ARCHS:
-        raise InteropError(f"--arch {arch!r} is unknown; known: {', '.join(ARCHS)}")
+    known = list(ARCHS) + [a for cls in objectives.REGISTRY.values() for a in cls.interop.own]
+    if arch not in known:
+        raise InteropError(f"--arch {arch!r} is unknown; known: {', '.join(known)}")
     archs = interop(config).archs
     if arch not in archs:
-        raise InteropError(f"--arch {arch} ({ARCHS[arch]}) cannot hold a {objective!r} run; for {objective!r} use "
+        raise InteropError(f"--arch {arch} cannot hold a {objective!r} run; for {objective!r} use "
                            + (f"--arch {archs[0]}" if archs else "nothing yet: it has no transformers equivalent"))
+    if _own(config, arch):
+        _own(config, arch).check(_objective(config))
+        return
     if arch == "bert":
         if config.model.pre_norm:
             raise ConfigError("model.pre_norm", "True: BertForMaskedLM is post-norm; only runs trained with "
@@ -227,6 +167,8 @@ def groups(config, arch: str, encoder_prefix: str | None = None) -> list[Group]:
     """The rule groups of ``arch`` for a run of ``config`` (the encoder's file prefix may be overridden
     for imports: a ``ViTModel`` file has no 'vit.' prefix)."""
     bias = layers.block_options(config)["qkv_bias"]
+    if _own(config, arch):
+        return _own(config, arch).groups(_objective(config))
     if arch == "bert":
         return [Group("text encoder", bert_rules(bias))]
     prefix = encoder_prefix if encoder_prefix is not None else ("" if arch == "vit" else "vit.")
@@ -253,7 +195,7 @@ def position_tables(config, arch: str, prefix: str = "vit.") -> dict[str, np.nda
     """The fixed tables maskjax computes (sin-cos positions with a zero row for the cls token), by file name."""
     from maskjax.models import vit
 
-    if arch == "bert":
+    if arch == "bert" or _own(config, arch):
         return {}
     tables = {}
     grid = _grid(config)
@@ -270,7 +212,9 @@ def hf_config(config, arch: str, vocab_size: int = 0, pad_id: int = 0) -> dict:
     common = dict(hidden_size=m.width, num_hidden_layers=m.depth, num_attention_heads=m.heads,
                   intermediate_size=int(m.width * m.mlp_ratio), hidden_act="gelu", hidden_dropout_prob=0.0,
                   attention_probs_dropout_prob=0.0, initializer_range=0.02, layer_norm_eps=block["norm_eps"],
-                  architectures=[ARCHS[arch]], maskjax_objective=config.objective)
+                  architectures=[arch_class(config, arch)], maskjax_objective=config.objective)
+    if _own(config, arch):
+        return dict(common, **_own(config, arch).config(_objective(config)))
     if arch == "bert":
         return dict(common, model_type="bert", vocab_size=vocab_size, max_position_embeddings=m.max_len,
                     type_vocab_size=2, pad_token_id=pad_id, position_embedding_type="absolute",
@@ -325,6 +269,8 @@ def to_tensors(config, params: dict, arch: str) -> dict[str, np.ndarray]:
     out.update(position_tables(config, arch, "" if arch == "vit" else "vit."))
     if arch == "bert":
         out["bert.embeddings.token_type_embeddings.weight"] = np.zeros((2, config.model.width), np.float32)
+    if _own(config, arch):
+        out.update(_own(config, arch).constants(_objective(config)))
     return out
 
 
@@ -429,20 +375,21 @@ def export(config, params: dict, fmt: str, out: str, arch: str | None = None, st
                            f"(objectives that have one: {', '.join(exportable())})")
     arch = arch or archs[0]
     tensors = to_tensors(config, params, arch)
-    vocab = None
-    if arch == "bert":
+    vocab, text = None, arch == "bert" or bool(_own(config, arch) and _own(config, arch).tokenizer)
+    if text:
         from maskjax.data import sources
 
         vocab = sources.load_tokenizer(config.data)
     if fmt == "npz":
         if not out.endswith(".npz"):
             raise InteropError(f"--out {out!r}: an npz export is one file ending in .npz")
-        arrays = tensors if arch == "bert" else to_timm(tensors)
+        arrays = tensors if arch == "bert" or _own(config, arch) else to_timm(tensors)
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         tmp = out[:-4] + ".tmp.npz"
         np.savez(tmp, **arrays)
         os.replace(tmp, out)
-        return {"out": out, "format": fmt, "arch": arch, "tensors": len(arrays), "step": step}
+        return {"out": out, "format": fmt, "arch": arch, "class": arch_class(config, arch), "tensors": len(arrays),
+                "step": step}
     from safetensors.numpy import save_file
 
     if os.path.exists(out) and not os.path.isdir(out):
@@ -462,7 +409,8 @@ def export(config, params: dict, fmt: str, out: str, arch: str | None = None, st
         with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
             json.dump({"tokenizer_class": "BertTokenizer", "do_lower_case": vocab.lowercase,
                        "model_max_length": config.model.max_len}, f, indent=2)
-    return {"out": out, "format": fmt, "arch": arch, "tensors": len(tensors), "step": step}
+    return {"out": out, "format": fmt, "arch": arch, "class": arch_class(config, arch), "tensors": len(tensors),
+            "step": step}
 
 
 # ----------------------------------------------------------------------------------- import
@@ -543,6 +491,9 @@ def import_params(config, params: dict, path: str) -> tuple[dict, str]:
     for it; returns (params, a one-line report). Errors name the tensor, the parameter or the config key."""
     tensors, info = read(path)
     archs = interop(config).archs
+    if archs and all(_own(config, a) for a in archs):
+        raise InteropError(f"init_from: a {config.objective!r} run exports to {', '.join(archs)} but cannot start "
+                           "from a transformers model yet")
     if "bert" in archs:
         check_exportable(config, "bert")
         if "bert.embeddings.word_embeddings.weight" not in tensors:

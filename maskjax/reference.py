@@ -102,8 +102,9 @@ FIELDS = {
                          "`maskjax params` lists each parameter's role and whether it decays.",
     "optim.warmup_steps": "Linear warm-up steps.",
     "optim.schedule": "Decay after warm-up: cosine, linear or constant.",
-    "optim.decay_start": "Where the decay's clock starts: warmup_end (decay over the steps after warm-up; MAE) or "
-                         "zero (decay over all steps, warm-up replacing its start; BERT's polynomial decay).",
+    "optim.decay_start": "Where the decay's clock starts: warmup_end (decay over the steps after warm-up; MAE), "
+                         "zero (decay over all steps, warm-up replacing its start; BERT's polynomial decay) or "
+                         "zero_scaled (decay over all steps times the warm-up ramp min(1, step / warmup); ELECTRA).",
     "optim.min_lr_ratio": "Final learning rate as a fraction of the peak.",
     "optim.clip_norm": "Global gradient-norm clip; 0 = off.",
     "optim.grad_accum": "Micro-batches per step (gradient accumulation inside the jitted step).",

@@ -53,8 +53,8 @@ def validate(config, num_devices: int | None = None) -> None:
             raise ConfigError(key, f"must be in [0, 1), got {config_lib.lookup(config, key)}")
     if optim.schedule not in ("cosine", "constant", "linear"):
         raise ConfigError("optim.schedule", f"must be cosine, linear or constant, got {optim.schedule!r}")
-    if optim.decay_start not in ("warmup_end", "zero"):
-        raise ConfigError("optim.decay_start", f"must be warmup_end or zero, got {optim.decay_start!r}")
+    if optim.decay_start not in ("warmup_end", "zero", "zero_scaled"):
+        raise ConfigError("optim.decay_start", f"must be warmup_end, zero or zero_scaled, got {optim.decay_start!r}")
     if not (isinstance(optim.eps, float) and optim.eps > 0):
         raise ConfigError("optim.eps", f"must be a positive float, got {optim.eps!r}")
     roles = optim.get("decay_roles", ("kernel",))
@@ -105,11 +105,13 @@ def learning_rate_schedule(config) -> optax.Schedule:
     """Linear warm-up to ``base_lr * batch / base_batch``, then cosine / linear / constant decay to
     ``min_lr_ratio`` x peak. ``optim.decay_start``: 'warmup_end' runs the decay over the steps after
     the warm-up (MAE's ``lr_sched.py``); 'zero' runs it over all ``total_steps`` from step 0 and lets
-    the warm-up replace its start (BERT's ``optimization.py``: polynomial decay of the global step)."""
+    the warm-up replace its start (BERT's ``optimization.py``: polynomial decay of the global step);
+    'zero_scaled' runs it from step 0 and multiplies it by the warm-up ramp min(1, step / warmup)
+    (ELECTRA's ``optimization.py``)."""
     o = config.optim
     peak = config_lib.lr(config)
     floor = peak * o.min_lr_ratio
-    start = o.warmup_steps if o.get("decay_start", "warmup_end") == "warmup_end" else 0
+    start = o.warmup_steps if o.decay_start == "warmup_end" else 0
     decay_steps = max(config.total_steps - start, 1)
     if o.schedule == "cosine":
         decay = optax.cosine_decay_schedule(peak, decay_steps, alpha=o.min_lr_ratio)
@@ -119,6 +121,8 @@ def learning_rate_schedule(config) -> optax.Schedule:
         decay = optax.constant_schedule(peak)
     if not o.warmup_steps:
         return decay
+    if o.decay_start == "zero_scaled":
+        return lambda step: decay(step) * jnp.minimum(1.0, step / o.warmup_steps)
     warmup = optax.linear_schedule(0.0, peak, o.warmup_steps)
     if start:
         return optax.join_schedules([warmup, decay], [o.warmup_steps])

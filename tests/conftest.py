@@ -98,3 +98,38 @@ def to_torch_images(images):
     import torch
 
     return torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+
+
+def perturbed(params, seed=0, scale=0.05):
+    """Host parameters moved off their initial values (zero biases and unit scales take part)."""
+    import jax
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda x: (np.asarray(x) + scale * rng.standard_normal(np.shape(x))).astype(np.float32), params)
+
+
+def perturbed_setup(config, seed=0):
+    """(objective, graphdef, perturbed host params) of a config's model."""
+    from flax import nnx
+
+    from maskjax import objectives
+
+    objective = objectives.get(config)
+    graphdef, state = nnx.split(objective.build(nnx.Rngs(0)))
+    return objective, graphdef, perturbed(nnx.to_pure_dict(state), seed)
+
+
+def text_batch(objective, batch=4, seed=5):
+    """A host batch of random word pieces, one document per row ([CLS] ... [SEP], no padding)."""
+    import numpy as np
+
+    tok, length = objective.tokenizer, objective.seq_len
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(max(tok.special_ids) + 1, tok.vocab_size, (batch, length)).astype(np.int32)
+    tokens[:, 0], tokens[:, -1] = tok.cls_id, tok.sep_id
+    maskable = np.ones((batch, length), bool)
+    maskable[:, [0, -1]] = False
+    return {"tokens": tokens, "segment_ids": np.ones_like(tokens),
+            "positions": np.broadcast_to(np.arange(length, dtype=np.int32), tokens.shape).copy(),
+            "word_start": rng.uniform(size=tokens.shape) < 0.7, "maskable": maskable}

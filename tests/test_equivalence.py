@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tests.conftest import load_config, random_images, to_torch_images
+from tests.conftest import load_config, perturbed_setup as _setup, random_images, text_batch as _text_batch, to_torch_images
 from maskjax import step as step_lib
 
 torch = pytest.importorskip("torch")
@@ -35,20 +35,6 @@ transformers = pytest.importorskip("transformers")
 
 LOSS_RTOL = 1e-5
 GRAD_TOL = 1e-4
-
-
-def _perturbed(params, seed=0, scale=0.05):
-    rng = np.random.default_rng(seed)
-    return jax.tree.map(lambda x: (np.asarray(x) + scale * rng.standard_normal(np.shape(x))).astype(np.float32), params)
-
-
-def _setup(config, seed=0):
-    """(objective, graphdef, perturbed host params) of a config's model."""
-    from maskjax import objectives
-
-    objective = objectives.get(config)
-    graphdef, state = nnx.split(objective.build(nnx.Rngs(0)))
-    return objective, graphdef, _perturbed(nnx.to_pure_dict(state), seed)
 
 
 def _hf(config, params, arch, cls, path):
@@ -145,18 +131,6 @@ def test_simmim_loss_and_gradients_match_vit_for_masked_image_modeling(tmp_path)
 
 
 # --------------------------------------------------------------------------- text
-
-
-def _text_batch(objective, batch=4, seed=5):
-    tok, length = objective.tokenizer, objective.seq_len
-    rng = np.random.default_rng(seed)
-    tokens = rng.integers(max(tok.special_ids) + 1, tok.vocab_size, (batch, length)).astype(np.int32)
-    tokens[:, 0], tokens[:, -1] = tok.cls_id, tok.sep_id
-    maskable = np.ones((batch, length), bool)
-    maskable[:, [0, -1]] = False
-    return {"tokens": tokens, "segment_ids": np.ones_like(tokens),
-            "positions": np.broadcast_to(np.arange(length, dtype=np.int32), tokens.shape).copy(),
-            "word_start": rng.uniform(size=tokens.shape) < 0.7, "maskable": maskable}
 
 
 @pytest.mark.parametrize("kind", ["token", "word"])

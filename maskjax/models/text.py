@@ -3,7 +3,9 @@
 Token embedding (tied with the output projection), learned or rotary positions, pre-norm (final
 LayerNorm) or post-norm (BERT: LayerNorm on the embeddings, none at the end) blocks, attention
 limited to the token's own segment for packed sequences, and BERT's prediction head
-(dense + GELU + LayerNorm, then the tied embedding and an output bias).
+(dense + GELU + LayerNorm, then the tied embedding and an output bias). Embeddings narrower than the
+blocks are projected up (ELECTRA's ``embedding_size``), and one encoder can use another's embedding
+tables and their LayerNorm (ELECTRA's generator ties them to the discriminator's).
 """
 from __future__ import annotations
 
@@ -30,25 +32,33 @@ class TextEncoder(nnx.Module):
     def __init__(self, *, vocab_size: int, max_len: int, width: int, depth: int, heads: int,
                  mlp_ratio: float = 4.0, positions: str = "learned", pre_norm: bool = True,
                  dtype: str = "float32", remat: str = "none", lm_head: bool = True, qkv_bias: bool = False,
-                 norm_eps: float = 1e-6, attention: str = "auto", rngs: nnx.Rngs):
+                 norm_eps: float = 1e-6, attention: str = "auto", embed_dim: int = 0,
+                 tie_to: "TextEncoder | None" = None, rngs: nnx.Rngs):
         if positions not in POSITIONS:
             raise ValueError(f"positions={positions!r} must be one of {POSITIONS}")
         self.dtype = layers.compute_dtype(dtype)
         self.width, self.heads = width, heads
         self.positions, self.pre_norm = positions, pre_norm
         init = nnx.initializers.normal(0.02)
-        self.token_embed = layers.param(rngs, init, (vocab_size, width), ("vocab", "embed"), "embedding")
-        self.pos_embed = (layers.param(rngs, init, (max_len, width), (None, "embed"), "position")
-                          if positions == "learned" else None)
-        norm = lambda: layers.LayerNorm(width, rngs=rngs, dtype=self.dtype, eps=norm_eps)
-        self.embed_norm = None if pre_norm else norm()
+        e = embed_dim or width
+        norm = lambda dim: layers.LayerNorm(dim, rngs=rngs, dtype=self.dtype, eps=norm_eps)
+        if tie_to is not None:  # the same Param objects: one table in the state, gradients from both users
+            if tie_to.token_embed.shape != (vocab_size, e):
+                raise ValueError(f"tie_to's embeddings are {tie_to.token_embed.shape}, need {(vocab_size, e)}")
+            self.token_embed, self.pos_embed, self.embed_norm = tie_to.token_embed, tie_to.pos_embed, tie_to.embed_norm
+        else:
+            self.token_embed = layers.param(rngs, init, (vocab_size, e), ("vocab", "embed"), "embedding")
+            self.pos_embed = (layers.param(rngs, init, (max_len, e), (None, "embed"), "position")
+                              if positions == "learned" else None)
+            self.embed_norm = None if pre_norm else norm(e)
+        self.embed_proj = layers.Dense(e, width, ("embed", "embed"), rngs=rngs, dtype=self.dtype) if e != width else None
         self.blocks = layers.Stack(depth, width, heads, int(width * mlp_ratio), rngs=rngs, dtype=self.dtype,
                                    pre_norm=pre_norm, remat=remat, qkv_bias=qkv_bias, norm_eps=norm_eps,
                                    attention=attention)
-        self.final_norm = norm() if pre_norm else None
+        self.final_norm = norm(width) if pre_norm else None
         if lm_head:  # BERT's prediction head; a contrastive text tower (FLIP) has none
-            self.head_dense = layers.Dense(width, width, ("embed", "embed"), rngs=rngs, dtype=self.dtype)
-            self.head_norm = norm()
+            self.head_dense = layers.Dense(width, e, ("embed", "embed"), rngs=rngs, dtype=self.dtype)
+            self.head_norm = norm(e)
             self.output_bias = layers.param(rngs, layers.zeros, (vocab_size,), ("vocab",), "bias")
 
     def embed(self, tokens: jax.Array, positions: jax.Array) -> jax.Array:
@@ -56,7 +66,8 @@ class TextEncoder(nnx.Module):
         if self.pos_embed is not None:
             x = x + jnp.take(self.pos_embed[...], positions, axis=0)
         x = x.astype(self.dtype)
-        return self.embed_norm(x) if self.embed_norm is not None else x
+        x = self.embed_norm(x) if self.embed_norm is not None else x
+        return self.embed_proj(x) if self.embed_proj is not None else x
 
     def __call__(self, tokens: jax.Array, segment_ids: jax.Array, positions: jax.Array) -> jax.Array:
         x = sharding.constrain(self.embed(tokens, positions), ("batch", "act_length", "act_embed"))

@@ -3,20 +3,39 @@ never the package."""
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 from maskjax import config as config_lib
 from maskjax.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
+class HFArch:
+    """A transformers architecture an objective describes itself (export only): ``cls`` the class
+    name; ``groups(objective)`` its tensors as :class:`maskjax.models.hf_layout.Group` lists;
+    ``config(objective)`` its ``config.json`` fields; ``constants(objective)`` tensors maskjax does not
+    learn ({name: array}); ``check(objective)`` raises ``ConfigError`` naming a key the architecture
+    cannot represent; ``tokenizer``: ship the run's vocabulary beside the weights."""
+
+    cls: str
+    groups: Callable
+    config: Callable
+    constants: Callable = lambda objective: {}
+    check: Callable = lambda objective: None
+    tokenizer: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
 class Interop:
     """Which Hugging Face architectures (``maskjax export --arch`` names) can hold a run of an objective,
     the first being the default, and where its ViT encoder lives in the parameters (image objectives;
-    None for text). An objective with no architectures is refused by export and ``init_from``."""
+    None for text). ``own`` describes architectures the export module does not know ({arch: HFArch});
+    the built-in ones are vit, vit_mae, vit_mim and bert. An objective with no architectures is refused
+    by export and ``init_from``; ``own`` architectures are export only."""
 
     archs: tuple[str, ...] = ()
     encoder: str | None = None
+    own: dict = dataclasses.field(default_factory=dict)
 
 
 # What each evaluator (``maskjax.evaluate``) calls on the objective; declaring one without its

@@ -20,16 +20,20 @@ from maskjax.objectives.text import TextObjective, cross_entropy, gather_rows, p
 
 
 def bert_corrupt(key: jax.Array, tokens: jax.Array, selected: jax.Array, unit: jax.Array, mask_id: int,
-                 vocab_size: int, replace: bool = True) -> jax.Array:
-    """Input ids with selected positions replaced: 80% [MASK], 10% a uniformly random id, 10% kept,
-    one draw per ``unit`` (token, word or span id) so a word or span is treated as a whole."""
+                 vocab_size: int, replace: bool = True, mask_share: float = 0.8,
+                 random_share: float = 0.1) -> jax.Array:
+    """Input ids with selected positions replaced: ``mask_share`` [MASK], ``random_share`` a uniformly
+    random id, the rest kept (BERT 0.8/0.1, ELECTRA 0.85/0), one draw per ``unit`` (token, word or
+    span id) so a word or span is treated as a whole."""
     if not replace:
         return jnp.where(selected, mask_id, tokens)
     k_kind, k_random = jax.random.split(key)
     draw = jnp.take_along_axis(jax.random.uniform(k_kind, tokens.shape), unit, axis=-1)
+    out = jnp.where(selected & (draw < mask_share), mask_id, tokens)
+    if random_share <= 0:
+        return out
     random_ids = jax.random.randint(k_random, tokens.shape, 0, vocab_size, dtype=tokens.dtype)
-    out = jnp.where(selected & (draw < 0.8), mask_id, tokens)
-    return jnp.where(selected & (draw >= 0.8) & (draw < 0.9), random_ids, out)
+    return jnp.where(selected & (draw >= mask_share) & (draw < mask_share + random_share), random_ids, out)
 
 
 @base.register
@@ -92,6 +96,9 @@ class MLM(TextObjective):
         end = None if mask.schedule == "constant" else mask.final_ratio
         return masking.ratio_schedule(mask.schedule, mask.ratio, end, self.config.total_steps)
 
+    # [MASK] and random-token shares of the selected positions when mlm.replace is on (BERT's rule)
+    replace_shares = (0.8, 0.1)
+
     def corrupt(self, batch: dict, key: jax.Array, step) -> tuple[jax.Array, jax.Array]:
         """(corrupted input ids [B, L], selected [B, L]) for this step's masking rate."""
         mask, mlm, tok = self.config.mask, self.config.mlm, self.tokenizer
@@ -99,7 +106,8 @@ class MLM(TextObjective):
         k_select, k_replace = jax.random.split(key)
         selected, unit = masking.select_text(mask.kind, k_select, batch["word_start"], batch["maskable"], budget,
                                              mlm.span_p, mlm.span_max)
-        inputs = bert_corrupt(k_replace, batch["tokens"], selected, unit, tok.mask_id, tok.vocab_size, mlm.replace)
+        inputs = bert_corrupt(k_replace, batch["tokens"], selected, unit, tok.mask_id, tok.vocab_size, mlm.replace,
+                              *self.replace_shares)
         return inputs, selected
 
     def predict(self, model, batch: dict, key: jax.Array, step) -> tuple[jax.Array, jax.Array, jax.Array]:
