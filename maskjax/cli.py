@@ -2,7 +2,8 @@
 
     maskjax train  --config configs/mae_digits.py[:variant] --workdir DIR [--config.KEY=VALUE ...]
     maskjax eval   --workdir DIR [--config FILE] [--config.KEY=VALUE ...]
-    maskjax sample --workdir DIR [--steps K] [--num N] [--out FILE]     (objectives that sample)
+    maskjax sample --workdir DIR [--steps K] [--num N] [--prompt TEXT | --infill TEMPLATE]
+                   [--order ancestral|confidence] [--block N] [--out FILE]   (objectives that sample)
     maskjax params --config FILE [--mesh data=8,fsdp=4] [--devices N] [--json OUT]
     maskjax compile-check --config FILE [--mesh data=8,fsdp=4] [--devices N] [--device_memory 16GiB]
     maskjax bench  --config FILE [--steps N] [--warmup W] [--sweep mask_ratio=0,0.75] [--json OUT]
@@ -82,6 +83,14 @@ def _parser() -> argparse.ArgumentParser:
     sample.add_argument("--num", type=int, default=4, help="number of sequences")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--out", default=None, help="also write the samples to this text file")
+    sample.add_argument("--prompt", default=None, help="condition on this text: it starts every sample, the rest is generated")
+    sample.add_argument("--infill", default=None, help="fill in a template: [MASK] is one generated token, [MASK:n] n of "
+                        "them; every other token of the template is kept")
+    sample.add_argument("--order", default="ancestral", choices=("ancestral", "confidence"),
+                        help="ancestral: reveal at the schedule's rate at random positions; confidence: reveal the "
+                        "most probable draws first (MaskGIT-style)")
+    sample.add_argument("--block", type=int, default=0, help="semi-autoregressive: generate blocks of N positions "
+                        "left to right, each in --steps steps (0: the whole sequence at once)")
     params = sub.add_parser(
         "params", help="list a config's parameters: shape, logical axes, sharding on the mesh, role, weight decay, "
                        "trainable; totals and bytes per device (nothing compiled or allocated)",
@@ -267,10 +276,15 @@ def _sample(args, overrides) -> int:
         raise UsageError(f"--workdir {args.workdir!r} is a {setup.config.objective!r} run, which cannot sample "
                          f"(objectives that can: {', '.join(can)})")
     steps = args.steps or objective.sample_steps
+    if args.block < 0:
+        raise UsageError(f"--block {args.block} must be >= 0")
+    template = objective.template(prompt=args.prompt, infill=args.infill)
 
-    generate = setup.jit_model_call(lambda model, key: objective.sample(model, key, args.num, steps))
+    generate = setup.jit_model_call(lambda model, key: objective.sample(model, key, args.num, steps, template,
+                                                                        args.order, args.block))
     tokens = generate(params, jax.random.key(args.seed))
-    texts = [objective.tokenizer.decode(row) for row in jax.device_get(tokens)]
+    pad = objective.tokenizer.pad_id
+    texts = [objective.tokenizer.decode([t for t in row if t != pad]) for row in jax.device_get(tokens)]
     report = "\n\n".join(f"--- sample {i} (step {step}, {steps} denoising steps)\n{t}" for i, t in enumerate(texts))
     print(report)
     if args.out:

@@ -409,6 +409,20 @@ def test_mdlm_run_eval_and_sample_command(data_dir, tmp_path, capsys):
     assert printed.count("--- sample") == 2 and "[MASK]" not in printed
     assert out_file.read_text().strip() == printed.strip()
     assert cli.main(["sample", "--workdir", workdir, "--num", "0"]) == 2
+    # conditional: the prompt starts every sample; an infill template keeps its text around the gaps
+    from maskjax import objectives
+
+    tok = objectives.get(load_config("mdlm_text.py:tiny", data_dir=data_dir)).tokenizer
+    prompt = tok.decode([tok.cls_id] + tok.encode_batch(["import os"])[0])
+    assert cli.main(["sample", "--workdir", workdir, "--num", "2", "--steps", "4", "--prompt", "import os",
+                     "--order", "confidence", "--block", "8"]) == 0
+    samples = capsys.readouterr().out.split("--- sample")[1:]
+    assert len(samples) == 2 and all(s.split("\n", 1)[1].startswith(prompt) for s in samples)
+    assert cli.main(["sample", "--workdir", workdir, "--num", "1", "--steps", "4", "--infill",
+                     "import [MASK:2] as np"]) == 0
+    text = capsys.readouterr().out
+    assert "[MASK]" not in text and text.rstrip().endswith("as np [SEP]")
+    assert cli.main(["sample", "--workdir", workdir, "--infill", "no gap here"]) == 2
 
 
 def test_cli_missing_tokenizer_is_one_line(data_dir, tmp_path):

@@ -46,9 +46,11 @@ EVALUATORS = {
     "text": ("eval_step", "summarize"),                  # held-out loss/accuracy next to a unigram baseline
     "zero_shot": ("zero_shot_logits", "class_embeddings"),  # class names as captions
 }
-# How ``maskjax sample`` renders the rows ``sample(model, key, num, steps)`` returns, and what that needs
-# besides ``sample`` and ``sample_steps`` (the default number of steps).
-SAMPLE_KINDS = {"text": ("tokenizer",)}
+# How ``maskjax sample`` renders the rows ``sample(model, key, num, steps, ...)`` returns, and what that
+# needs besides ``sample`` and ``sample_steps`` (the default number of steps). Text: ``template(prompt,
+# infill)`` gives the fixed tokens ([MASK] = generate), and ``sample`` also takes ``template``, ``order``
+# ('ancestral' or 'confidence') and ``block`` (semi-autoregressive block size, 0 = off).
+SAMPLE_KINDS = {"text": ("tokenizer", "template")}
 REQUIRED = ("validate", "build", "loss", "batch_spec", "synthetic_batch", "flops")
 
 

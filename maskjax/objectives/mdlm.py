@@ -15,16 +15,18 @@ conditioning: with absorbing noise the share of [MASK] tokens tells the model t 
 from __future__ import annotations
 
 import math
+import re
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from maskjax.objectives import base
-from maskjax.errors import ConfigError
+from maskjax.errors import ConfigError, UsageError
 from maskjax.objectives.text import TextObjective, cross_entropy
 
 SCHEDULES = ("loglinear", "cosine")
+SAMPLE_ORDERS = ("ancestral", "confidence")
 
 
 def alpha(schedule: str, t: jax.Array, eps: float) -> jax.Array:
@@ -147,32 +149,96 @@ class MDLM(TextObjective):
                 "baseline_unigram_nelbo": base, "baseline_unigram_perplexity_bound": math.exp(min(base, 700.0))}
 
     # ---------------------------------------------------------------- generation
-    def sample(self, model, key: jax.Array, num: int, steps: int) -> jax.Array:
-        """Ancestral sampling from the fully masked sequence [num, seq_len]: at step t -> s a masked
-        token is revealed with probability (alpha_s - alpha_t) / (1 - alpha_t), drawn from the SUBS
-        distribution; at s = 0 alpha = 1, so every token is revealed by the end."""
+    def template(self, prompt: str | None = None, infill: str | None = None) -> jnp.ndarray:
+        """The fixed tokens of a conditional sample [seq_len] ([MASK] where the sampler fills in):
+        ``prompt`` = [CLS] + its pieces, the rest of the row free (continuation); ``infill`` = [CLS] +
+        the text with each ``[MASK]`` one free token and ``[MASK:n]`` n free tokens, then [SEP] and
+        padding (only the marked tokens are generated). Neither: every position free."""
+        tok, length = self.tokenizer, self.seq_len
+        if prompt is not None and infill is not None:
+            raise UsageError("give --prompt or --infill, not both")
+        if prompt is None and infill is None:
+            return jnp.full((length,), tok.mask_id, jnp.int32)
+        if prompt is not None:
+            ids = [tok.cls_id] + tok.encode_batch([prompt])[0]
+        else:
+            ids = [tok.cls_id]
+            parts = re.split(r"\[MASK(?::(\d+))?\]", infill)
+            for i, part in enumerate(parts):
+                if i % 2:  # a count from [MASK:n] (None for a bare [MASK])
+                    ids += [tok.mask_id] * int(part or 1)
+                elif part and part.strip():
+                    ids += tok.encode_batch([part])[0]
+            if tok.mask_id not in ids:
+                raise UsageError(f"--infill {infill!r} has no [MASK] or [MASK:n] to fill")
+            ids.append(tok.sep_id)
+        if len(ids) > length:
+            raise ConfigError("data.seq_len", f"{length} is shorter than the {len(ids)} tokens of the "
+                                              f"{'prompt' if prompt is not None else 'infill template'}")
+        fill = tok.mask_id if prompt is not None else tok.pad_id
+        return jnp.asarray(ids + [fill] * (length - len(ids)), jnp.int32)
+
+    def end_documents(self, z: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(tokens, segment ids) with every position after a row's first [SEP] turned into padding
+        (segment 0): the document ended there, and a token after it would be conditioned on text
+        from another document, which training never shows within one segment."""
+        tok = self.tokenizer
+        is_sep = z == tok.sep_id
+        after = (jnp.cumsum(is_sep, axis=-1) - is_sep) > 0
+        return jnp.where(after, tok.pad_id, z), jnp.where(after, 0, 1).astype(jnp.int32)
+
+    def sample(self, model, key: jax.Array, num: int, steps: int, template: jax.Array | None = None,
+               order: str = "ancestral", block: int = 0) -> jax.Array:
+        """[num, seq_len] tokens: every [MASK] of ``template`` (default: all positions) filled in
+        ``steps`` steps; given tokens never change. ``order``: 'ancestral' (step t -> s reveals each
+        masked token with probability (alpha_s - alpha_t) / (1 - alpha_t), drawn from the SUBS
+        distribution) or 'confidence' (MaskGIT-style: draw every masked token, keep the most probable
+        draws so the masked share follows 1 - alpha(s)). ``block`` > 0: semi-autoregressive, blocks of
+        that many positions left to right, each denoised in ``steps`` steps before the next opens.
+        After each step the positions behind a row's first [SEP] become padding (:meth:`end_documents`);
+        a [SEP] is never drawn before the template's last given token, so given tokens always survive."""
+        if order not in SAMPLE_ORDERS:
+            raise UsageError(f"--order {order!r} must be one of {SAMPLE_ORDERS}")
         d, length, mask_id = self.config.diffusion, self.seq_len, self.tokenizer.mask_id
-        segments = jnp.ones((num, length), jnp.int32)
+        z = jnp.broadcast_to(self.template() if template is None else template, (num, length)).astype(jnp.int32)
         positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (num, length))
         # NNX modules cannot be closed over by a lax loop: the parameters travel in the carry.
         graphdef, params = nnx.split(model)
+        idx = jnp.arange(length)
+        last_given = jnp.max(jnp.where(z != mask_id, idx, -1), axis=-1, keepdims=True)
+        no_sep = (idx < last_given)[..., None] & (jnp.arange(self.tokenizer.vocab_size) == self.tokenizer.sep_id)
+        starts = range(0, length, block) if block > 0 else [0]
+        for start in starts:
+            stop = start + block if block > 0 else length
+            window = (idx >= start) & (idx < stop)
+            z, segments = self.end_documents(z)
+            total = jnp.sum((z == mask_id) & window, axis=-1)  # free tokens of this block, per row
 
-        def body(i, carry):
-            z, key, params = carry
-            model = nnx.merge(graphdef, params)
-            key, k_draw, k_reveal = jax.random.split(key, 3)
-            t = 1.0 - i / steps
-            s = 1.0 - (i + 1) / steps
-            a_t, a_s = alpha(d.schedule, t, d.eps), alpha(d.schedule, s, d.eps)
-            logits = subs_logits(model.logits(model(z, segments, positions)), mask_id)
-            draw = jax.random.categorical(k_draw, logits, axis=-1).astype(z.dtype)
-            reveal = jax.random.uniform(k_reveal, z.shape) < (a_s - a_t) / (1.0 - a_t)
-            z = jnp.where((z == mask_id) & reveal, draw, z)
-            return z, key, params
+            def body(i, carry, window=window, total=total):
+                z, key, params = carry
+                model = nnx.merge(graphdef, params)
+                key, k_draw, k_reveal = jax.random.split(key, 3)
+                t, s = 1.0 - i / steps, 1.0 - (i + 1) / steps
+                a_t, a_s = alpha(d.schedule, t, d.eps), alpha(d.schedule, s, d.eps)
+                z, segments = self.end_documents(z)
+                logits = subs_logits(model.logits(model(z, segments, positions)), mask_id)
+                logits = jnp.where(no_sep, -jnp.inf, logits)
+                draw = jax.random.categorical(k_draw, logits, axis=-1).astype(z.dtype)
+                masked = (z == mask_id) & window
+                if order == "ancestral":
+                    reveal = jax.random.uniform(k_reveal, z.shape) < (a_s - a_t) / (1.0 - a_t)
+                else:
+                    conf = jnp.take_along_axis(jax.nn.log_softmax(logits), draw[..., None], axis=-1)[..., 0]
+                    conf = jnp.where(masked, conf, -jnp.inf)
+                    rank = jnp.argsort(jnp.argsort(-conf, axis=-1), axis=-1)
+                    a_1 = alpha(d.schedule, 1.0, d.eps)
+                    keep = jnp.floor(total * (1.0 - a_s) / (1.0 - a_1)).astype(jnp.int32)
+                    reveal = rank < jnp.maximum(jnp.sum(masked, axis=-1) - keep, 0)[:, None]
+                return jnp.where(masked & reveal, draw, z), key, params
 
-        z0 = jnp.full((num, length), mask_id, jnp.int32)
-        z, _, _ = jax.lax.fori_loop(0, steps, body, (z0, key, params))
-        return z
+            key, k_block = jax.random.split(key)
+            z, _, _ = jax.lax.fori_loop(0, steps, body, (z, k_block, params))
+        return self.end_documents(z)[0]
 
     def flops(self) -> int:
         return 3 * self.encoder_flops(self.seq_len)
