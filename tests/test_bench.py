@@ -25,6 +25,7 @@ WIDE = 256  # wide enough that matmuls dominate: norms, GELU, softmax and Adam a
     ("mae_digits.py:tiny", [f"decoder.width={WIDE}", "decoder.depth=1", "hpm.enabled=True"]),
     ("mdlm_text.py:tiny", []),
     ("electra_text.py:tiny", ["electra.embed_dim=128"]),
+    ("ar_text.py:tiny", []),
 ])
 def test_analytic_flops_match_xla_cost_analysis(data_dir, name, overrides):
     """One layer per stack (XLA counts a scanned loop body once): the analytic count (matmuls and

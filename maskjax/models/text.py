@@ -19,10 +19,15 @@ from maskjax.models import layers
 POSITIONS = ("learned", "rotary")
 
 
-def segment_mask(segment_ids: jax.Array) -> jax.Array:
+def segment_mask(segment_ids: jax.Array, causal: bool = False) -> jax.Array:
     """[batch, length] segment ids -> [batch, 1, length, length] bool: a token attends only to tokens
-    of its own segment (padding, segment 0, attends to padding, so no row is empty)."""
-    return segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
+    of its own segment (padding, segment 0, attends to padding, so no row is empty) and, when
+    ``causal``, only to itself and the tokens before it."""
+    mask = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
+    if causal:
+        length = segment_ids.shape[-1]
+        mask = mask & jnp.tril(jnp.ones((length, length), bool))
+    return mask
 
 
 class TextEncoder(nnx.Module):
@@ -69,10 +74,11 @@ class TextEncoder(nnx.Module):
         x = self.embed_norm(x) if self.embed_norm is not None else x
         return self.embed_proj(x) if self.embed_proj is not None else x
 
-    def __call__(self, tokens: jax.Array, segment_ids: jax.Array, positions: jax.Array) -> jax.Array:
+    def __call__(self, tokens: jax.Array, segment_ids: jax.Array, positions: jax.Array,
+                 causal: bool = False) -> jax.Array:
         x = sharding.constrain(self.embed(tokens, positions), ("batch", "act_length", "act_embed"))
         rope = layers.rotary_tables(positions, self.width // self.heads) if self.positions == "rotary" else None
-        x = self.blocks(x, segment_mask(segment_ids), rope)
+        x = self.blocks(x, segment_mask(segment_ids, causal), rope)
         return self.final_norm(x) if self.final_norm is not None else x
 
     def logits(self, hidden: jax.Array) -> jax.Array:
