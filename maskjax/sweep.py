@@ -376,10 +376,19 @@ def report(workdir: str, stream=None) -> dict:
     out = {"workdir": os.path.abspath(workdir), "points": [{k: v for k, v in r.items() if k != "curve"} for r in rows],
            "fits": fits, "compute_optimal_frontier": [r["name"] for r in frontier],
            "failed": [r["name"] for r in rows if r["status"] == "failed"]}
+    names = sorted({r["objective"] for r in done})
+    if len(names) > 1 and len({r.get("mask_ratio") for r in done}) == 1:
+        # objectives compared at equal compute (MDLM against AR): each fitted on its own points
+        out["by_objective"] = {}
+        for name in names:
+            group_fits, group_frontier = loss_fits([r for r in done if r["objective"] == name])
+            out["by_objective"][name] = {"fits": group_fits, "frontier": [r["name"] for r in group_frontier]}
+        out["compute_multipliers"] = compute_multipliers(done, {n: g["fits"].get("compute") for n, g in
+                                                                out["by_objective"].items()})
     with open(os.path.join(workdir, "report.json"), "w") as f:
         json.dump(out, f, indent=2, default=float)
     _write_csv(os.path.join(workdir, "report.csv"), out["points"])
-    out["plots"] = plots(workdir, rows, fits, frontier)
+    out["plots"] = plots(workdir, rows, fits, frontier, out.get("by_objective"))
     stream.write(format_report(out) + "\n")
     return out
 
@@ -407,6 +416,33 @@ def loss_fits(done: list[dict]) -> tuple[dict, list[dict]]:
             except (SweepError, RuntimeError, ValueError) as err:
                 fits[axis] = {"x": key, "error": str(err)}
     return fits, frontier
+
+
+def compute_for_loss(fit: dict, loss: float) -> float:
+    """The training FLOPs at which ``fit`` (loss = a x^-b + c) reaches ``loss``; inf below its floor c."""
+    if loss <= fit["c"]:
+        return math.inf
+    return float((fit["a"] / (loss - fit["c"])) ** (1.0 / fit["b"]))
+
+
+def compute_multipliers(done: list[dict], fits: dict) -> list[dict]:
+    """For every pair of objectives with a compute fit: at the final loss of each finished point of the
+    first, the compute the second's fit needs divided by the compute the first's fit needs (> 1: the
+    second needs more). Losses outside the second's measured range are marked extrapolated."""
+    out = []
+    names = [n for n in sorted(fits) if fits[n] and "error" not in fits[n]]
+    for first in names:
+        for second in names:
+            if first == second:
+                continue
+            measured = [r["final_loss"] for r in done if r["objective"] == second]
+            for r in sorted((r for r in done if r["objective"] == first), key=lambda r: r["train_flops"]):
+                need = compute_for_loss(fits[second], r["final_loss"])
+                own = compute_for_loss(fits[first], r["final_loss"])
+                out.append({"reference": first, "other": second, "point": r["name"], "loss": r["final_loss"],
+                            "multiplier": need / own if math.isfinite(need) and own > 0 else math.inf,
+                            "extrapolated": not min(measured) <= r["final_loss"] <= max(measured)})
+    return out
 
 
 def compute_frontier(rows: list[dict]) -> list[dict]:
@@ -441,10 +477,24 @@ def format_report(out: dict) -> str:
                          f"{fit['points']} points")
     if out["compute_optimal_frontier"]:
         lines.append("compute-optimal frontier: " + ", ".join(n.split("-", 1)[0] for n in out["compute_optimal_frontier"]))
+    for name, group in out.get("by_objective", {}).items():
+        fit = group["fits"].get("compute")
+        if not fit:
+            lines.append(f"{name}: loss vs compute: no fit (fewer than 4 points)")
+        elif "error" in fit:
+            lines.append(f"{name}: loss vs compute: no fit ({fit['error']})")
+        else:
+            lines.append(f"{name}: loss = {fit['a']:.4g} * C^-{fit['b']:.3f} + {fit['c']:.4f} ({fit['on']}, R^2 "
+                         f"{fit['r2']:.3f}, exponent 95% CI [{fit['b_ci95'][0]:.3f}, {fit['b_ci95'][1]:.3f}])")
+    for m in out.get("compute_multipliers", []):
+        value = "never (below its fitted floor)" if not math.isfinite(m["multiplier"]) else f"{m['multiplier']:.3g}x"
+        lines.append(f"at {m['reference']}'s loss {m['loss']:.4f} ({m['point'].split('-', 1)[0]}): {m['other']} needs "
+                     f"{value} the compute{' (extrapolated)' if m['extrapolated'] else ''}")
     return "\n".join(lines)
 
 
-def plots(workdir: str, rows: list[dict], fits: dict, frontier: list[dict]) -> list[str]:
+def plots(workdir: str, rows: list[dict], fits: dict, frontier: list[dict], by_objective: dict | None = None
+          ) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -455,8 +505,16 @@ def plots(workdir: str, rows: list[dict], fits: dict, frontier: list[dict]) -> l
     if done:
         fig, ax = plt.subplots(figsize=(6.4, 4.4))
         x = np.array([r["train_flops"] for r in done])
-        y = np.array([r["final_loss"] for r in done])
-        ax.scatter(x, y, c="tab:blue", zorder=3, label="points (final loss)")
+        names = sorted({r["objective"] for r in done})
+        for i, name in enumerate(names):
+            group = [r for r in done if r["objective"] == name]
+            ax.scatter([r["train_flops"] for r in group], [r["final_loss"] for r in group], c=f"C{i}", zorder=3,
+                       label=f"{name} points (final loss)" if len(names) > 1 else "points (final loss)")
+            fit = (by_objective or {}).get(name, {}).get("fits", {}).get("compute")
+            if fit and "error" not in fit:
+                grid_x = np.geomspace(x.min(), x.max(), 100)
+                ax.plot(grid_x, saturating_power_law(grid_x, fit["a"], fit["b"], fit["c"]), f"C{i}", lw=1,
+                        label=f"{name} fit: {fit['a']:.3g} C^-{fit['b']:.3f} + {fit['c']:.3f} (R^2 {fit['r2']:.2f})")
         for r in done:
             ax.annotate(r["name"].split("-", 1)[0], (r["train_flops"], r["final_loss"]), fontsize=7,
                         xytext=(3, 3), textcoords="offset points")

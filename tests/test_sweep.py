@@ -39,7 +39,7 @@ def test_grid_zip_product_and_names():
         sweep.zipped({"a": [1, 2], "b": [1]})
 
 
-@pytest.mark.parametrize("name", ["mae_size_length.py", "mae_mask_ratio.py", "mlm_mask_rate.py"])
+@pytest.mark.parametrize("name", ["mae_size_length.py", "mae_mask_ratio.py", "mlm_mask_rate.py", "mdlm_vs_ar.py"])
 def test_shipped_sweeps_load_and_validate(name):
     base, points = sweep.load(os.path.join(ROOT, "configs", "sweeps", name))
     assert base.startswith("configs/") and len(points) >= 3
@@ -118,3 +118,23 @@ def test_no_loss_fit_across_mask_ratios():
     assert frontier == [] and "mask_ratio varies" in fits["compute"]["error"]
     fits, frontier = sweep.loss_fits([dict(r, mask_ratio=0.75) for r in rows])
     assert len(frontier) == 4 and abs(fits["compute"]["b"] - 0.3) < 0.05
+
+
+def test_objectives_are_fitted_apart_and_compared_at_equal_loss(tmp_path):
+    """Two objectives whose losses follow the same law, the second needing 8x the compute: each is
+    fitted on its own points, and the multiplier at each point's loss is 8 one way and 1/8 the other."""
+    rows = []
+    for name, factor in (("mdlm", 8.0), ("ar", 1.0)):
+        for i, flops in enumerate([1e12, 4e12, 1.6e13, 6.4e13, 2.56e14]):
+            rows.append({"name": f"{name}{i}", "objective": name, "mask_ratio": None, "train_flops": flops,
+                         "non_embedding_parameters": 1000 * (i + 1), "examples_seen": 1000,
+                         "final_loss": 2.0 * (flops / factor / 1e12) ** -0.3 + 1.0})
+    fits = {name: sweep.loss_fits([r for r in rows if r["objective"] == name])[0]["compute"] for name in ("mdlm", "ar")}
+    assert all(abs(f["b"] - 0.3) < 1e-3 and abs(f["c"] - 1.0) < 1e-3 for f in fits.values())
+    multipliers = sweep.compute_multipliers(rows, fits)
+    at_ar = [m["multiplier"] for m in multipliers if m["reference"] == "ar"]
+    at_mdlm = [m["multiplier"] for m in multipliers if m["reference"] == "mdlm"]
+    assert len(at_ar) == len(at_mdlm) == 5
+    np.testing.assert_allclose(at_ar, 8.0, rtol=1e-3)
+    np.testing.assert_allclose(at_mdlm, 1 / 8.0, rtol=1e-3)
+    assert sweep.compute_for_loss(fits["ar"], 0.99) == float("inf")  # below the fitted floor
