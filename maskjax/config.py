@@ -78,7 +78,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.faults = dict(nonfinite="stop", max_skipped_steps=100, bad_records="stop")
     # zero_shot (FLIP): prompt templates ('{}' = class name) and class names ('' = the dataset's labels)
     # finetune_epochs > 0: also fine-tune the encoder end to end with a linear head (image encoders)
-    c.eval = dict(probe=True, knn_k=20, num_images=8, batch_size=256, max_batches=0,
+    # text_probe: text encoders' frozen features on the embedded corpus's package-of-origin task
+    c.eval = dict(probe=True, knn_k=20, num_images=8, batch_size=256, max_batches=0, text_probe=True, text_classes=8,
                   finetune_epochs=0.0, finetune_lr=1e-3,
                   zero_shot=True, prompts=("a photo of a {}.",), class_names=())
     return c

@@ -2,7 +2,8 @@
 same encoder at random initialisation and raw pixels, end-to-end fine-tuning when
 ``eval.finetune_epochs > 0``, plus a PNG of reconstructions. Text: held-out
 masked-token loss and accuracy (MLM) or the ELBO perplexity bound (MDLM), next to the most-frequent
-token and unigram baselines.
+token and unigram baselines, and a downstream task on frozen features (``text_probe``) next to the
+encoder at random init and a bag-of-words classifier.
 
 Results go to ``workdir/eval.json`` with the checkpoint step they used.
 """
@@ -102,6 +103,8 @@ def run(setup, params, workdir: str, step: int, writer=None) -> dict:
             results["finetune"] = finetune(setup, params)
     if "text" in declared:
         results["text"] = evaluate_text(setup, params)
+    if "text_probe" in declared and config.eval.text_probe:
+        results["text_probe"] = evaluate_text_probe(setup, params)
     if "zero_shot" in declared and config.eval.zero_shot:
         results["zero_shot"] = evaluate_zero_shot(setup, params)
     if "reconstruction" in declared and config.eval.num_images:
@@ -113,6 +116,9 @@ def run(setup, params, workdir: str, step: int, writer=None) -> dict:
             flat = {f"eval/{group}/{name}": value
                     for group in ("pretrained", "random_init", "raw_pixels", "text", "zero_shot", "finetune")
                     for name, value in results.get(group, {}).items()}
+            flat.update({f"eval/text_probe/{group}/{name}": value
+                         for group in ("pretrained", "random_init", "bag_of_words")
+                         for name, value in results.get("text_probe", {}).get(group, {}).items()})
             writer.scalars(step, flat, jsonl=False)
     return results
 
@@ -199,6 +205,52 @@ def evaluate_text(setup, params) -> dict:
     return objective.summarize(totals)
 
 
+def bag_of_words(batch: dict, vocab_size: int) -> np.ndarray:
+    """Token counts per row [N, vocab] (padding excluded), L2-normalised: the bag-of-words baseline."""
+    tokens, real = batch["tokens"], batch["segment_ids"] > 0
+    counts = np.zeros((len(tokens), vocab_size), np.float32)
+    np.add.at(counts, (np.nonzero(real)[0], tokens[real]), 1.0)
+    return counts / np.maximum(np.linalg.norm(counts, axis=1, keepdims=True), 1e-6)
+
+
+def evaluate_text_probe(setup, params) -> dict:
+    """The downstream text task (:func:`maskjax.data.text.classification_set`): linear probe and
+    k-NN on the frozen mean-pooled features of the pretrained encoder and of the same encoder at random
+    init, next to a bag-of-words linear classifier and the majority class. Skipped, with the reason,
+    for datasets whose documents carry no package of origin."""
+    from maskjax.data import text as text_data
+    from maskjax.step import init_params_fn
+
+    config = setup.config
+    if "source" not in sources.builder(config.data).info.features.keys():
+        return {"skipped": f"dataset {config.data.name!r} has no 'source' feature (the task is defined on maskjax_text)"}
+    train_b, train_y, names = text_data.classification_set(config, config.data.train_split, config.eval.text_classes)
+    test_b, test_y, _ = text_data.classification_set(config, config.data.eval_split, config.eval.text_classes, names)
+    fn = setup.jit_model_call(setup.objective.text_features)
+    batch_size = _eval_batch_size(setup)
+    rows = setup.rows(batch_size)
+
+    def features(params, batch: dict) -> np.ndarray:
+        out = []
+        for start in range(0, len(batch["tokens"]), batch_size):
+            chunk = {k: v[start:start + batch_size] for k, v in batch.items()}
+            real = len(chunk["tokens"])
+            chunk = {k: np.concatenate([v, np.zeros((batch_size - real, *v.shape[1:]), v.dtype)]) for k, v in chunk.items()}
+            out.append(np.asarray(fn(params, setup.global_batch({k: v[rows] for k, v in chunk.items()})))[:real])
+        return np.concatenate(out)
+
+    k = config.eval.knn_k
+    results: dict[str, Any] = {"task": "standard-library package of a docstring", "classes": names,
+                               "num_train": len(train_y), "num_test": len(test_y),
+                               "majority_class": float(np.max(np.bincount(test_y)) / len(test_y))}
+    encoders = {"pretrained": params, "random_init": init_params_fn(setup, jax.random.key(config.seed + 1))}
+    for name, p in encoders.items():
+        results[name] = probe(features(p, train_b), train_y, features(p, test_b), test_y, k)
+    vocab = setup.objective.tokenizer.vocab_size
+    results["bag_of_words"] = probe(bag_of_words(train_b, vocab), train_y, bag_of_words(test_b, vocab), test_y, k)
+    return results
+
+
 def class_names(config) -> list[str]:
     """``eval.class_names``, or the names of the eval dataset's ClassLabel ``data.label_key``."""
     if config.eval.class_names:
@@ -270,6 +322,10 @@ def summary_line(results: dict) -> str:
     if "zero_shot" in results:
         z = results["zero_shot"]
         parts.append(f"zero-shot {z['accuracy']:.3f} (chance {z['chance']:.3f})")
+    probe_text = results.get("text_probe", {})
+    if "pretrained" in probe_text:
+        parts.append("text probe: " + " / ".join(f"{g} {probe_text[g]['linear_probe']:.3f}" for g in
+                                                  ("pretrained", "random_init", "bag_of_words")))
     for group in ("pretrained", "random_init", "raw_pixels"):
         if group in results:
             r = results[group]

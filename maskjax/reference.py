@@ -124,6 +124,10 @@ FIELDS = {
     "faults.bad_records": "An undecodable record: stop (error naming it) or skip (count it, keep the data order).",
     "eval.probe": "Linear probe and k-NN on frozen features after training (image encoders).",
     "eval.knn_k": "Neighbours of the k-NN classifier.",
+    "eval.text_probe": "Text encoders: linear probe and k-NN on frozen mean-pooled features for the embedded "
+                       "corpus's downstream task (which standard-library package a docstring comes from), next "
+                       "to the same encoder at random init and a bag-of-words classifier.",
+    "eval.text_classes": "Classes of that task: the packages with the most training documents.",
     "eval.num_images": "Reconstructions drawn into reconstructions.png.",
     "eval.batch_size": "Evaluation batch size.",
     "eval.max_batches": "Evaluation batches per split; 0 = the whole split.",

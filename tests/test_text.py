@@ -388,9 +388,16 @@ def test_mlm_run_resumes_exactly_and_reports_eval(data_dir, tmp_path):
     train.train(config, str(part), stop_at=3, evaluate=False, quiet=True)
     assert train.train(config, str(part), evaluate=False, quiet=True)["start_step"] == 3
     assert _losses(part) == _losses(tmp_path / "straight")
-    results = json.load(open(tmp_path / "straight" / "eval.json"))["text"]
+    written = json.load(open(tmp_path / "straight" / "eval.json"))
+    results = written["text"]
     assert results["masked_tokens"] > 0 and 0 <= results["accuracy"] <= 1
     assert results["baseline_unigram_loss"] > 0 and 0 < results["baseline_most_frequent_accuracy"] < 0.3
+    # the downstream task: 8 packages, frozen features of both encoders next to bag of words
+    task = written["text_probe"]
+    assert len(task["classes"]) == 8 and task["num_train"] > 500 and task["num_test"] > 50
+    assert task["bag_of_words"]["linear_probe"] > task["majority_class"] + 0.3  # the task is learnable
+    assert {"linear_probe", "knn"} <= set(task["pretrained"]) and {"linear_probe", "knn"} <= set(task["random_init"])
+    assert objectives.get(config).summary(written) == ("text_probe", task["pretrained"]["linear_probe"])
 
 
 def test_mdlm_run_eval_and_sample_command(data_dir, tmp_path, capsys):
@@ -520,3 +527,21 @@ def test_ar_run_reports_perplexity_beside_the_unigram_baseline(data_dir, tmp_pat
     assert text["perplexity"] > 1 and text["baseline_unigram_perplexity"] > 1
     assert text["perplexity"] == pytest.approx(np.exp(text["loss"]), rel=1e-6)
     assert cli.main(["sample", "--workdir", workdir, "--num", "1"]) == 2  # refused in one line: AR has no sampler
+
+
+def test_downstream_task_labels_documents_by_package_and_keeps_splits_apart(data_dir):
+    from maskjax.data import text as text_data
+
+    config = mlm_config(data_dir)
+    train_b, train_y, names = text_data.classification_set(config, "train", 8)
+    test_b, test_y, same = text_data.classification_set(config, "validation", 8, names)
+    tok = objectives.get(config).tokenizer
+    assert same == names == sorted(names) and len(names) == 8
+    assert set(np.unique(train_y)) == set(range(8)) and set(np.unique(test_y)) <= set(range(8))
+    for batch in (train_b, test_b):
+        assert (batch["tokens"][:, 0] == tok.cls_id).all()
+        lengths = batch["segment_ids"].sum(1)
+        assert (batch["tokens"][np.arange(len(lengths)), lengths - 1] == tok.sep_id).all()
+        assert (batch["tokens"][batch["segment_ids"] == 0] == tok.pad_id).all()
+    assert text_data.package_label("email.mime.text:MIMEText:0") == "email"
+    assert text_data.package_label("topic:assert:0") is None

@@ -225,3 +225,51 @@ def _count_unigram(docs: Documents, max_tokens: int) -> np.ndarray:
     counts[[tok.pad_id, tok.mask_id]] = 0.0
     with np.errstate(divide="ignore"):
         return np.log(counts / counts.sum()).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- a downstream task
+
+
+def package_label(source: str) -> str | None:
+    """The standard-library package a ``maskjax_text`` document comes from (``'email'`` for
+    ``'email.mime.text:MIMEText:0'``), or None for a help topic."""
+    module = source.split(":", 1)[0]
+    return None if source.startswith("topic:") else module.split(".")[0]
+
+
+def classification_set(config, split: str, classes: int, names: list[str] | None = None,
+                       max_examples: int = 0) -> tuple[dict, np.ndarray, list[str]]:
+    """The downstream text task of the embedded corpus: which standard-library package a docstring
+    comes from, over the ``classes`` packages with the most documents in ``split`` (or ``names``).
+    Returns ({tokens, segment_ids, positions} [N, seq_len]: [CLS] text [SEP], cut to fit, one segment,
+    padding 0), labels [N] and the class names. Every document of ``split`` with one of those labels
+    is used, in the split's order (``max_examples`` > 0 keeps the first that many)."""
+    data = config.data
+    src = sources.source(data, split)
+    if "source" not in sources.builder(data).info.features.keys():
+        raise sources.DataError(f"dataset {data.name!r} has no 'source' feature to label documents by; the "
+                                "text probe runs on maskjax_text")
+    tok = load_tokenizer(data)
+    records = [src[i] for i in range(len(src))]
+    decode = lambda v: v.decode("utf-8") if isinstance(v, bytes) else str(v)
+    labels = [package_label(decode(r["source"])) for r in records]
+    if names is None:
+        counts: dict[str, int] = {}
+        for label in labels:
+            if label is not None:
+                counts[label] = counts.get(label, 0) + 1
+        names = sorted(sorted(counts, key=lambda n: (-counts[n], n))[:classes])
+    index = {n: i for i, n in enumerate(names)}
+    chosen = [i for i, label in enumerate(labels) if label in index]
+    if max_examples:
+        chosen = chosen[:max_examples]
+    length = data.seq_len
+    texts = [decode(records[i][data.text_key]) for i in chosen]
+    tokens = np.full((len(chosen), length), tok.pad_id, np.int32)
+    segments = np.zeros((len(chosen), length), np.int32)
+    for row, ids in enumerate(tok.encode_batch(texts)):
+        ids = [tok.cls_id] + ids[:length - 2] + [tok.sep_id]
+        tokens[row, :len(ids)], segments[row, :len(ids)] = ids, 1
+    positions = np.broadcast_to(np.arange(length, dtype=np.int32), tokens.shape).copy()
+    return ({"tokens": tokens, "segment_ids": segments, "positions": positions},
+            np.asarray([index[labels[i]] for i in chosen], np.int64), list(names))

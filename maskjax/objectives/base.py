@@ -44,6 +44,7 @@ EVALUATORS = {
     "probe": ("features",),                              # linear probe + k-NN vs random init and raw pixels
     "reconstruction": ("reconstruct",),                  # the PNG of masked inputs and predictions
     "text": ("eval_step", "summarize"),                  # held-out loss/accuracy next to a unigram baseline
+    "text_probe": ("text_features",),                    # frozen text features on a downstream task vs bag of words
     "zero_shot": ("zero_shot_logits", "class_embeddings"),  # class names as captions
 }
 # How ``maskjax sample`` renders the rows ``sample(model, key, num, steps, ...)`` returns, and what that

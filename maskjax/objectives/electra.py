@@ -28,7 +28,7 @@ from maskjax.models import layers
 from maskjax.models import text as text_model
 from maskjax.objectives import base
 from maskjax.objectives.mlm import MLM
-from maskjax.objectives.text import cross_entropy, gather_rows, predicted_positions
+from maskjax.objectives.text import cross_entropy, gather_rows, mean_over_tokens, predicted_positions
 
 
 class ElectraModel(nnx.Module):
@@ -246,6 +246,11 @@ class ELECTRA(MLM):
         return self.terms(model, batch, gen_logits, targets, weights, idx, sampled)
 
     # ---------------------------------------------------------------- evaluation
+    def text_features(self, model: ElectraModel, batch: dict) -> jax.Array:
+        """The discriminator's features (the network ELECTRA keeps for downstream tasks)."""
+        hidden = model.discriminator(batch["tokens"], batch["segment_ids"], batch["positions"])
+        return mean_over_tokens(hidden, batch["segment_ids"])
+
     def eval_step(self, model, batch: dict, key: jax.Array, unigram: jax.Array) -> dict:
         """The generator's masked-token sums (with the unigram baseline) and the discriminator's."""
         k_mask, k_sample = jax.random.split(key)

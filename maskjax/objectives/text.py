@@ -21,6 +21,12 @@ def cross_entropy(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax
     return nll, jnp.argmax(logits, axis=-1) == targets
 
 
+def mean_over_tokens(hidden: jax.Array, segment_ids: jax.Array) -> jax.Array:
+    """hidden [B, L, D] averaged over the positions that hold a token (segment id > 0) -> [B, D] float32."""
+    w = (segment_ids > 0).astype(jnp.float32)[..., None]
+    return jnp.sum(hidden.astype(jnp.float32) * w, axis=1) / jnp.maximum(jnp.sum(w, axis=1), 1.0)
+
+
 def gather_rows(x: jax.Array, idx: jax.Array) -> jax.Array:
     """x [B, L, ...], idx [B, P] -> [B, P, ...]."""
     return jax.vmap(lambda row, i: jnp.take(row, i, axis=0))(x, idx)
@@ -65,13 +71,17 @@ class TextObjective(base.Objective):
 
     @property
     def evaluators(self) -> tuple[str, ...]:
-        return ("text",)
+        return ("text", "text_probe")
 
     @property
     def tokens_per_example(self) -> int:
         return self.seq_len
 
     def summary(self, results: dict) -> tuple[str, float | None]:
+        """The downstream task's linear-probe accuracy when it ran, else the held-out masked accuracy."""
+        probe = results.get("text_probe", {}).get("pretrained")
+        if probe:
+            return "text_probe", probe["linear_probe"]
         return "masked_accuracy", results.get("text", {}).get("accuracy")
 
     @functools.cached_property
@@ -131,6 +141,10 @@ class TextObjective(base.Objective):
     def encode(self, model: text_model.TextEncoder, batch: dict, tokens: jax.Array) -> jax.Array:
         """Hidden states [B, L, width] of ``tokens`` (the corrupted input) in ``batch``'s packing."""
         return model(tokens, batch["segment_ids"], batch["positions"])
+
+    def text_features(self, model, batch: dict) -> jax.Array:
+        """Frozen features [B, width] of uncorrupted text: hidden states averaged over real tokens."""
+        return mean_over_tokens(self.encode(model, batch, batch["tokens"]), batch["segment_ids"])
 
     def encoder_flops(self, predicted: int) -> int:
         """Forward FLOPs of the encoder on all positions and the prediction head on ``predicted``."""
