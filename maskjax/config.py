@@ -10,7 +10,7 @@ import importlib.util
 import json
 import math
 import os
-from typing import Iterable
+from typing import Callable, Iterable
 
 import ml_collections
 
@@ -83,6 +83,11 @@ def base_config() -> ml_collections.ConfigDict:
                   finetune_epochs=0.0, finetune_lr=1e-3,
                   zero_shot=True, prompts=("a photo of a {}.",), class_names=())
     return c
+
+
+# objective name -> the config groups it declares; set by maskjax.objectives when it is imported (this
+# module must not import it), so that --config.objective=NAME brings NAME's groups with their defaults.
+objective_groups: Callable[[str], dict] | None = None
 
 
 def variants(arg: str, known) -> set[str]:
@@ -181,6 +186,11 @@ def override(config: ml_collections.ConfigDict, items: Iterable[str]) -> ml_coll
                 node[leaf] = value
             except TypeError as err:
                 raise ConfigError(key, str(err).splitlines()[0]) from None
+        if key == "objective" and objective_groups is not None:
+            with config.unlocked():
+                for group, fields in objective_groups(value).items():
+                    if group not in config:
+                        config[group] = fields
     return config
 
 

@@ -84,3 +84,14 @@ def test_cli_bad_config_is_one_line_exit_2_and_writes_nothing(tmp_path, args, ne
 def test_cli_missing_config_file(tmp_path):
     out = _cli("train", "--config", "configs/nope.py", "--workdir", str(tmp_path / "r"))
     assert out.returncode == 2 and "configs/nope.py" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_overriding_the_objective_brings_its_config_groups():
+    """A sweep or command line that switches a recipe to another objective gets that objective's
+    groups with their defaults, so its own fields can be overridden in the same command."""
+    from maskjax import objectives  # noqa: F401  (registers the objectives and the groups hook)
+
+    config = config_lib.override(load_config("mlm_text.py"), ["objective=electra", "electra.disc_weight=10"])
+    assert config.electra.disc_weight == 10.0 and config.electra.generator_ratio == 0.25
+    with pytest.raises(config_lib.ConfigError, match="electra"):
+        config_lib.override(load_config("mlm_text.py"), ["electra.disc_weight=10"])

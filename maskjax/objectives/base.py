@@ -114,6 +114,7 @@ class Objective:
 
 
 REGISTRY: dict[str, type[Objective]] = {}
+config_lib.objective_groups = lambda name: REGISTRY[name].defaults() if name in REGISTRY else {}
 
 
 def register(cls):
