@@ -202,6 +202,15 @@ class Checkpointer:
         restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
         return restored.state
 
+    def restore_params(self, step: int, abstract_state: Any) -> Any:
+        """Only ``params`` of checkpoint ``step`` (Orbax partial restore: the optimizer moments, a
+        multiple of the parameters' size, are never read), with ``abstract_state``'s shardings."""
+        self.check_compatible(step, abstract_state)
+        item = {"params": abstract_state["params"]}
+        args = ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+                                      partial_restore=True)
+        return ocp.PyTreeCheckpointer().restore(os.path.join(self.directory, str(step), "state"), args=args)["params"]
+
     def check_compatible(self, step: int, abstract_state: Any, describe: Callable[[], str] = lambda: "") -> None:
         """Raises :class:`CheckpointError` when checkpoint ``step`` holds other shapes than ``abstract_state``."""
         try:

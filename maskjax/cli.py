@@ -226,9 +226,9 @@ def _restore(args, overrides):
     step = args.step if args.step is not None else ckpt.latest_step()
     if step is None or step not in ckpt.all_steps():
         raise UsageError(f"--workdir {args.workdir!r} has no checkpoint{'' if args.step is None else f' at step {args.step}'}")
-    state = ckpt.restore_state(step, setup.abstract_state)
+    params = ckpt.restore_params(step, setup.abstract_state)
     ckpt.close()
-    return setup, state["params"], step
+    return setup, params, step
 
 
 def _eval(args, overrides) -> int:

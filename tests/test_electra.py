@@ -185,3 +185,13 @@ def test_electra_run_resumes_exactly_and_reports_both_networks(data_dir, tmp_pat
     assert text["masked_tokens"] > 0 and text["loss"] > 0.5 * text["baseline_unigram_loss"]
     assert text["replaced_share"] > 0.05 and text["baseline_disc_accuracy"] == max(text["replaced_share"],
                                                                                    1 - text["replaced_share"])
+    # eval/export/sample read the parameters alone (no Adam moments), and get the same values
+    from maskjax import checkpoint, step as step_lib
+
+    setup = step_lib.build(config)
+    ckpt = checkpoint.Checkpointer(str(tmp_path / "straight"), keep=2)
+    full = ckpt.restore_state(6, setup.abstract_state)["params"]
+    alone = ckpt.restore_params(6, setup.abstract_state)
+    ckpt.close()
+    assert jax.tree.structure(alone) == jax.tree.structure(full)
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(jax.tree.leaves(alone), jax.tree.leaves(full)))
