@@ -78,8 +78,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.faults = dict(nonfinite="stop", max_skipped_steps=100, bad_records="stop")
     # zero_shot (FLIP): prompt templates ('{}' = class name) and class names ('' = the dataset's labels)
     # finetune_epochs > 0: also fine-tune the encoder end to end with a linear head (image encoders)
-    # text_probe: text encoders' frozen features on the embedded corpus's package-of-origin task
+    # text_probe: text encoders on a downstream task (text_task: the embedded corpus's package-of-origin
+    # task, or a prepared TFDS classification dataset by name with its text_fields and text_splits)
     c.eval = dict(probe=True, knn_k=20, num_images=8, batch_size=256, max_batches=0, text_probe=True, text_classes=8,
+                  text_task="package", text_fields=("sentence",), text_splits=("train", "validation"),
                   finetune_epochs=0.0, finetune_lr=1e-3,
                   zero_shot=True, prompts=("a photo of a {}.",), class_names=())
     return c

@@ -116,32 +116,52 @@ def run(setup, params, workdir: str, step: int, writer=None) -> dict:
             flat = {f"eval/{group}/{name}": value
                     for group in ("pretrained", "random_init", "raw_pixels", "text", "zero_shot", "finetune")
                     for name, value in results.get(group, {}).items()}
-            flat.update({f"eval/text_probe/{group}/{name}": value
-                         for group in ("pretrained", "random_init", "bag_of_words")
-                         for name, value in results.get("text_probe", {}).get(group, {}).items()})
+            for group in ("pretrained", "random_init", "bag_of_words"):
+                for name, value in results.get("text_probe", {}).get(group, {}).items():
+                    if name == "finetune":
+                        flat[f"eval/text_probe/{group}/finetune_accuracy"] = value["accuracy"]
+                    else:
+                        flat[f"eval/text_probe/{group}/{name}"] = value
             writer.scalars(step, flat, jsonl=False)
     return results
 
 
 def finetune(setup, params) -> dict:
-    """End-to-end fine-tuning, the MAE paper's main protocol at small scale: the pretrained encoder plus a
-    zero-initialised linear head on its mean-pooled features, all trained with cross-entropy for
-    ``eval.finetune_epochs`` over the train split (the pretraining crops and flips as augmentation;
-    no mixup / RandAugment / layer-wise decay), AdamW at ``eval.finetune_lr`` with warm-up and cosine
-    decay; then top-1 accuracy on the eval split. Runs on the training mesh with the same shardings."""
-    import optax
-
+    """End-to-end fine-tuning of an image encoder on the pretraining dataset's labels
+    (:func:`tune_classifier`), the pretraining crops and flips as augmentation; no mixup / RandAugment /
+    layer-wise decay."""
     from maskjax.data import pipeline as pipeline_lib
 
-    config, objective, graphdef = setup.config, setup.objective, setup.graphdef
-    info = sources.builder(config.data).info.features[config.data.label_key]
-    classes = int(info.num_classes)
+    config = setup.config
+    classes = int(sources.builder(config.data).info.features[config.data.label_key].num_classes)
     examples = len(sources.source(config.data, config.data.train_split))
     steps = max(1, int(np.ceil(config.eval.finetune_epochs * examples / config.batch_size)))
+    loader = pipeline_lib.train_loader(config, setup.rows(config.batch_size))
+    try:
+        train = (setup.global_batch(next(loader)) for _ in range(steps))  # image and label
+        batch_size = _eval_batch_size(setup)
+        rows = setup.rows(batch_size)
+        test = ((setup.global_batch(local), gather_rows({"label": local["label"]}, rows)["label"][:real])
+                for local, real in pipeline_lib.eval_batches(config, config.data.eval_split, batch_size, rows))
+        return tune_classifier(setup, params, setup.objective.features, classes, train, steps, test)
+    finally:
+        loader.close()
+
+
+def tune_classifier(setup, params, features, classes: int, train, steps: int, test) -> dict:
+    """Fine-tunes ``features(model, batch) -> [B, D]`` end to end with a zero-initialised linear head,
+    the MAE paper's main protocol and the GLUE role of the text papers at small scale: cross-entropy,
+    AdamW at ``eval.finetune_lr`` (weight decay 0.05) with 10% warm-up and cosine decay, over ``steps``
+    global batches of ``train`` (each with ``label``); then top-1 accuracy over ``test``, pairs of (a
+    global batch, its real rows' labels). Runs on the training mesh with the same shardings; ``params``
+    are left untouched."""
+    import optax
+
+    config, graphdef = setup.config, setup.graphdef
     warmup = max(1, steps // 10)
     schedule = optax.warmup_cosine_decay_schedule(0.0, config.eval.finetune_lr, warmup, steps)
     optimizer = optax.adamw(schedule, b1=0.9, b2=0.999, weight_decay=0.05)
-    width = jax.eval_shape(lambda p, b: objective.features(nnx.merge(graphdef, p), b), params,
+    width = jax.eval_shape(lambda p, b: features(nnx.merge(graphdef, p), b), params,
                            setup.abstract_batch()).shape[-1]
     replicated = sharding.replicated(setup.mesh)
     head = {"kernel": jax.device_put(np.zeros((width, classes), np.float32), replicated),
@@ -150,7 +170,7 @@ def finetune(setup, params) -> dict:
 
     def logits(p, batch):
         with sharding.activation_mesh(setup.mesh):
-            feats = objective.features(nnx.merge(graphdef, p["encoder"]), batch)
+            feats = features(nnx.merge(graphdef, p["encoder"]), batch)
         return feats.astype(np.float32) @ p["head"]["kernel"] + p["head"]["bias"]
 
     def step(p, opt_state, batch):
@@ -163,22 +183,16 @@ def finetune(setup, params) -> dict:
 
     opt_state = jax.jit(optimizer.init)(tuned)
     step_fn = jax.jit(step, donate_argnums=(0, 1))
-    loader = pipeline_lib.train_loader(config, setup.rows(config.batch_size))
     losses = []
-    for _ in range(steps):
-        local = next(loader)
-        tuned, opt_state, loss = step_fn(tuned, opt_state, setup.global_batch(local))  # image and label
+    for batch in train:
+        tuned, opt_state, loss = step_fn(tuned, opt_state, batch)
         losses.append(loss)
-    loader.close()
     logits_fn = jax.jit(logits, out_shardings=replicated)
-    batch_size = _eval_batch_size(setup)
     correct = total = 0
-    rows = setup.rows(batch_size)
-    for local, real in pipeline_lib.eval_batches(config, config.data.eval_split, batch_size, rows):
-        predicted = np.asarray(logits_fn(tuned, setup.global_batch(local))).argmax(-1)[:real]
-        labels = gather_rows({"label": local["label"]}, rows)["label"][:real]
+    for batch, labels in test:
+        predicted = np.asarray(logits_fn(tuned, batch)).argmax(-1)[:len(labels)]
         correct += int((predicted == labels).sum())
-        total += real
+        total += len(labels)
     first, last = float(np.mean(jax.device_get(losses[:5]))), float(np.mean(jax.device_get(losses[-5:])))
     return {"accuracy": correct / total, "epochs": float(config.eval.finetune_epochs), "steps": steps,
             "lr": float(config.eval.finetune_lr), "train_loss_first": first, "train_loss_last": last}
@@ -214,33 +228,42 @@ def bag_of_words(batch: dict, vocab_size: int) -> np.ndarray:
 
 
 def evaluate_text_probe(setup, params) -> dict:
-    """The downstream text task (:func:`maskjax.data.text.classification_set`): linear probe and
-    k-NN on the frozen mean-pooled features of the pretrained encoder and of the same encoder at random
-    init, next to a bag-of-words linear classifier and the majority class. Skipped, with the reason,
-    for datasets whose documents carry no package of origin."""
+    """The downstream text task ``eval.text_task`` (:func:`maskjax.data.text.classification_set`):
+    linear probe and k-NN on the frozen mean-pooled features of the pretrained encoder and of the same
+    encoder at random init, next to a bag-of-words linear classifier and the majority class; with
+    ``eval.finetune_epochs`` > 0 both encoders are also fine-tuned end to end (:func:`tune_classifier`).
+    The package task is skipped, with the reason, on datasets whose documents carry no package of origin."""
     from maskjax.data import text as text_data
     from maskjax.step import init_params_fn
 
     config = setup.config
-    if "source" not in sources.builder(config.data).info.features.keys():
-        return {"skipped": f"dataset {config.data.name!r} has no 'source' feature (the task is defined on maskjax_text)"}
-    train_b, train_y, names = text_data.classification_set(config, config.data.train_split, config.eval.text_classes)
-    test_b, test_y, _ = text_data.classification_set(config, config.data.eval_split, config.eval.text_classes, names)
+    package = config.eval.text_task == text_data.PACKAGE_TASK
+    if package and "source" not in sources.builder(config.data).info.features.keys():
+        return {"skipped": f"dataset {config.data.name!r} has no 'source' feature (the package task is defined "
+                           "on maskjax_text)"}
+    train_split, test_split = config.eval.text_splits
+    classes = config.eval.text_classes
+    train_b, train_y, names = text_data.classification_set(config, train_split, classes)
+    test_b, test_y, _ = text_data.classification_set(config, test_split, classes, names)
     fn = setup.jit_model_call(setup.objective.text_features)
     batch_size = _eval_batch_size(setup)
     rows = setup.rows(batch_size)
 
-    def features(params, batch: dict) -> np.ndarray:
-        out = []
+    def padded(batch: dict):
+        """(global batch of ``batch_size`` rows, real rows) over ``batch`` in order, the last one padded."""
         for start in range(0, len(batch["tokens"]), batch_size):
             chunk = {k: v[start:start + batch_size] for k, v in batch.items()}
             real = len(chunk["tokens"])
-            chunk = {k: np.concatenate([v, np.zeros((batch_size - real, *v.shape[1:]), v.dtype)]) for k, v in chunk.items()}
-            out.append(np.asarray(fn(params, setup.global_batch({k: v[rows] for k, v in chunk.items()})))[:real])
-        return np.concatenate(out)
+            chunk = {k: np.concatenate([v, np.zeros((batch_size - real, *v.shape[1:]), v.dtype)])
+                     for k, v in chunk.items()}
+            yield setup.global_batch({k: v[rows] for k, v in chunk.items()}), real
+
+    def features(params, batch: dict) -> np.ndarray:
+        return np.concatenate([np.asarray(fn(params, b))[:real] for b, real in padded(batch)])
 
     k = config.eval.knn_k
-    results: dict[str, Any] = {"task": "standard-library package of a docstring", "classes": names,
+    task = "standard-library package of a docstring" if package else config.eval.text_task
+    results: dict[str, Any] = {"task": task, "classes": names, "splits": [train_split, test_split],
                                "num_train": len(train_y), "num_test": len(test_y),
                                "majority_class": float(np.max(np.bincount(test_y)) / len(test_y))}
     encoders = {"pretrained": params, "random_init": init_params_fn(setup, jax.random.key(config.seed + 1))}
@@ -248,6 +271,30 @@ def evaluate_text_probe(setup, params) -> dict:
         results[name] = probe(features(p, train_b), train_y, features(p, test_b), test_y, k)
     vocab = setup.objective.tokenizer.vocab_size
     results["bag_of_words"] = probe(bag_of_words(train_b, vocab), train_y, bag_of_words(test_b, vocab), test_y, k)
+    if config.eval.finetune_epochs > 0:
+        train_rows = setup.rows(config.batch_size)
+        if len(train_y) < config.batch_size:
+            raise sources.DataError(f"eval.text_task={config.eval.text_task!r}: {len(train_y)} training examples "
+                                    f"in {train_split!r}, fewer than batch_size={config.batch_size}")
+        per_epoch = len(train_y) // config.batch_size
+        steps = max(1, int(np.ceil(config.eval.finetune_epochs * per_epoch)))
+        train_b = {**train_b, "label": train_y.astype(np.int32)}
+
+        def shuffled():
+            """Seeded epochs of whole batches, the same on every process."""
+            rng = np.random.default_rng(config.seed + 4)
+            while True:
+                order = rng.permutation(len(train_y))
+                for b in range(per_epoch):
+                    idx = order[b * config.batch_size:(b + 1) * config.batch_size][train_rows]
+                    yield setup.global_batch({key: v[idx] for key, v in train_b.items()}, also=("label",))
+
+        for name, p in encoders.items():
+            batches = shuffled()
+            train = (next(batches) for _ in range(steps))
+            test = ((b, test_y[i * batch_size:i * batch_size + real]) for i, (b, real) in enumerate(padded(test_b)))
+            results[name]["finetune"] = tune_classifier(setup, p, setup.objective.text_features, len(names),
+                                                        train, steps, test)
     return results
 
 

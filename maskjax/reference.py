@@ -124,14 +124,21 @@ FIELDS = {
     "faults.bad_records": "An undecodable record: stop (error naming it) or skip (count it, keep the data order).",
     "eval.probe": "Linear probe and k-NN on frozen features after training (image encoders).",
     "eval.knn_k": "Neighbours of the k-NN classifier.",
-    "eval.text_probe": "Text encoders: linear probe and k-NN on frozen mean-pooled features for the embedded "
-                       "corpus's downstream task (which standard-library package a docstring comes from), next "
-                       "to the same encoder at random init and a bag-of-words classifier.",
-    "eval.text_classes": "Classes of that task: the packages with the most training documents.",
+    "eval.text_probe": "Text encoders: linear probe and k-NN on frozen mean-pooled features for the downstream "
+                       "task eval.text_task, next to the same encoder at random init and a bag-of-words "
+                       "classifier.",
+    "eval.text_classes": "Classes of the package task: the packages with the most training documents.",
+    "eval.text_task": "The downstream text task: 'package' (which standard-library package a maskjax_text "
+                      "docstring comes from) or the name of a prepared TFDS classification dataset in "
+                      "data.data_dir (array_record), e.g. 'glue/sst2', with a ClassLabel 'label'.",
+    "eval.text_fields": "Text features of a TFDS task, encoded [CLS] a [SEP] b [SEP] (two for sentence pairs, "
+                        "e.g. ('premise', 'hypothesis') for glue/mnli).",
+    "eval.text_splits": "Train and eval splits of the downstream text task (glue/mnli: validation_matched).",
     "eval.num_images": "Reconstructions drawn into reconstructions.png.",
     "eval.batch_size": "Evaluation batch size.",
     "eval.max_batches": "Evaluation batches per split; 0 = the whole split.",
-    "eval.finetune_epochs": "End-to-end fine-tuning epochs with a linear head (MAE's main protocol); 0 = off.",
+    "eval.finetune_epochs": "End-to-end fine-tuning epochs with a linear head on mean-pooled features (MAE's "
+                            "main protocol; for text encoders the GLUE role, on eval.text_task); 0 = off.",
     "eval.finetune_lr": "Fine-tuning peak learning rate (AdamW, warm-up + cosine).",
     "eval.zero_shot": "FLIP: zero-shot classification of the eval split.",
     "eval.prompts": "FLIP zero-shot prompt templates ('{}' = class name).",

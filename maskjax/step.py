@@ -222,11 +222,14 @@ class Setup:
 
         return jax.jit(call, out_shardings=sharding.replicated(self.mesh))
 
-    def global_batch(self, local_batch: dict) -> dict:
-        """Host-local rows -> global jax.Arrays sharded over data x fsdp (multi-process safe)."""
+    def global_batch(self, local_batch: dict, also: tuple[str, ...] = ()) -> dict:
+        """Host-local rows -> global jax.Arrays sharded over data x fsdp (multi-process safe): the keys of
+        the objective's batch spec, plus ``also`` (e.g. the labels an evaluator adds)."""
+        shardings = {**self.batch_shardings,
+                     **{k: sharding.batch_sharding(self.mesh, np.ndim(local_batch[k])) for k in also}}
         return {
-            k: jax.make_array_from_process_local_data(self.batch_shardings[k], np.asarray(v))
-            for k, v in local_batch.items() if k in self.batch_shardings
+            k: jax.make_array_from_process_local_data(shardings[k], np.asarray(v))
+            for k, v in local_batch.items() if k in shardings
         }
 
     def abstract_batch(self) -> dict:

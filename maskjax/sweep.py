@@ -314,6 +314,13 @@ def collect(workdir: str) -> list[dict]:
                     row[f"{group}_{name}"] = value
             if "text" in results:
                 row["validation_loss"] = results["text"].get("loss")
+            task = results.get("text_probe", {})
+            for group in ("pretrained", "random_init", "bag_of_words"):  # downstream text task and its baselines
+                for name, value in task.get(group, {}).items():
+                    value = value["accuracy"] if name == "finetune" else value
+                    row[f"text_{group}_{name}"] = value
+            if "majority_class" in task:
+                row["text_majority_class"] = task["majority_class"]
         except (OSError, ValueError):
             pass
         if row["status"] == "failed":

@@ -545,3 +545,68 @@ def test_downstream_task_labels_documents_by_package_and_keeps_splits_apart(data
         assert (batch["tokens"][batch["segment_ids"] == 0] == tok.pad_id).all()
     assert text_data.package_label("email.mime.text:MIMEText:0") == "email"
     assert text_data.package_label("topic:assert:0") is None
+
+
+def test_text_finetune_learns_the_task_and_leaves_the_pretrained_parameters(data_dir):
+    from maskjax import evaluate
+
+    config = mlm_config(data_dir, "eval.finetune_epochs=1.5", "eval.finetune_lr=3e-3")
+    setup = step_lib.build(config)
+    params = step_lib.init_params_fn(setup, jax.random.key(5))
+    before = jax.tree.map(np.asarray, params)
+    task = evaluate.evaluate_text_probe(setup, params)
+    assert all(np.array_equal(a, np.asarray(b)) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(params)))
+    for encoder in ("pretrained", "random_init"):
+        tuned = task[encoder]["finetune"]
+        assert tuned["steps"] == int(np.ceil(1.5 * (task["num_train"] // config.batch_size)))
+        assert tuned["train_loss_last"] < tuned["train_loss_first"] - 0.3  # cross-entropy starts at ln 8 = 2.08
+        assert tuned["accuracy"] > task["majority_class"] + 0.1  # the fine-tuned classifier beats the prior
+    assert objectives.get(config).summary({"text_probe": task}) == ("text_finetune", task["pretrained"]["finetune"]["accuracy"])
+
+
+class MaskjaxTestPairs(__import__("tensorflow_datasets").core.GeneratorBasedBuilder):
+    """A sentence-pair classification set in GLUE's layout (premise, hypothesis, ClassLabel label; the
+    test split unlabelled, -1), built from the embedded corpus's own sentences: the downstream task by
+    TFDS name without a download."""
+
+    VERSION = __import__("tensorflow_datasets").core.Version("1.0.0")
+
+    def _info(self):
+        import tensorflow_datasets as tfds
+
+        return self.dataset_info_from_configs(features=tfds.features.FeaturesDict({
+            "premise": tfds.features.Text(), "hypothesis": tfds.features.Text(),
+            "label": tfds.features.ClassLabel(names=["same", "different"])}))
+
+    def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples(0, 40, labelled=True), "validation": self._generate_examples(40, 12, labelled=True),
+                "test": self._generate_examples(52, 6, labelled=False)}
+
+    def _generate_examples(self, start, count, labelled):
+        words = ["alpha", "beta", "gamma", "delta", "omega"]
+        for i in range(start, start + count):
+            a, b = words[i % 5], words[(i * 3) % 5]
+            yield i, {"premise": f"return the {a} value", "hypothesis": f"the {b} value",
+                      "label": (0 if a == b else 1) if labelled or i % 2 else -1}
+
+
+def test_downstream_task_by_tfds_name_encodes_pairs_and_drops_unlabelled_rows(data_dir):
+    MaskjaxTestPairs(data_dir=data_dir, file_format="array_record").download_and_prepare()
+    config = mlm_config(data_dir, "eval.text_task=maskjax_test_pairs", "eval.text_fields=('premise','hypothesis')")
+    tok = vocab(data_dir)
+    batch, labels, names = text_data.classification_set(config, "validation", 8)
+    assert names == ["same", "different"] and len(labels) == 12
+    for tokens, segments, label in zip(batch["tokens"], batch["segment_ids"], labels):
+        row = tokens[segments > 0]
+        seps = np.nonzero(row == tok.sep_id)[0]
+        assert row[0] == tok.cls_id and len(seps) == 2 and seps[1] == len(row) - 1
+        premise, hypothesis = tok.decode(row[1:seps[0]].tolist()), tok.decode(row[seps[0] + 1:seps[1]].tolist())
+        assert premise.startswith("return the ") and hypothesis.startswith("the ")
+        assert label == int(premise.split()[2] != hypothesis.split()[1])
+    _, test_labels, _ = text_data.classification_set(config, "test", 8)
+    assert len(test_labels) == 3 and (test_labels >= 0).all()  # the -1 rows are gone
+    wrong = mlm_config(data_dir, "eval.text_task=maskjax_test_pairs")  # default field 'sentence'
+    with pytest.raises(DataError, match="'sentence'.*eval.text_fields"):
+        text_data.classification_set(wrong, "train", 8)
+    with pytest.raises(DataError, match="eval.text_task='no_such_task'"):
+        text_data.classification_set(mlm_config(data_dir, "eval.text_task=no_such_task"), "train", 8)

@@ -58,7 +58,7 @@ def builder(data_config) -> tfds.core.DatasetBuilder:
         return b
     try:
         b = tfds.builder(name, data_dir=directory)
-    except tfds.core.DatasetNotFoundError:
+    except (tfds.core.DatasetNotFoundError, ValueError):  # ValueError: not even a dataset name's syntax
         raise DataError(f"data.name={name!r} is not a TFDS dataset (embedded: {sorted(EMBEDDED)})") from None
     if not b.is_prepared():
         raise DataError(

@@ -18,6 +18,7 @@ import sys
 import threading
 from typing import Iterator
 
+import ml_collections
 import numpy as np
 
 from maskjax.data import sources
@@ -237,22 +238,63 @@ def package_label(source: str) -> str | None:
     return None if source.startswith("topic:") else module.split(".")[0]
 
 
+PACKAGE_TASK = "package"  # eval.text_task: the embedded corpus's own downstream task
+
+
 def classification_set(config, split: str, classes: int, names: list[str] | None = None,
                        max_examples: int = 0) -> tuple[dict, np.ndarray, list[str]]:
-    """The downstream text task of the embedded corpus: which standard-library package a docstring
-    comes from, over the ``classes`` packages with the most documents in ``split`` (or ``names``).
-    Returns ({tokens, segment_ids, positions} [N, seq_len]: [CLS] text [SEP], cut to fit, one segment,
-    padding 0), labels [N] and the class names. Every document of ``split`` with one of those labels
-    is used, in the split's order (``max_examples`` > 0 keeps the first that many)."""
+    """The labelled text set of ``eval.text_task`` for ``split``.
+
+    ``package`` (the default) is the embedded corpus's own task: which standard-library package a
+    ``maskjax_text`` docstring comes from, over the ``classes`` packages with the most documents in
+    ``split`` (or ``names``). Any other value names a prepared TFDS classification dataset (for
+    example ``glue/sst2``) in ``data.data_dir``, read like the pretraining data (array_record, no
+    TensorFlow): the text is the features ``eval.text_fields`` (two for sentence pairs), the label its
+    ClassLabel ``label``; rows without a label (GLUE's test splits: -1) are dropped.
+
+    Returns ({tokens, segment_ids, positions} [N, seq_len]: ``[CLS] a [SEP] (b [SEP])``, each field
+    cut to its share of the length, one segment, padding 0), labels [N] and the class names, in the
+    split's order (``max_examples`` > 0 keeps the first that many). The tokenizer is the pretraining one."""
+    task = config.eval.text_task
+    if task == PACKAGE_TASK:
+        texts, labels, names = _package_task(config, split, classes, names)
+    else:
+        texts, labels, names = _tfds_task(config, task, split)
+    if max_examples:
+        texts, labels = texts[:max_examples], labels[:max_examples]
+    return encode_examples(load_tokenizer(config.data), texts, config.data.seq_len), labels, names
+
+
+def encode_examples(tok: tokenizer_lib.Tokenizer, texts: list[tuple[str, ...]], length: int) -> dict:
+    """Rows ``[CLS] a [SEP] b [SEP] ...`` of one segment, each field cut to an equal share of the room."""
+    fields = len(texts[0]) if texts else 1
+    room = (length - 1) // fields - 1  # every field ends with [SEP]
+    if room < 1:
+        raise sources.DataError(f"data.seq_len={length} leaves no room for {fields} text field(s)")
+    encoded = [tok.encode_batch([t[f] for t in texts]) for f in range(fields)]
+    tokens = np.full((len(texts), length), tok.pad_id, np.int32)
+    segments = np.zeros((len(texts), length), np.int32)
+    for row in range(len(texts)):
+        ids = [tok.cls_id]
+        for f in range(fields):
+            ids += encoded[f][row][:room] + [tok.sep_id]
+        tokens[row, :len(ids)], segments[row, :len(ids)] = ids, 1
+    positions = np.broadcast_to(np.arange(length, dtype=np.int32), tokens.shape).copy()
+    return {"tokens": tokens, "segment_ids": segments, "positions": positions}
+
+
+def _decode(value) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def _package_task(config, split, classes, names):
     data = config.data
-    src = sources.source(data, split)
     if "source" not in sources.builder(data).info.features.keys():
-        raise sources.DataError(f"dataset {data.name!r} has no 'source' feature to label documents by; the "
-                                "text probe runs on maskjax_text")
-    tok = load_tokenizer(data)
+        raise sources.DataError(f"dataset {data.name!r} has no 'source' feature to label documents by; "
+                                f"eval.text_task={PACKAGE_TASK!r} runs on maskjax_text")
+    src = sources.source(data, split)
     records = [src[i] for i in range(len(src))]
-    decode = lambda v: v.decode("utf-8") if isinstance(v, bytes) else str(v)
-    labels = [package_label(decode(r["source"])) for r in records]
+    labels = [package_label(_decode(r["source"])) for r in records]
     if names is None:
         counts: dict[str, int] = {}
         for label in labels:
@@ -261,15 +303,27 @@ def classification_set(config, split: str, classes: int, names: list[str] | None
         names = sorted(sorted(counts, key=lambda n: (-counts[n], n))[:classes])
     index = {n: i for i, n in enumerate(names)}
     chosen = [i for i, label in enumerate(labels) if label in index]
-    if max_examples:
-        chosen = chosen[:max_examples]
-    length = data.seq_len
-    texts = [decode(records[i][data.text_key]) for i in chosen]
-    tokens = np.full((len(chosen), length), tok.pad_id, np.int32)
-    segments = np.zeros((len(chosen), length), np.int32)
-    for row, ids in enumerate(tok.encode_batch(texts)):
-        ids = [tok.cls_id] + ids[:length - 2] + [tok.sep_id]
-        tokens[row, :len(ids)], segments[row, :len(ids)] = ids, 1
-    positions = np.broadcast_to(np.arange(length, dtype=np.int32), tokens.shape).copy()
-    return ({"tokens": tokens, "segment_ids": segments, "positions": positions},
-            np.asarray([index[labels[i]] for i in chosen], np.int64), list(names))
+    texts = [(_decode(records[i][data.text_key]),) for i in chosen]
+    return texts, np.asarray([index[labels[i]] for i in chosen], np.int64), list(names)
+
+
+def _tfds_task(config, task: str, split: str):
+    task_data = ml_collections.ConfigDict({**config.data.to_dict(), "name": task})
+    try:
+        features = sources.builder(task_data).info.features
+    except sources.DataError as err:  # it names data.name; the user set eval.text_task
+        raise sources.DataError(f"eval.text_task={task!r}: {err}") from None
+    fields = tuple(config.eval.text_fields)
+    for key in (*fields, "label"):
+        if key not in features.keys():
+            name = "eval.text_fields" if key != "label" else "its label"
+            raise sources.DataError(f"eval.text_task={task!r} has no feature {key!r} ({name}); it has "
+                                    f"{sorted(features.keys())}")
+    names = getattr(features["label"], "names", None)
+    if not names:
+        raise sources.DataError(f"eval.text_task={task!r}: feature 'label' is not a ClassLabel")
+    src = sources.source(task_data, split)
+    records = [src[i] for i in range(len(src))]
+    records = [r for r in records if int(r["label"]) >= 0]
+    texts = [tuple(_decode(r[f]) for f in fields) for r in records]
+    return texts, np.asarray([int(r["label"]) for r in records], np.int64), list(names)
