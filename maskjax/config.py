@@ -69,6 +69,8 @@ def base_config() -> ml_collections.ConfigDict:
     # multi-slice TPU / multi-node GPU: the part of each mesh axis that crosses slices or nodes (the
     # slow network); the rest of the axis stays inside one. Product = number of slices (or processes).
     c.mesh_dcn = dict(data=1, fsdp=1, tensor=1)
+    # (logical name, mesh axes) pairs replacing entries of maskjax.sharding.RULES, e.g. (("embed", None),)
+    c.sharding_rules = ()
     # checksum: record SHA-256 of every checkpoint file and verify before restoring (falls back past damage)
     c.checkpoint = dict(every=500, keep=3, async_save=True, checksum=True)
     # nonfinite: what a step with a non-finite loss, gradient or update does: 'stop' (save the last good

@@ -169,7 +169,7 @@ def tune_classifier(setup, params, features, classes: int, train, steps: int, te
     tuned = {"encoder": jax.tree.map(lambda x: x.copy(), params), "head": head}  # the pretrained copy stays
 
     def logits(p, batch):
-        with sharding.activation_mesh(setup.mesh):
+        with setup.activations():
             feats = features(nnx.merge(graphdef, p["encoder"]), batch)
         return feats.astype(np.float32) @ p["head"]["kernel"] + p["head"]["bias"]
 

@@ -111,6 +111,9 @@ FIELDS = {
     "mesh.data": "Data-parallel axis size; -1 = the devices left over.",
     "mesh.fsdp": "Fully-sharded (ZeRO-3) axis size: parameters and optimizer state sharded, batch too.",
     "mesh.tensor": "Tensor-parallel axis size (heads and MLP hidden units).",
+    "sharding_rules": "(logical name, mesh axes) pairs replacing entries of the rules table "
+                      "(maskjax/sharding.py RULES), e.g. (('embed', None),) replicates parameters over fsdp or "
+                      "(('act_embed', 'tensor'),) shards activations' features; `maskjax params` shows the result.",
     "mesh_dcn.data": "Part of mesh.data that crosses slices / nodes (multi-slice TPU, multi-node GPU).",
     "mesh_dcn.fsdp": "Part of mesh.fsdp that crosses slices / nodes.",
     "mesh_dcn.tensor": "Part of mesh.tensor that crosses slices / nodes.",

@@ -45,6 +45,27 @@ class MeshError(MaskjaxError, ValueError):
     pass
 
 
+def rules_with(overrides: Sequence[tuple[str, Any]] = ()) -> tuple[tuple[str, Any], ...]:
+    """:data:`RULES` with ``overrides`` (``config.sharding_rules``: (logical name, mesh axis | tuple of
+    axes | None) pairs) replacing their entries, e.g. ``(("embed", None),)`` keeps parameters whole
+    on the fsdp axis (ZeRO-1-like: the optimizer state follows the parameters) or
+    ``(("act_embed", "tensor"),)`` shards activations' features (sequence-parallel-like). ``batch``
+    stays data x fsdp: every input pipeline places its rows by it."""
+    table = dict(RULES)
+    for pair in overrides:
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
+            raise MeshError(f"sharding_rules: {pair!r} is not a (logical name, mesh axes) pair")
+        name, axes = pair
+        if name not in table or name == "batch":
+            raise MeshError(f"sharding_rules: {name!r} is not an overridable logical name; they are "
+                            f"{sorted(k for k in table if k != 'batch')}")
+        listed = (axes,) if isinstance(axes, str) else tuple(axes) if isinstance(axes, (tuple, list)) else ()
+        if axes is not None and (not listed or any(a not in MESH_AXES for a in listed)):
+            raise MeshError(f"sharding_rules: {name!r} -> {axes!r}: mesh axes are {MESH_AXES} (or None)")
+        table[name] = axes if axes is None or isinstance(axes, str) else tuple(listed)
+    return tuple(table.items())
+
+
 class Names(tuple):
     """Logical axis names of one array. A tuple subclass is a pytree *leaf* for JAX, so trees of
     Names line up with trees of arrays (plain tuples and optax's NamedTuple states are nodes)."""
@@ -180,10 +201,10 @@ def logical_axes(state: nnx.State) -> Any:
     return nnx.to_pure_dict(jax.tree.map(names, state, is_leaf=lambda x: isinstance(x, nnx.Variable)))
 
 
-def tree_shardings(abstract: Any, axes: Any, mesh: Mesh) -> Any:
+def tree_shardings(abstract: Any, axes: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]] = RULES) -> Any:
     """NamedShardings for a tree of abstract arrays given a parallel tree of logical names."""
     return jax.tree.map(
-        lambda names, x: NamedSharding(mesh, logical_to_spec(names, x.shape, mesh)),
+        lambda names, x: NamedSharding(mesh, logical_to_spec(names, x.shape, mesh, rules)),
         axes,
         abstract,
     )
@@ -201,22 +222,30 @@ def replicated(mesh: Mesh) -> NamedSharding:
 # --------------------------------------------------------------------------- activation constraints
 
 _CONTEXT = threading.local()
+_UNSET = object()
 
 
 @contextlib.contextmanager
-def activation_mesh(mesh: Mesh | None):
-    """Within this context, :func:`constrain` pins activations to ``mesh`` by logical names."""
-    previous = getattr(_CONTEXT, "mesh", None)
-    _CONTEXT.mesh = mesh
+def activation_mesh(mesh: Mesh | None, rules: Sequence[tuple[str, Any]] = RULES):
+    """Within this context, :func:`constrain` pins activations to ``mesh`` by logical names through
+    ``rules``. ``None`` says so explicitly: no constraints (one device, or a test of the layers alone)."""
+    previous = getattr(_CONTEXT, "value", _UNSET)
+    _CONTEXT.value = (mesh, tuple(rules))
     try:
         yield
     finally:
-        _CONTEXT.mesh = previous
+        _CONTEXT.value = previous
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
-    """``with_sharding_constraint`` by logical names; a no-op outside :func:`activation_mesh`."""
-    mesh = getattr(_CONTEXT, "mesh", None)
+    """``with_sharding_constraint`` by logical names under :func:`activation_mesh`. Outside any such
+    context it raises: a model traced without it would compile unconstrained, which on a sharded
+    mesh silently changes the layout XLA picks."""
+    current = getattr(_CONTEXT, "value", _UNSET)
+    if current is _UNSET:
+        raise MeshError("a model ran outside sharding.activation_mesh(mesh): wrap the call (Setup.jit_model_call "
+                        "does), or pass None to run it unconstrained")
+    mesh, rules = current
     if mesh is None:
         return x
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(names, x.shape, mesh)))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(names, x.shape, mesh, rules)))

@@ -77,6 +77,10 @@ def validate(config, num_devices: int | None = None) -> None:
         raise ConfigError("init_from", f"{init_from!r} does not exist (a Hugging Face model directory or an .npz)")
     if config.batch_size % optim.grad_accum:
         raise ConfigError("optim.grad_accum", f"must divide batch_size={config.batch_size}")
+    try:
+        sharding.rules_with(config.sharding_rules)
+    except sharding.MeshError as err:
+        raise ConfigError("sharding_rules", str(err)) from None
     if num_devices is not None:
         try:
             shape = sharding.mesh_shape(dict(config.mesh), num_devices)
@@ -211,13 +215,18 @@ class Setup:
     init_fn: Callable  # () -> state, jitted, created sharded
     step_fn: Callable  # (state, batch) -> (state, metrics), jitted, state donated
     batch_shardings: dict
+    rules: tuple  # logical name -> mesh axes (sharding.RULES with config.sharding_rules)
+
+    def activations(self):
+        """The context a model runs in: its activations constrained on this run's mesh and rules."""
+        return sharding.activation_mesh(self.mesh, self.rules)
 
     def jit_model_call(self, fn: Callable) -> Callable:
         """``fn(model, *args)`` as a jitted ``(params, *args)``: the model merged from ``params``, its
         activations constrained on the run's mesh, the output replicated on every process (evaluation,
         sampling: anything that reads a result on the host)."""
         def call(params, *args):
-            with sharding.activation_mesh(self.mesh):
+            with self.activations():
                 return fn(nnx.merge(self.graphdef, params), *args)
 
         return jax.jit(call, out_shardings=sharding.replicated(self.mesh))
@@ -275,8 +284,9 @@ def build(config, devices=None) -> Setup:
         "params": param_axes,
         "opt_state": _opt_state_axes(abstract["opt_state"], param_axes),
     }
-    state_shardings = sharding.tree_shardings(abstract, state_axes, mesh)
-    with sharding.activation_mesh(mesh):
+    rules = sharding.rules_with(config.sharding_rules)
+    state_shardings = sharding.tree_shardings(abstract, state_axes, mesh, rules)
+    with sharding.activation_mesh(mesh, rules):
         init_fn = jax.jit(init_state, out_shardings=state_shardings)
 
     spec = objective.batch_spec()
@@ -292,7 +302,7 @@ def build(config, devices=None) -> Setup:
         return jax.value_and_grad(loss_fn, has_aux=True)(params)
 
     def train_step(state, batch):
-        with sharding.activation_mesh(mesh):
+        with sharding.activation_mesh(mesh, rules):
             step = state["step"]
             key = jax.random.fold_in(train_key, step)
             params = state["params"]
@@ -346,13 +356,14 @@ def build(config, devices=None) -> Setup:
         state_shardings=state_shardings,
         abstract_state=ckpt_lib.abstract_with_shardings(abstract, state_shardings),
         optimizer=optimizer, schedule=schedule, init_fn=init_fn, step_fn=step_fn, batch_shardings=batch_shardings,
+        rules=rules,
     )
 
 
 def init_params_fn(setup: Setup, key: jax.Array) -> Any:
     """Freshly initialised parameters (sharded) for ``key``: the random-init baseline of probes."""
     build_fn = lambda: nnx.to_pure_dict(nnx.state(setup.objective.build(nnx.Rngs(params=key))))
-    with sharding.activation_mesh(setup.mesh):
+    with setup.activations():
         return jax.jit(build_fn, out_shardings=setup.state_shardings["params"])()
 
 

@@ -323,6 +323,10 @@ def collect(workdir: str) -> list[dict]:
                 row["text_majority_class"] = task["majority_class"]
         except (OSError, ValueError):
             pass
+        if "final_loss" in row:  # what the fits use: the held-out loss where the evaluation measured one
+            held_out = row.get("validation_loss") is not None
+            row.update(loss=row["validation_loss"] if held_out else row["final_loss"],
+                       loss_source="validation" if held_out else "training")
         if row["status"] == "failed":
             row["error"] = _last_error(os.path.join(workdir, "logs", point["name"] + ".log")) \
                 if os.path.exists(os.path.join(workdir, "logs", point["name"] + ".log")) else "no log"
@@ -378,7 +382,7 @@ def report(workdir: str, stream=None) -> dict:
     mask ratio varies) and ``loss_curves.png``, and prints the fits. Failed points are listed as failed."""
     stream = stream or sys.stdout
     rows = collect(workdir)
-    done = [r for r in rows if r["status"] == "done" and "final_loss" in r]
+    done = [r for r in rows if r["status"] == "done" and "loss" in r]
     fits, frontier = loss_fits(done)
     out = {"workdir": os.path.abspath(workdir), "points": [{k: v for k, v in r.items() if k != "curve"} for r in rows],
            "fits": fits, "compute_optimal_frontier": [r["name"] for r in frontier],
@@ -401,13 +405,14 @@ def report(workdir: str, stream=None) -> dict:
 
 
 def loss_fits(done: list[dict]) -> tuple[dict, list[dict]]:
-    """Power-law fits of the final loss against compute, parameters and data, and the compute-optimal
+    """Power-law fits of each point's ``loss`` (the validation loss where the evaluation measured one,
+    else the final training loss) against compute, parameters and data, and the compute-optimal
     frontier. Loss against compute is fitted on the frontier (the best loss each budget reached, as in
     the scaling-law papers) when it has 4 points; parameters and data on every finished point. When the
     points' losses measure different things (another objective or mask ratio: MAE's loss is over the
     hidden patches, MLM's over the masked tokens) nothing is fitted and the reason is recorded."""
     fits: dict = {}
-    differs = [key for key in ("objective", "mask_ratio") if len({r.get(key) for r in done}) > 1]
+    differs = [key for key in ("objective", "mask_ratio", "loss_source") if len({r.get(key) for r in done}) > 1]
     if differs:
         reason = (f"the loss is not comparable across points ({', '.join(differs)} varies); compare the "
                   "downstream metric instead")
@@ -419,7 +424,7 @@ def loss_fits(done: list[dict]) -> tuple[dict, list[dict]]:
         if len({r[key] for r in points}) >= 4:
             try:
                 fits[axis] = {"x": key, "on": "frontier" if points is frontier else "all points",
-                              **fit_power_law([r[key] for r in points], [r["final_loss"] for r in points])}
+                              **fit_power_law([r[key] for r in points], [r["loss"] for r in points])}
             except (SweepError, RuntimeError, ValueError) as err:
                 fits[axis] = {"x": key, "error": str(err)}
     return fits, frontier
@@ -433,7 +438,7 @@ def compute_for_loss(fit: dict, loss: float) -> float:
 
 
 def compute_multipliers(done: list[dict], fits: dict) -> list[dict]:
-    """For every pair of objectives with a compute fit: at the final loss of each finished point of the
+    """For every pair of objectives with a compute fit: at the loss of each finished point of the
     first, the compute the second's fit needs divided by the compute the first's fit needs (> 1: the
     second needs more). Losses outside the second's measured range are marked extrapolated."""
     out = []
@@ -442,22 +447,22 @@ def compute_multipliers(done: list[dict], fits: dict) -> list[dict]:
         for second in names:
             if first == second:
                 continue
-            measured = [r["final_loss"] for r in done if r["objective"] == second]
+            measured = [r["loss"] for r in done if r["objective"] == second]
             for r in sorted((r for r in done if r["objective"] == first), key=lambda r: r["train_flops"]):
-                need = compute_for_loss(fits[second], r["final_loss"])
-                own = compute_for_loss(fits[first], r["final_loss"])
-                out.append({"reference": first, "other": second, "point": r["name"], "loss": r["final_loss"],
+                need = compute_for_loss(fits[second], r["loss"])
+                own = compute_for_loss(fits[first], r["loss"])
+                out.append({"reference": first, "other": second, "point": r["name"], "loss": r["loss"],
                             "multiplier": need / own if math.isfinite(need) and own > 0 else math.inf,
-                            "extrapolated": not min(measured) <= r["final_loss"] <= max(measured)})
+                            "extrapolated": not min(measured) <= r["loss"] <= max(measured)})
     return out
 
 
 def compute_frontier(rows: list[dict]) -> list[dict]:
-    """The points no cheaper point beats: the lower envelope of final loss against training FLOPs."""
+    """The points no cheaper point beats: the lower envelope of the loss against training FLOPs."""
     best, frontier = math.inf, []
     for row in sorted(rows, key=lambda r: r["train_flops"]):
-        if row["final_loss"] < best:
-            best = row["final_loss"]
+        if row["loss"] < best:
+            best = row["loss"]
             frontier.append(row)
     return frontier
 
@@ -508,25 +513,25 @@ def plots(workdir: str, rows: list[dict], fits: dict, frontier: list[dict], by_o
     import matplotlib.pyplot as plt
 
     written = []
-    done = [r for r in rows if r["status"] == "done" and "final_loss" in r]
+    done = [r for r in rows if r["status"] == "done" and "loss" in r]
     if done:
         fig, ax = plt.subplots(figsize=(6.4, 4.4))
         x = np.array([r["train_flops"] for r in done])
         names = sorted({r["objective"] for r in done})
         for i, name in enumerate(names):
             group = [r for r in done if r["objective"] == name]
-            ax.scatter([r["train_flops"] for r in group], [r["final_loss"] for r in group], c=f"C{i}", zorder=3,
-                       label=f"{name} points (final loss)" if len(names) > 1 else "points (final loss)")
+            ax.scatter([r["train_flops"] for r in group], [r["loss"] for r in group], c=f"C{i}", zorder=3,
+                       label=f"{name} points" if len(names) > 1 else "points")
             fit = (by_objective or {}).get(name, {}).get("fits", {}).get("compute")
             if fit and "error" not in fit:
                 grid_x = np.geomspace(x.min(), x.max(), 100)
                 ax.plot(grid_x, saturating_power_law(grid_x, fit["a"], fit["b"], fit["c"]), f"C{i}", lw=1,
                         label=f"{name} fit: {fit['a']:.3g} C^-{fit['b']:.3f} + {fit['c']:.3f} (R^2 {fit['r2']:.2f})")
         for r in done:
-            ax.annotate(r["name"].split("-", 1)[0], (r["train_flops"], r["final_loss"]), fontsize=7,
+            ax.annotate(r["name"].split("-", 1)[0], (r["train_flops"], r["loss"]), fontsize=7,
                         xytext=(3, 3), textcoords="offset points")
         if frontier:
-            ax.plot([r["train_flops"] for r in frontier], [r["final_loss"] for r in frontier], "k--", lw=1,
+            ax.plot([r["train_flops"] for r in frontier], [r["loss"] for r in frontier], "k--", lw=1,
                     label="compute-optimal frontier")
         fit = fits.get("compute")
         if fit and "error" not in fit:
@@ -535,7 +540,9 @@ def plots(workdir: str, rows: list[dict], fits: dict, frontier: list[dict], by_o
                     label=f"fit ({fit['on']}): {fit['a']:.3g} C^-{fit['b']:.3f} + {fit['c']:.3f} (R^2 {fit['r2']:.2f})")
         ax.set_xscale("log")
         ax.set_xlabel("training compute (FLOPs)")
-        ax.set_ylabel("final training loss")
+        sources = {r["loss_source"] for r in done}
+        ax.set_ylabel("validation loss" if sources == {"validation"} else
+                      "final training loss" if sources == {"training"} else "loss (validation where measured)")
         ax.set_title("loss vs compute")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)

@@ -37,6 +37,17 @@ SLOW_TESTS = {
 }
 
 
+@pytest.fixture(autouse=True)
+def unconstrained_models():
+    """Unit tests call layers and objectives directly on one device, so they say so: no activation
+    constraints. Library code enters its run's mesh itself (Setup.activations); outside any context
+    ``sharding.constrain`` raises (tests/test_models.py checks it in a thread with no context)."""
+    from maskjax import sharding
+
+    with sharding.activation_mesh(None):
+        yield
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: runs a process, a training run, a dataset or a full-size model; "
                                        "`make test-fast` leaves these out, `make test` runs everything")

@@ -65,6 +65,9 @@ def test_params_shows_sharding_and_bytes_per_device(capsys, tmp_path):
     assert sharded["encoder/patch_embed/kernel"]["sharding"] == "(-, fsdp)"
     assert totals_fsdp["parameter_bytes_per_device"] < 0.3 * totals_one["parameter_bytes_per_device"]
     assert totals_one["optimizer_bytes_per_device"] == 2 * totals_one["parameter_bytes_per_device"] + 4 * 2
+    whole, _ = _params_json(capsys, tmp_path, "mae_digits.py", "--mesh", "fsdp=8",
+                            "--config.sharding_rules=(('embed', None),)")  # the rules table overridden
+    assert whole["encoder/patch_embed/kernel"]["sharding"] == "(-, -)"
 
 
 def test_params_bad_input_is_one_line(capsys):
@@ -73,6 +76,8 @@ def test_params_bad_input_is_one_line(capsys):
     assert "--mesh 'rows=8'" in capsys.readouterr().err
     assert cli.main(["params", "--config", path, "--config.optim.decay_roles=('kernels',)"]) == 2
     assert "config.optim.decay_roles" in capsys.readouterr().err
+    assert cli.main(["params", "--config", path, "--config.sharding_rules=(('embedding', None),)"]) == 2
+    assert "config.sharding_rules" in capsys.readouterr().err
 
 
 def test_flip_recipe_temperature_starts_inside_the_clip():

@@ -213,3 +213,35 @@ def test_attention_option_reaches_every_block_and_xla_matches_auto_on_cpu():
     np.testing.assert_array_equal(auto(x), xla(x))  # 'auto' is XLA on CPU
     with pytest.raises(ValueError, match="attention='cudnn' needs a CUDA GPU"):
         layers.Attention(32, 4, rngs=nnx.Rngs(0), attention="cudnn")(x)
+
+
+def test_constraints_outside_a_mesh_context_fail_loudly():
+    """A model traced without ``activation_mesh`` would compile unconstrained and silently change the
+    layout on a sharded mesh; instead it raises, in a thread that entered no context."""
+    import threading
+
+    errors = []
+
+    def run():
+        try:
+            sharding.constrain(jnp.ones((4, 3)), ("batch", None))
+        except sharding.MeshError as err:
+            errors.append(str(err))
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    assert len(errors) == 1 and "activation_mesh" in errors[0]
+    with sharding.activation_mesh(None):  # explicit: unconstrained
+        assert sharding.constrain(jnp.ones((4, 3)), ("batch", None)).shape == (4, 3)
+
+
+def test_sharding_rules_override_the_table_and_name_bad_entries():
+    table = dict(sharding.rules_with((("embed", None), ("act_embed", "tensor"), ("mlp", ["tensor", "fsdp"]))))
+    assert table["embed"] is None and table["act_embed"] == "tensor" and table["mlp"] == ("tensor", "fsdp")
+    assert table["heads"] == dict(sharding.RULES)["heads"]  # the rest untouched
+    cases = [((("batch", None),), "'batch'"), ((("embd", None),), "'embd'"), ((("embed", "model"),), "'model'"),
+             (("embed",), "pair")]
+    for bad, named in cases:
+        with pytest.raises(sharding.MeshError, match=named):
+            sharding.rules_with(bad)

@@ -98,6 +98,7 @@ def test_run_resumes_records_failures_and_reports(data_dir, tmp_path):
     assert "not_prepared_here" in failed["error"]
     done = [p for p in out["points"] if p["status"] == "done"]
     assert len(done) == 1 and done[0]["final_loss"] > 0 and done[0]["metric"] == "linear_probe"
+    assert done[0]["loss"] == done[0]["final_loss"] and done[0]["loss_source"] == "training"  # MAE: no held-out loss
     for key in ("raw_pixels_linear_probe", "raw_pixels_knn", "random_init_linear_probe", "random_init_knn"):
         assert 0.0 < done[0][key] <= 1.0, key  # the baselines travel with every claim
     assert "raw_pixels_knn" in (workdir / "report.csv").read_text()
@@ -112,7 +113,7 @@ def test_no_loss_fit_across_mask_ratios():
     """MAE's loss is over the hidden patches: across mask ratios it measures different things, so the
     report fits nothing and says why; at one ratio the same points are fitted."""
     rows = [{"name": f"{i:03d}", "objective": "mae", "mask_ratio": ratio, "train_flops": 1e12 * (i + 1),
-             "non_embedding_parameters": 1000, "examples_seen": 1000, "final_loss": 1.0 / (i + 1) ** 0.3 + 0.1}
+             "non_embedding_parameters": 1000, "examples_seen": 1000, "loss": 1.0 / (i + 1) ** 0.3 + 0.1}
             for i, ratio in enumerate([0.25, 0.5, 0.75, 0.9])]
     fits, frontier = sweep.loss_fits(rows)
     assert frontier == [] and "mask_ratio varies" in fits["compute"]["error"]
@@ -128,7 +129,7 @@ def test_objectives_are_fitted_apart_and_compared_at_equal_loss(tmp_path):
         for i, flops in enumerate([1e12, 4e12, 1.6e13, 6.4e13, 2.56e14]):
             rows.append({"name": f"{name}{i}", "objective": name, "mask_ratio": None, "train_flops": flops,
                          "non_embedding_parameters": 1000 * (i + 1), "examples_seen": 1000,
-                         "final_loss": 2.0 * (flops / factor / 1e12) ** -0.3 + 1.0})
+                         "loss": 2.0 * (flops / factor / 1e12) ** -0.3 + 1.0})
     fits = {name: sweep.loss_fits([r for r in rows if r["objective"] == name])[0]["compute"] for name in ("mdlm", "ar")}
     assert all(abs(f["b"] - 0.3) < 1e-3 and abs(f["c"] - 1.0) < 1e-3 for f in fits.values())
     multipliers = sweep.compute_multipliers(rows, fits)

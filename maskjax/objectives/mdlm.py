@@ -144,7 +144,8 @@ class MDLM(TextObjective):
     def summarize(totals: dict) -> dict:
         n, m = max(totals["tokens"], 1.0), max(totals["masked"], 1.0)
         nelbo, base = totals["nelbo"] / n, totals["baseline_nelbo"] / n
-        return {"tokens": int(totals["tokens"]), "nelbo": nelbo, "perplexity_bound": math.exp(min(nelbo, 700.0)),
+        return {"tokens": int(totals["tokens"]), "nelbo": nelbo, "loss": nelbo,
+                "perplexity_bound": math.exp(min(nelbo, 700.0)),
                 "accuracy": totals["correct"] / m, "baseline_most_frequent_accuracy": totals["baseline_correct"] / m,
                 "baseline_unigram_nelbo": base, "baseline_unigram_perplexity_bound": math.exp(min(base, 700.0))}
 
