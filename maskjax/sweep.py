@@ -312,8 +312,9 @@ def collect(workdir: str) -> list[dict]:
             for group in ("raw_pixels", "random_init"):  # the baselines every claim is read against
                 for name, value in results.get(group, {}).items():
                     row[f"{group}_{name}"] = value
-            if "text" in results:
+            if "text" in results:  # the held-out loss and its context-free baseline on the same tokens
                 row["validation_loss"] = results["text"].get("loss")
+                row["unigram_loss"] = results["text"].get("baseline_unigram_loss")
             task = results.get("text_probe", {})
             for group in ("pretrained", "random_init", "bag_of_words"):  # downstream text task and its baselines
                 for name, value in task.get(group, {}).items():
@@ -527,6 +528,10 @@ def plots(workdir: str, rows: list[dict], fits: dict, frontier: list[dict], by_o
                 grid_x = np.geomspace(x.min(), x.max(), 100)
                 ax.plot(grid_x, saturating_power_law(grid_x, fit["a"], fit["b"], fit["c"]), f"C{i}", lw=1,
                         label=f"{name} fit: {fit['a']:.3g} C^-{fit['b']:.3f} + {fit['c']:.3f} (R^2 {fit['r2']:.2f})")
+            unigram = [r["unigram_loss"] for r in group if r.get("unigram_loss") is not None]
+            if unigram and all(r["loss_source"] == "validation" for r in group):
+                ax.axhline(float(np.mean(unigram)), color=f"C{i}", linestyle=":", lw=1,
+                           label=f"{name}: unigram baseline (same tokens)")
         for r in done:
             ax.annotate(r["name"].split("-", 1)[0], (r["train_flops"], r["loss"]), fontsize=7,
                         xytext=(3, 3), textcoords="offset points")

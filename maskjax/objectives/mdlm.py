@@ -147,7 +147,8 @@ class MDLM(TextObjective):
         return {"tokens": int(totals["tokens"]), "nelbo": nelbo, "loss": nelbo,
                 "perplexity_bound": math.exp(min(nelbo, 700.0)),
                 "accuracy": totals["correct"] / m, "baseline_most_frequent_accuracy": totals["baseline_correct"] / m,
-                "baseline_unigram_nelbo": base, "baseline_unigram_perplexity_bound": math.exp(min(base, 700.0))}
+                "baseline_unigram_nelbo": base, "baseline_unigram_loss": base,
+                "baseline_unigram_perplexity_bound": math.exp(min(base, 700.0))}
 
     # ---------------------------------------------------------------- generation
     def template(self, prompt: str | None = None, infill: str | None = None) -> jnp.ndarray:
