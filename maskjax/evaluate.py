@@ -161,8 +161,9 @@ def tune_classifier(setup, params, features, classes: int, train, steps: int, te
     warmup = max(1, steps // 10)
     schedule = optax.warmup_cosine_decay_schedule(0.0, config.eval.finetune_lr, warmup, steps)
     optimizer = optax.adamw(schedule, b1=0.9, b2=0.999, weight_decay=0.05)
-    width = jax.eval_shape(lambda p, b: features(nnx.merge(graphdef, p), b), params,
-                           setup.abstract_batch()).shape[-1]
+    with setup.activations():
+        width = jax.eval_shape(lambda p, b: features(nnx.merge(graphdef, p), b), params,
+                               setup.abstract_batch()).shape[-1]
     replicated = sharding.replicated(setup.mesh)
     head = {"kernel": jax.device_put(np.zeros((width, classes), np.float32), replicated),
             "bias": jax.device_put(np.zeros((classes,), np.float32), replicated)}

@@ -38,12 +38,16 @@ SLOW_TESTS = {
 
 
 @pytest.fixture(autouse=True)
-def unconstrained_models():
+def unconstrained_models(request):
     """Unit tests call layers and objectives directly on one device, so they say so: no activation
-    constraints. Library code enters its run's mesh itself (Setup.activations); outside any context
-    ``sharding.constrain`` raises (tests/test_models.py checks it in a thread with no context)."""
+    constraints. Tests on real data (``data_dir``) run the library's own paths, which must enter their
+    run's mesh themselves (Setup.activations): there no context is given, so a path that forgets it
+    raises (outside any context ``sharding.constrain`` does; tests/test_models.py checks that)."""
     from maskjax import sharding
 
+    if "data_dir" in request.fixturenames:
+        yield
+        return
     with sharding.activation_mesh(None):
         yield
 
