@@ -37,15 +37,20 @@ SLOW_TESTS = {
 }
 
 
+# End-to-end modules: they run the library's own paths (train, eval, sweep), which must enter their run's
+# mesh themselves (Setup.activations), so no context is given there; nor to tests marked library_paths.
+OWN_MESH_MODULES = {"test_train", "test_faults", "test_distributed", "test_sweep"}
+
+
 @pytest.fixture(autouse=True)
 def unconstrained_models(request):
     """Unit tests call layers and objectives directly on one device, so they say so: no activation
-    constraints. Tests on real data (``data_dir``) run the library's own paths, which must enter their
-    run's mesh themselves (Setup.activations): there no context is given, so a path that forgets it
-    raises (outside any context ``sharding.constrain`` does; tests/test_models.py checks that)."""
+    constraints. Outside any context ``sharding.constrain`` raises (tests/test_models.py checks it), so
+    in end-to-end tests a library path that forgets its mesh fails."""
     from maskjax import sharding
 
-    if "data_dir" in request.fixturenames:
+    module = request.node.module.__name__.rpartition(".")[2]
+    if module in OWN_MESH_MODULES or request.node.get_closest_marker("library_paths"):
         yield
         return
     with sharding.activation_mesh(None):
@@ -53,6 +58,8 @@ def unconstrained_models(request):
 
 
 def pytest_configure(config):
+    config.addinivalue_line("markers", "library_paths: runs the library's own train/eval paths, so the test gets "
+                                       "no implicit (unconstrained) mesh context")
     config.addinivalue_line("markers", "slow: runs a process, a training run, a dataset or a full-size model; "
                                        "`make test-fast` leaves these out, `make test` runs everything")
 

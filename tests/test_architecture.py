@@ -137,6 +137,7 @@ def test_sweep_emit_validates_with_the_commands_own_overrides(tmp_path, capsys):
     assert not data.exists()
 
 
+@pytest.mark.library_paths
 def test_main_called_from_python_leaves_process_wide_hooks_alone(tmp_path):
     """Only the console entry point silences thread exceptions and logging; a test or notebook that
     calls ``cli.main`` keeps its own."""
@@ -202,12 +203,13 @@ def test_an_objective_that_breaks_the_contract_is_refused_at_registration():
 
 
 @pytest.mark.slow
+@pytest.mark.library_paths
 def test_the_guide_adds_an_objective(toy, data_dir, tmp_path, capsys):
     """docs/adding_an_objective.md's two files train, evaluate, benchmark and sweep; export and sample
     refuse the run in one line. No module of maskjax knows the objective's name."""
     import json
 
-    from maskjax import cli
+    from maskjax import cli, objectives
 
     data = f"--config.data.data_dir={data_dir}"
     run = tmp_path / "run"
@@ -238,8 +240,10 @@ def test_the_guide_adds_an_objective(toy, data_dir, tmp_path, capsys):
     assert cli.main(["export", "--workdir", str(run), "--out", str(tmp_path / "hf")]) == 2
     assert cli.main(["sample", "--workdir", str(run), data]) == 2
     errors = capsys.readouterr().err.strip().splitlines()
+    exportable = sorted(name for name, cls in objectives.REGISTRY.items() if cls.interop.archs)
+    assert "electra" in exportable and "mae" in exportable
     assert errors[-2] == "maskjax: error: a 'toy' run has no transformers equivalent to export to " \
-                         "(objectives that have one: flip, mae, mdlm, mlm, simmim)"
+                         f"(objectives that have one: {', '.join(exportable)})"
     assert errors[-1].startswith("maskjax: error: ") and "'toy' run, which cannot sample" in errors[-1]
     assert not (tmp_path / "hf").exists()
 

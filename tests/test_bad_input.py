@@ -155,6 +155,7 @@ def test_catalogue_is_at_least_thirty_cases():
     assert len(CASES) + 1 >= 30  # + the disk-full case below
 
 
+@pytest.mark.library_paths
 def test_debug_shows_the_traceback(env):
     with pytest.raises(Exception, match="unknown key"):
         cli.main(["train", "--config", TINY, "--workdir", env["workdir"], "--config.model.depthh=3", "--debug"])

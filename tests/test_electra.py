@@ -167,6 +167,7 @@ def test_recipe_learning_rate_is_electras_warmup_times_linear_decay():
         assert float(schedule(step)) == pytest.approx(official, rel=1e-5, abs=1e-12), step
 
 
+@pytest.mark.library_paths
 def test_electra_run_resumes_exactly_and_reports_both_networks(data_dir, tmp_path):
     import json
 

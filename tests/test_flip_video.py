@@ -85,6 +85,7 @@ def test_text_masking_drops_words_and_keeps_positions(data_dir):
         assert int(out[row, 0]) == tok.cls_id and tok.sep_id in np.asarray(out[row])[kept]
 
 
+@pytest.mark.library_paths
 def test_captioned_digits_and_flip_train_with_zero_shot_eval(data_dir, tmp_path):
     b = sources.builder(load_config("flip_digits.py", data_dir=data_dir).data)
     assert b.info.features["label"].names == list(digits_data.CLASS_NAMES)
@@ -155,6 +156,7 @@ def test_dual_masking_loss_only_on_encoder_masked_decoder_kept(data_dir):
     np.testing.assert_array_equal(np.abs(grad).sum(-1) > 0, expected)
 
 
+@pytest.mark.library_paths
 def test_videomae_trains_and_writes_a_frame_strip(data_dir, tmp_path):
     config = load_config("videomae_digits.py:tiny", "total_steps=12", "optim.base_lr=0.005", data_dir=data_dir)
     summary = train.train(config, str(tmp_path), quiet=True)

@@ -377,6 +377,7 @@ def _losses(workdir):
     return [(r["step"], r["loss"]) for r in metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "loss" in r]
 
 
+@pytest.mark.library_paths
 def test_mlm_run_resumes_exactly_and_reports_eval(data_dir, tmp_path):
     import json
 
@@ -400,6 +401,7 @@ def test_mlm_run_resumes_exactly_and_reports_eval(data_dir, tmp_path):
     assert objectives.get(config).summary(written) == ("text_probe", task["pretrained"]["linear_probe"])
 
 
+@pytest.mark.library_paths
 def test_mdlm_run_eval_and_sample_command(data_dir, tmp_path, capsys):
     import json
 
@@ -515,6 +517,7 @@ def test_ar_loss_is_next_token_cross_entropy_within_segments(data_dir):
     assert float(loss) == pytest.approx(reference[keep].mean(), rel=1e-5)
 
 
+@pytest.mark.library_paths
 def test_ar_run_reports_perplexity_beside_the_unigram_baseline(data_dir, tmp_path):
     import json
 
@@ -547,6 +550,7 @@ def test_downstream_task_labels_documents_by_package_and_keeps_splits_apart(data
     assert text_data.package_label("topic:assert:0") is None
 
 
+@pytest.mark.library_paths
 def test_text_finetune_learns_the_task_and_leaves_the_pretrained_parameters(data_dir):
     from maskjax import evaluate
 
