@@ -185,9 +185,15 @@ def tune_classifier(setup, params, features, classes: int, train, steps: int, te
     opt_state = jax.jit(optimizer.init)(tuned)
     step_fn = jax.jit(step, donate_argnums=(0, 1))
     losses = []
-    for batch in train:
+    progress = metrics_lib.Progress(steps, 0, config.batch_size, enabled=jax.process_index() == 0)
+    progress.message(f"fine-tuning {steps} steps")
+    every = max(1, steps // 10)
+    for i, batch in enumerate(train, 1):
         tuned, opt_state, loss = step_fn(tuned, opt_state, batch)
         losses.append(loss)
+        if i % every == 0 or i == steps:
+            progress.show(i, float(loss), *progress.rate(i))
+    progress.close()
     logits_fn = jax.jit(logits, out_shardings=replicated)
     correct = total = 0
     for batch, labels in test:
@@ -374,6 +380,9 @@ def summary_line(results: dict) -> str:
     if "pretrained" in probe_text:
         parts.append("text probe: " + " / ".join(f"{g} {probe_text[g]['linear_probe']:.3f}" for g in
                                                   ("pretrained", "random_init", "bag_of_words")))
+        if "finetune" in probe_text["pretrained"]:
+            parts.append("text fine-tuned: " + " / ".join(
+                f"{g} {probe_text[g]['finetune']['accuracy']:.3f}" for g in ("pretrained", "random_init")))
     for group in ("pretrained", "random_init", "raw_pixels"):
         if group in results:
             r = results[group]
