@@ -575,6 +575,9 @@ def plots(workdir: str, rows: list[dict], fits: dict, frontier: list[dict], by_o
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
             written.append(_save(fig, workdir, "metric_vs_mask_ratio.png"))
+    task = [r for r in done if r.get("text_pretrained_linear_probe") is not None]
+    if task:
+        written.append(_downstream_text_plot(workdir, task))
     curves = [r for r in rows if r.get("curve")]
     if curves:
         fig, ax = plt.subplots(figsize=(6.4, 4.4))
@@ -588,6 +591,40 @@ def plots(workdir: str, rows: list[dict], fits: dict, frontier: list[dict], by_o
         ax.legend(fontsize=6, ncol=2)
         written.append(_save(fig, workdir, "loss_curves.png"))
     return written
+
+
+def _downstream_text_plot(workdir: str, task: list[dict]) -> str:
+    """Grouped bars per point: the downstream text task's linear probe, k-NN and fine-tuned accuracy of
+    the pretrained encoder and of the same encoder at random init; bag of words and the majority class
+    as lines."""
+    import matplotlib.pyplot as plt
+
+    measures = [m for m in ("linear_probe", "knn", "finetune") if any(r.get(f"text_pretrained_{m}") is not None
+                                                                      for r in task)]
+    fig, ax = plt.subplots(figsize=(max(6.4, 1.6 * len(task) * len(measures)), 4.4))
+    width = 0.8 / (2 * len(measures))
+    for p, r in enumerate(task):
+        for m, measure in enumerate(measures):
+            for e, (encoder, hatch) in enumerate((("pretrained", ""), ("random_init", "//"))):
+                value = r.get(f"text_{encoder}_{measure}")
+                if value is None:
+                    continue
+                x = p + (2 * m + e - len(measures) + 0.5) * width
+                ax.bar(x, value, width, color=f"C{m}", hatch=hatch, edgecolor="white",
+                       label=f"{measure.replace('_', ' ')}, {encoder.replace('_', ' ')}" if p == 0 else None)
+                ax.annotate(f"{value:.2f}", (x, value), ha="center", va="bottom", fontsize=6)
+    for key, style in (("text_bag_of_words_linear_probe", "--"), ("text_majority_class", ":")):
+        values = [r[key] for r in task if r.get(key) is not None]
+        if values:
+            ax.axhline(float(np.mean(values)), color="k", linestyle=style, lw=1,
+                       label=key.removeprefix("text_").replace("_", " ") + " (baseline)")
+    ax.set_xticks(range(len(task)), [f"{r['name'].split('-', 1)[0]} {r['objective']} ({r['train_flops']:.3g} FLOPs)"
+                                     for r in task], fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("accuracy on the eval split")
+    ax.set_title("downstream text task")
+    ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.1))
+    return _save(fig, workdir, "downstream_text.png")
 
 
 def _save(fig, workdir: str, name: str) -> str:

@@ -139,3 +139,14 @@ def test_objectives_are_fitted_apart_and_compared_at_equal_loss(tmp_path):
     np.testing.assert_allclose(at_ar, 8.0, rtol=1e-3)
     np.testing.assert_allclose(at_mdlm, 1 / 8.0, rtol=1e-3)
     assert sweep.compute_for_loss(fits["ar"], 0.99) == float("inf")  # below the fitted floor
+
+
+def test_report_plots_the_downstream_text_task_beside_its_baselines(tmp_path):
+    rows = [{"name": f"00{i}-objective={name}", "objective": name, "status": "done", "mask_ratio": 0.15,
+             "train_flops": 1e13, "loss": 5.0, "loss_source": "validation", "final_loss": 5.0,
+             "text_pretrained_linear_probe": 0.7 - 0.1 * i, "text_pretrained_knn": 0.6, "text_pretrained_finetune": 0.9,
+             "text_random_init_linear_probe": 0.5, "text_random_init_knn": 0.4, "text_random_init_finetune": 0.9,
+             "text_bag_of_words_linear_probe": 0.94, "text_majority_class": 0.19}
+            for i, name in enumerate(("mlm", "electra"))]
+    written = sweep.plots(str(tmp_path), rows, {}, [], None)
+    assert str(tmp_path / "downstream_text.png") in written and (tmp_path / "downstream_text.png").stat().st_size > 0

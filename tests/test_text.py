@@ -524,7 +524,12 @@ def test_ar_run_reports_perplexity_beside_the_unigram_baseline(data_dir, tmp_pat
     from maskjax import cli, train
 
     workdir = str(tmp_path / "ar")
-    train.train(load_config("ar_text.py:tiny", data_dir=data_dir), workdir, quiet=True)
+    config = load_config("ar_text.py:tiny", "log_every=1", data_dir=data_dir)
+    train.train(config, workdir, quiet=True)
+    part = tmp_path / "part"  # exact resume
+    train.train(config, str(part), stop_at=3, evaluate=False, quiet=True)
+    assert train.train(config, str(part), evaluate=False, quiet=True)["start_step"] == 3
+    assert _losses(part) == _losses(workdir) and len(_losses(part)) == 6
     text = json.load(open(os.path.join(workdir, "eval.json")))["text"]
     assert text["predicted_tokens"] < text["tokens"]  # the first token of each segment piece has no context
     assert text["perplexity"] > 1 and text["baseline_unigram_perplexity"] > 1
