@@ -35,7 +35,6 @@ import numpy as np
 
 from maskjax.errors import MaskjaxError
 from maskjax.config import ConfigError
-from maskjax.models import layers
 from maskjax.models.hf_layout import BERT_BLOCK, LAYOUTS, VIT_BLOCK, Group, Rule  # noqa: F401 (tests use them)
 from maskjax.models.hf_layout import block_rules as _block_rules, linear as _linear, norm as _norm
 
@@ -166,7 +165,7 @@ def check_exportable(config, arch: str) -> None:
 def groups(config, arch: str, encoder_prefix: str | None = None) -> list[Group]:
     """The rule groups of ``arch`` for a run of ``config`` (the encoder's file prefix may be overridden
     for imports: a ``ViTModel`` file has no 'vit.' prefix)."""
-    bias = layers.block_options(config)["qkv_bias"]
+    bias = config.model.qkv_bias
     if _own(config, arch):
         return _own(config, arch).groups(_objective(config))
     if arch == "bert":
@@ -208,10 +207,10 @@ def position_tables(config, arch: str, prefix: str = "vit.") -> dict[str, np.nda
 
 def hf_config(config, arch: str, vocab_size: int = 0, pad_id: int = 0) -> dict:
     """The transformers ``config.json`` describing this run's model (no dropout: maskjax trains without)."""
-    m, block = config.model, layers.block_options(config)
+    m = config.model
     common = dict(hidden_size=m.width, num_hidden_layers=m.depth, num_attention_heads=m.heads,
                   intermediate_size=int(m.width * m.mlp_ratio), hidden_act="gelu", hidden_dropout_prob=0.0,
-                  attention_probs_dropout_prob=0.0, initializer_range=0.02, layer_norm_eps=block["norm_eps"],
+                  attention_probs_dropout_prob=0.0, initializer_range=0.02, layer_norm_eps=m.norm_eps,
                   architectures=[arch_class(config, arch)], maskjax_objective=config.objective)
     if _own(config, arch):
         return dict(common, **_own(config, arch).config(_objective(config)))
@@ -220,7 +219,7 @@ def hf_config(config, arch: str, vocab_size: int = 0, pad_id: int = 0) -> dict:
                     type_vocab_size=2, pad_token_id=pad_id, position_embedding_type="absolute",
                     tie_word_embeddings=True)
     vision = dict(common, image_size=config.data.image_size, patch_size=m.patch_size,
-                  num_channels=config.data.channels, qkv_bias=block["qkv_bias"])
+                  num_channels=config.data.channels, qkv_bias=m.qkv_bias)
     if arch == "vit_mae":
         dec = config.decoder
         mask_ratio = config.mask.ratio
@@ -451,17 +450,17 @@ def read(path: str) -> tuple[dict[str, np.ndarray], dict | None]:
 
 # (file config key, maskjax key, value of the run) pairs checked on import
 def _expected(config, info: dict) -> list[tuple[str, str, Any]]:
-    m, block = config.model, layers.block_options(config)
+    m = config.model
     pairs = [("hidden_size", "model.width", m.width), ("num_hidden_layers", "model.depth", m.depth),
              ("num_attention_heads", "model.heads", m.heads),
              ("intermediate_size", "model.mlp_ratio", int(m.width * m.mlp_ratio)),
-             ("layer_norm_eps", "model.norm_eps", block["norm_eps"])]
+             ("layer_norm_eps", "model.norm_eps", m.norm_eps)]
     if info.get("model_type") == "bert":
         pairs.append(("max_position_embeddings", "model.max_len", m.max_len))
     else:
         pairs += [("patch_size", "model.patch_size", m.patch_size), ("image_size", "data.image_size",
                   config.data.image_size), ("num_channels", "data.channels", config.data.channels),
-                  ("qkv_bias", "model.qkv_bias", block["qkv_bias"])]
+                  ("qkv_bias", "model.qkv_bias", m.qkv_bias)]
         if info.get("model_type") == "vit_mae" and "vit_mae" in interop(config).archs:
             d = config.decoder
             pairs += [("decoder_hidden_size", "decoder.width", d.width), ("decoder_num_hidden_layers", "decoder.depth",

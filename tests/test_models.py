@@ -11,9 +11,15 @@ from maskjax.models import layers, vit
 
 
 def encoder(**kw):
-    args = dict(patch_dim=48, grid=(1, 4, 4), width=32, depth=2, heads=4, rngs=nnx.Rngs(0))
+    """A small ViT; keywords of :class:`layers.Transformer` (``mlp_ratio``: its MLP width) or of the encoder."""
+    blocks = dict(width=32, depth=2, heads=4, mlp_ratio=4.0)
+    blocks.update({k: kw.pop(k) for k in list(kw) if k in ("width", "depth", "heads", "mlp_ratio", "dtype", "remat",
+                                                               "qkv_bias", "norm_eps", "attention")})
+    blocks["mlp_dim"] = int(blocks["width"] * blocks.pop("mlp_ratio"))
+    blocks["dtype"] = layers.compute_dtype(blocks.get("dtype", "float32"))
+    args = dict(patch_dim=48, grid=(1, 4, 4), rngs=nnx.Rngs(0))
     args.update(kw)
-    return vit.ViTEncoder(**args)
+    return vit.ViTEncoder(layers.Transformer(**blocks), **args)
 
 
 @pytest.mark.parametrize("dtype,expected", [("float32", jnp.float32), ("bfloat16", jnp.bfloat16)])

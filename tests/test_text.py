@@ -15,6 +15,7 @@ from maskjax.config import ConfigError
 from maskjax.data import DataError, TokenizerError, sources
 from maskjax.data import text as text_data
 from maskjax.data import tokenizer as tokenizer_lib
+from maskjax.models import layers
 from maskjax.models import text as text_model
 from maskjax.objectives import mdlm, mlm
 from maskjax.objectives.text import predicted_positions
@@ -126,8 +127,8 @@ def test_packing_fills_rows_and_restarts_positions_per_document():
 
 def test_packed_documents_never_see_each_other():
     """A document's hidden states are the same packed beside others as alone in its row."""
-    model = text_model.TextEncoder(vocab_size=100, max_len=16, width=32, depth=2, heads=2, positions="learned",
-                                   pre_norm=False, rngs=nnx.Rngs(params=0))
+    model = text_model.TextEncoder(layers.Transformer(width=32, depth=2, heads=2, mlp_dim=128, pre_norm=False),
+                                   text_model.TextEmbedding(vocab_size=100, max_len=16), rngs=nnx.Rngs(params=0))
     docs = FakeDocs()
     packed = text_data.Packer(docs, seq_len=16).row()
     tokens, segments, positions = (jnp.asarray(x)[None] for x in packed)
@@ -308,8 +309,9 @@ def test_sampler_leaves_no_mask_tokens(data_dir):
 
 @pytest.mark.parametrize("positions,pre_norm", [("learned", False), ("rotary", True)])
 def test_text_encoder_shapes_names_and_tied_output(positions, pre_norm):
-    model = text_model.TextEncoder(vocab_size=64, max_len=16, width=32, depth=2, heads=2, positions=positions,
-                                   pre_norm=pre_norm, rngs=nnx.Rngs(params=0))
+    model = text_model.TextEncoder(layers.Transformer(width=32, depth=2, heads=2, mlp_dim=128, pre_norm=pre_norm),
+                                   text_model.TextEmbedding(vocab_size=64, max_len=16, positions=positions),
+                                   rngs=nnx.Rngs(params=0))
     tokens = jnp.ones((2, 16), jnp.int32)
     hidden = model(tokens, jnp.ones_like(tokens), jnp.broadcast_to(jnp.arange(16), (2, 16)))
     assert hidden.shape == (2, 16, 32) and model.logits(hidden).shape == (2, 16, 64)

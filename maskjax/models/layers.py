@@ -9,7 +9,8 @@ not grow with depth.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import dataclasses
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -61,10 +62,45 @@ ones = nnx.initializers.ones
 ATTENTION = ("auto", "xla", "cudnn")
 
 
-def block_options(config) -> dict:
-    """``qkv_bias``, ``norm_eps`` and ``attention`` of ``config.model``: what every block of a run shares."""
-    m = config.model
-    return {"qkv_bias": m.qkv_bias, "norm_eps": m.norm_eps, "attention": m.attention}
+@dataclasses.dataclass(frozen=True)
+class Transformer:
+    """One stack of blocks: everything its layers share, passed down whole (constructors take this
+    value instead of threading each option through encoder -> Stack -> Block -> Attention).
+
+    ``dtype`` is the compute dtype (parameters stay float32); ``remat`` a key of ``REMAT_POLICIES``;
+    ``attention`` one of :data:`ATTENTION`; ``pre_norm`` False is BERT's post-norm block."""
+    width: int
+    depth: int
+    heads: int
+    mlp_dim: int
+    dtype: Any = jnp.float32
+    pre_norm: bool = True
+    qkv_bias: bool = False
+    norm_eps: float = 1e-6
+    attention: str = "auto"
+    remat: str = "none"
+
+    def __post_init__(self):
+        if self.depth < 1:
+            raise ValueError(f"depth={self.depth} must be >= 1")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat={self.remat!r} must be one of {tuple(REMAT_POLICIES)}")
+        if self.attention not in ATTENTION:
+            raise ValueError(f"attention={self.attention!r} must be one of {ATTENTION}")
+        if self.heads < 1 or self.width % self.heads:
+            raise ValueError(f"heads={self.heads} must divide width={self.width}")
+
+    @classmethod
+    def from_model(cls, model, *, width: int | None = None, depth: int | None = None, heads: int | None = None,
+                   mlp_ratio: float | None = None, mlp_dim: int | None = None, pre_norm: bool = True) -> "Transformer":
+        """The stack ``config.model`` describes (its dtype, remat, attention, q/k/v bias and norm eps),
+        with the given sizes replacing its own (a decoder, a text tower, ELECTRA's generator)."""
+        width = width or model.width
+        mlp_dim = mlp_dim or int(width * (mlp_ratio or model.mlp_ratio))
+        return cls(width=width, depth=depth or model.depth, heads=heads or model.heads,
+                   mlp_dim=mlp_dim, dtype=compute_dtype(model.dtype),
+                   pre_norm=pre_norm, qkv_bias=model.qkv_bias, norm_eps=model.norm_eps, attention=model.attention,
+                   remat=model.remat)
 
 
 def cudnn_unsupported(dtype, head_dim: int | None = None, length: int | None = None, masked: bool = False,
@@ -275,13 +311,12 @@ class Mlp(nnx.Module):
 class Block(nnx.Module):
     """Transformer block; pre-norm (ViT, MAE) or post-norm (original BERT)."""
 
-    def __init__(self, dim: int, heads: int, mlp_dim: int, *, rngs: nnx.Rngs, dtype=jnp.float32,
-                 pre_norm: bool = True, qkv_bias: bool = False, norm_eps: float = 1e-6, attention: str = "auto"):
-        self.norm1 = LayerNorm(dim, rngs=rngs, dtype=dtype, eps=norm_eps)
-        self.attn = Attention(dim, heads, rngs=rngs, dtype=dtype, qkv_bias=qkv_bias, attention=attention)
-        self.norm2 = LayerNorm(dim, rngs=rngs, dtype=dtype, eps=norm_eps)
-        self.mlp = Mlp(dim, mlp_dim, rngs=rngs, dtype=dtype)
-        self.pre_norm = pre_norm
+    def __init__(self, t: Transformer, *, rngs: nnx.Rngs):
+        self.norm1 = LayerNorm(t.width, rngs=rngs, dtype=t.dtype, eps=t.norm_eps)
+        self.attn = Attention(t.width, t.heads, rngs=rngs, dtype=t.dtype, qkv_bias=t.qkv_bias, attention=t.attention)
+        self.norm2 = LayerNorm(t.width, rngs=rngs, dtype=t.dtype, eps=t.norm_eps)
+        self.mlp = Mlp(t.width, t.mlp_dim, rngs=rngs, dtype=t.dtype)
+        self.pre_norm = t.pre_norm
 
     def __call__(self, x: jax.Array, mask: jax.Array | None = None, rope: tuple | None = None) -> jax.Array:
         if self.pre_norm:
@@ -294,28 +329,17 @@ class Block(nnx.Module):
 
 
 class Stack(nnx.Module):
-    """``depth`` identical blocks with stacked parameters (leading ``layers`` axis), run by a scan.
+    """``t.depth`` identical blocks with stacked parameters (leading ``layers`` axis), run by a scan
+    (rematerialised by ``t.remat``)."""
 
-    remat: a key of ``REMAT_POLICIES``; 'none' keeps every activation. qkv_bias, attention, norm_eps:
-    see :class:`Attention` and :class:`LayerNorm`.
-    """
-
-    def __init__(self, depth: int, dim: int, heads: int, mlp_dim: int, *, rngs: nnx.Rngs,
-                 dtype=jnp.float32, pre_norm: bool = True, remat: str = "none", qkv_bias: bool = False,
-                 norm_eps: float = 1e-6, attention: str = "auto"):
-        if depth < 1:
-            raise ValueError(f"depth={depth} must be >= 1")
-        if remat not in REMAT_POLICIES:
-            raise ValueError(f"remat={remat!r} must be one of {tuple(REMAT_POLICIES)}")
-
-        @nnx.split_rngs(splits=depth)
+    def __init__(self, t: Transformer, *, rngs: nnx.Rngs):
+        @nnx.split_rngs(splits=t.depth)
         @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
         def make(rngs):
-            return Block(dim, heads, mlp_dim, rngs=rngs, dtype=dtype, pre_norm=pre_norm, qkv_bias=qkv_bias,
-                         norm_eps=norm_eps, attention=attention)
+            return Block(t, rngs=rngs)
 
         self.blocks = make(rngs)
-        self.remat = remat
+        self.remat = t.remat
 
     def __call__(self, x: jax.Array, mask: jax.Array | None = None, rope: tuple | None = None) -> jax.Array:
         """x [batch, length, dim]; mask: see :class:`Attention`; rope: :func:`rotary_tables` output."""

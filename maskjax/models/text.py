@@ -9,6 +9,8 @@ tables and their LayerNorm (ELECTRA's generator ties them to the discriminator's
 """
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -30,41 +32,52 @@ def segment_mask(segment_ids: jax.Array, causal: bool = False) -> jax.Array:
     return mask
 
 
+@dataclasses.dataclass(frozen=True)
+class TextEmbedding:
+    """The token and position tables of a text encoder: ``positions`` 'learned' (a table of
+    ``max_len``) or 'rotary' (none; applied in attention); ``dim`` 0 = the encoder's width, else narrower
+    tables projected up (ELECTRA-Small's 128-wide embeddings)."""
+    vocab_size: int
+    max_len: int
+    positions: str = "learned"
+    dim: int = 0
+
+    def __post_init__(self):
+        if self.positions not in POSITIONS:
+            raise ValueError(f"positions={self.positions!r} must be one of {POSITIONS}")
+
+
 class TextEncoder(nnx.Module):
     """tokens, segment_ids, positions [B, L] -> hidden [B, L, width]; :meth:`logits` maps hidden
-    states [..., width] to vocabulary logits [..., vocab] (float32)."""
+    states [..., width] to vocabulary logits [..., vocab] (float32). ``t.pre_norm`` False is BERT's
+    post-norm encoder (LayerNorm on the embeddings, none at the end). ``tie_to``: share another
+    encoder's tables (the same Param objects)."""
 
-    def __init__(self, *, vocab_size: int, max_len: int, width: int, depth: int, heads: int,
-                 mlp_ratio: float = 4.0, positions: str = "learned", pre_norm: bool = True,
-                 dtype: str = "float32", remat: str = "none", lm_head: bool = True, qkv_bias: bool = False,
-                 norm_eps: float = 1e-6, attention: str = "auto", embed_dim: int = 0,
+    def __init__(self, t: layers.Transformer, emb: TextEmbedding, *, lm_head: bool = True,
                  tie_to: "TextEncoder | None" = None, rngs: nnx.Rngs):
-        if positions not in POSITIONS:
-            raise ValueError(f"positions={positions!r} must be one of {POSITIONS}")
-        self.dtype = layers.compute_dtype(dtype)
-        self.width, self.heads = width, heads
-        self.positions, self.pre_norm = positions, pre_norm
+        self.dtype = t.dtype
+        self.width, self.heads = t.width, t.heads
+        width = t.width
+        self.positions, self.pre_norm = emb.positions, t.pre_norm
         init = nnx.initializers.normal(0.02)
-        e = embed_dim or width
-        norm = lambda dim: layers.LayerNorm(dim, rngs=rngs, dtype=self.dtype, eps=norm_eps)
+        e = emb.dim or width
+        norm = lambda dim: layers.LayerNorm(dim, rngs=rngs, dtype=self.dtype, eps=t.norm_eps)
         if tie_to is not None:  # the same Param objects: one table in the state, gradients from both users
-            if tie_to.token_embed.shape != (vocab_size, e):
-                raise ValueError(f"tie_to's embeddings are {tie_to.token_embed.shape}, need {(vocab_size, e)}")
+            if tie_to.token_embed.shape != (emb.vocab_size, e):
+                raise ValueError(f"tie_to's embeddings are {tie_to.token_embed.shape}, need {(emb.vocab_size, e)}")
             self.token_embed, self.pos_embed, self.embed_norm = tie_to.token_embed, tie_to.pos_embed, tie_to.embed_norm
         else:
-            self.token_embed = layers.param(rngs, init, (vocab_size, e), ("vocab", "embed"), "embedding")
-            self.pos_embed = (layers.param(rngs, init, (max_len, e), (None, "embed"), "position")
-                              if positions == "learned" else None)
-            self.embed_norm = None if pre_norm else norm(e)
+            self.token_embed = layers.param(rngs, init, (emb.vocab_size, e), ("vocab", "embed"), "embedding")
+            self.pos_embed = (layers.param(rngs, init, (emb.max_len, e), (None, "embed"), "position")
+                              if emb.positions == "learned" else None)
+            self.embed_norm = None if t.pre_norm else norm(e)
         self.embed_proj = layers.Dense(e, width, ("embed", "embed"), rngs=rngs, dtype=self.dtype) if e != width else None
-        self.blocks = layers.Stack(depth, width, heads, int(width * mlp_ratio), rngs=rngs, dtype=self.dtype,
-                                   pre_norm=pre_norm, remat=remat, qkv_bias=qkv_bias, norm_eps=norm_eps,
-                                   attention=attention)
-        self.final_norm = norm(width) if pre_norm else None
+        self.blocks = layers.Stack(t, rngs=rngs)
+        self.final_norm = norm(width) if t.pre_norm else None
         if lm_head:  # BERT's prediction head; a contrastive text tower (FLIP) has none
             self.head_dense = layers.Dense(width, e, ("embed", "embed"), rngs=rngs, dtype=self.dtype)
             self.head_norm = norm(e)
-            self.output_bias = layers.param(rngs, layers.zeros, (vocab_size,), ("vocab",), "bias")
+            self.output_bias = layers.param(rngs, layers.zeros, (emb.vocab_size,), ("vocab",), "bias")
 
     def embed(self, tokens: jax.Array, positions: jax.Array) -> jax.Array:
         x = jnp.take(self.token_embed[...], tokens, axis=0)

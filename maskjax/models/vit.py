@@ -5,6 +5,8 @@ Token layout is time-major: token ``t * h * w + y * w + x``. Images are videos o
 """
 from __future__ import annotations
 
+import dataclasses
+
 from typing import Sequence
 
 import jax
@@ -90,22 +92,18 @@ class ViTEncoder(nnx.Module):
     [B, K]: only those tokens go through the blocks. Returns [B, (1 +) K, width], cls first.
     """
 
-    def __init__(self, *, patch_dim: int, grid: Sequence[int], width: int, depth: int, heads: int,
-                 mlp_ratio: float = 4.0, cls_token: bool = True, dtype: str = "float32",
-                 remat: str = "none", one_hot_gather: bool = False, qkv_bias: bool = False,
-                 norm_eps: float = 1e-6, attention: str = "auto", rngs: nnx.Rngs):
+    def __init__(self, t: layers.Transformer, *, patch_dim: int, grid: Sequence[int], cls_token: bool = True,
+                 one_hot_gather: bool = False, rngs: nnx.Rngs):
         self.grid = tuple(grid)
-        self.width = width
-        self.dtype = layers.compute_dtype(dtype)
+        self.width = width = t.width
+        self.dtype = t.dtype
         self.patch_embed = layers.Dense(patch_dim, width, ("patch", "embed"), rngs=rngs, dtype=self.dtype)
         self.cls = (
             layers.param(rngs, nnx.initializers.normal(0.02), (1, 1, width), (None, None, "embed"), "token")
             if cls_token else None
         )
-        self.blocks = layers.Stack(depth, width, heads, int(width * mlp_ratio), rngs=rngs,
-                                   dtype=self.dtype, remat=remat, qkv_bias=qkv_bias, norm_eps=norm_eps,
-                                   attention=attention)
-        self.norm = layers.LayerNorm(width, rngs=rngs, dtype=self.dtype, eps=norm_eps)
+        self.blocks = layers.Stack(dataclasses.replace(t, pre_norm=True), rngs=rngs)
+        self.norm = layers.LayerNorm(width, rngs=rngs, dtype=self.dtype, eps=t.norm_eps)
         self.one_hot_gather = one_hot_gather
 
     @property
@@ -145,8 +143,5 @@ def encoder_from_config(config, rngs: nnx.Rngs) -> ViTEncoder:
     m, d = config.model, config.data
     grid = token_grid(d.image_size, m.patch_size, d.frames, m.tubelet)
     patch_dim = m.patch_size * m.patch_size * d.channels * (m.tubelet if d.frames else 1)
-    return ViTEncoder(
-        patch_dim=patch_dim, grid=grid, width=m.width, depth=m.depth, heads=m.heads,
-        mlp_ratio=m.mlp_ratio, cls_token=m.cls_token, dtype=m.dtype, remat=m.remat,
-        one_hot_gather=m.one_hot_gather, rngs=rngs, **layers.block_options(config),
-    )
+    return ViTEncoder(layers.Transformer.from_model(m), patch_dim=patch_dim, grid=grid, cls_token=m.cls_token,
+                      one_hot_gather=m.one_hot_gather, rngs=rngs)

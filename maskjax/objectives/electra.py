@@ -75,7 +75,7 @@ def _hf_embeddings() -> list:
 
 def _hf_tower(objective, path: str) -> list:
     rules = hf.block_rules("electra.encoder.layer.{i}.", f"{path}/blocks/blocks/", hf.BERT_BLOCK,
-                           layers.block_options(objective.config)["qkv_bias"])
+                           objective.config.model.qkv_bias)
     if objective.embed_dim != (objective.config.model.width if path == "discriminator" else objective.generator_shape[0]):
         rules += hf.linear("electra.embeddings_project", f"{path}/embed_proj")
     return rules
@@ -194,12 +194,13 @@ class ELECTRA(MLM):
 
     def build(self, rngs) -> ElectraModel:
         m = self.config.model
-        common = dict(vocab_size=self.tokenizer.vocab_size, max_len=m.max_len, depth=m.depth,
-                      positions=m.positions, pre_norm=m.pre_norm, dtype=m.dtype, remat=m.remat,
-                      embed_dim=self.embed_dim, rngs=rngs, **layers.block_options(self.config))
-        disc = text_model.TextEncoder(width=m.width, heads=m.heads, mlp_ratio=m.mlp_ratio, lm_head=False, **common)
+        emb = text_model.TextEmbedding(self.tokenizer.vocab_size, m.max_len, m.positions, self.embed_dim)
+        disc = text_model.TextEncoder(layers.Transformer.from_model(m, pre_norm=m.pre_norm), emb, lm_head=False,
+                                      rngs=rngs)
         width, heads, mlp = self.generator_shape
-        gen = text_model.TextEncoder(width=width, heads=heads, mlp_ratio=mlp / width, tie_to=disc, **common)
+        gen = text_model.TextEncoder(
+            layers.Transformer.from_model(m, width=width, heads=heads, mlp_dim=mlp, pre_norm=m.pre_norm),
+            emb, tie_to=disc, rngs=rngs)
         return ElectraModel(disc, gen, rngs=rngs)
 
     # ---------------------------------------------------------------- the step

@@ -176,10 +176,9 @@ class FLIP(VisionObjective):
     def build(self, rngs: nnx.Rngs) -> FLIPModel:
         m, t = self.config.model, self.config.text_model
         text = text_model.TextEncoder(
-            vocab_size=self.tokenizer.vocab_size, max_len=self.config.data.seq_len, width=t.width,
-            depth=t.depth, heads=t.heads, mlp_ratio=t.mlp_ratio, positions=t.positions, pre_norm=True,
-            dtype=m.dtype, remat=m.remat, lm_head=False, rngs=rngs, **layers.block_options(self.config),
-        )
+            layers.Transformer.from_model(m, width=t.width, depth=t.depth, heads=t.heads, mlp_ratio=t.mlp_ratio),
+            text_model.TextEmbedding(self.tokenizer.vocab_size, self.config.data.seq_len, t.positions),
+            lm_head=False, rngs=rngs)
         return FLIPModel(vit.encoder_from_config(self.config, rngs), text, self.config.flip.embed_dim,
                          self.config.flip.init_temperature, rngs)
 

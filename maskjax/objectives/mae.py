@@ -52,21 +52,19 @@ class MAEDecoder(nnx.Module):
     """Encoder latents -> hidden states at the decoded positions; ``pred`` maps them to targets and
     the optional ``loss_pred`` (HPM) to a predicted reconstruction loss."""
 
-    def __init__(self, *, enc_width: int, width: int, depth: int, heads: int, mlp_ratio: float,
-                 grid, target_dim: int, num_prefix: int, dtype: str, remat: str, one_hot_gather: bool,
-                 predict_loss: bool = False, qkv_bias: bool = False, norm_eps: float = 1e-6,
-                 attention: str = "auto", rngs: nnx.Rngs):
-        self.dtype = layers.compute_dtype(dtype)
-        self.grid, self.width, self.num_prefix = tuple(grid), width, num_prefix
-        self.embed = layers.Dense(enc_width, width, ("embed", "embed"), rngs=rngs, dtype=self.dtype)
+    def __init__(self, t: layers.Transformer, encoder: vit.ViTEncoder, *, target_dim: int,
+                 predict_loss: bool = False, rngs: nnx.Rngs):
+        """``t``: the decoder's blocks; ``encoder``: the encoder it decodes (its width, token grid, prefix
+        tokens and gather are read, not kept)."""
+        self.dtype, width = t.dtype, t.width
+        self.grid, self.width, self.num_prefix = encoder.grid, width, encoder.num_prefix
+        self.embed = layers.Dense(encoder.width, width, ("embed", "embed"), rngs=rngs, dtype=self.dtype)
         self.mask_token = layers.param(rngs, nnx.initializers.normal(0.02), (1, 1, width), (None, None, "embed"), "token")
-        self.blocks = layers.Stack(depth, width, heads, int(width * mlp_ratio), rngs=rngs,
-                                   dtype=self.dtype, remat=remat, qkv_bias=qkv_bias, norm_eps=norm_eps,
-                                   attention=attention)
-        self.norm = layers.LayerNorm(width, rngs=rngs, dtype=self.dtype, eps=norm_eps)
+        self.blocks = layers.Stack(t, rngs=rngs)
+        self.norm = layers.LayerNorm(width, rngs=rngs, dtype=self.dtype, eps=t.norm_eps)
         self.pred = layers.Dense(width, target_dim, ("embed", "patch"), rngs=rngs, dtype=self.dtype)
         self.loss_pred = layers.Dense(width, 1, ("embed", None), rngs=rngs, dtype=self.dtype) if predict_loss else None
-        self.one_hot_gather = one_hot_gather
+        self.one_hot_gather = encoder.one_hot_gather
 
     def _positions(self) -> jax.Array:
         return jnp.asarray(vit.sincos_pos_embed(self.width, self.grid), self.dtype)
@@ -172,12 +170,8 @@ class MAE(VisionObjective):
     def build(self, rngs: nnx.Rngs) -> MAEModel:
         m, dec = self.config.model, self.config.decoder
         encoder = vit.encoder_from_config(self.config, rngs)
-        decoder = MAEDecoder(
-            enc_width=m.width, width=dec.width, depth=dec.depth, heads=dec.heads, mlp_ratio=m.mlp_ratio,
-            grid=self.token_grid, target_dim=self.target_dim, num_prefix=encoder.num_prefix,
-            dtype=m.dtype, remat=m.remat, one_hot_gather=m.one_hot_gather,
-            predict_loss=self.hpm, rngs=rngs, **layers.block_options(self.config),
-        )
+        blocks = layers.Transformer.from_model(m, width=dec.width, depth=dec.depth, heads=dec.heads)
+        decoder = MAEDecoder(blocks, encoder, target_dim=self.target_dim, predict_loss=self.hpm, rngs=rngs)
         return MAEModel(encoder, decoder)
 
     # ---------------------------------------------------------------- masks

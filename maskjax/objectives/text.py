@@ -121,11 +121,9 @@ class TextObjective(base.Objective):
     # ---------------------------------------------------------------- model and data
     def build(self, rngs) -> text_model.TextEncoder:
         m = self.config.model
-        return text_model.TextEncoder(
-            vocab_size=self.tokenizer.vocab_size, max_len=m.max_len, width=m.width, depth=m.depth,
-            heads=m.heads, mlp_ratio=m.mlp_ratio, positions=m.positions, pre_norm=m.pre_norm,
-            dtype=m.dtype, remat=m.remat, rngs=rngs, **layers.block_options(self.config),
-        )
+        return text_model.TextEncoder(layers.Transformer.from_model(m, pre_norm=m.pre_norm),
+                                      text_model.TextEmbedding(self.tokenizer.vocab_size, m.max_len, m.positions),
+                                      rngs=rngs)
 
     def batch_spec(self) -> dict:
         shape = (self.config.batch_size, self.seq_len)
