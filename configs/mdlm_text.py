@@ -1,6 +1,6 @@
 """Masked diffusion language model (MDLM) on the embedded corpus: a small pre-norm transformer with
 rotary positions (4 x 128, 64-token rows), log-linear schedule, antithetic t, about 7 minutes on 2
-CPU cores (~330 ms/step: the vocabulary projection runs at every position).
+CPU cores (~330 ms/step: the vocabulary projection runs at every position) plus ~2 of evaluation.
 
 maskjax train  --config configs/mdlm_text.py --workdir runs/mdlm_text
 maskjax sample --workdir runs/mdlm_text --steps 64 --num 4

@@ -1,6 +1,6 @@
 """BERT-style masked language modelling on the embedded corpus (Python's help topics and stdlib
 docstrings, WordPiece 4096): a small post-norm BERT (4 x 128, learned positions, 64-token rows),
-15% masking with 80/10/10, about 6 minutes on 2 CPU cores (~190 ms/step).
+15% masking with 80/10/10, about 6 minutes on 2 CPU cores (~190 ms/step) plus ~2 of evaluation.
 
 maskjax train --config configs/mlm_text.py --workdir runs/mlm_text
 Variants (combine with commas, e.g. ``:span,tiny``): ``tiny`` (seconds, for tests), ``wwm``
