@@ -157,6 +157,9 @@ def plan(sweep_file: str, workdir: str, config: str | None = None, extra: list[s
     path, sep, variant = base.partition(":")
     index = {"sweep": os.path.abspath(sweep_file), "config": base,
              "config_path": os.path.abspath(path) + sep + variant,  # for --report from any directory
+             # the data_dir the points read when their config leaves it to the environment: the report
+             # then finds the same tokenizer instead of preparing a corpus in the default directory
+             "data_dir": os.environ.get("MASKJAX_DATA_DIR") or os.environ.get("TFDS_DATA_DIR") or "",
              "points": []}
     varying = [k for k in dict.fromkeys(k for p in points for k in p)
                if len({repr(p.get(k)) for p in points}) > 1]  # names show what differs between points
@@ -278,12 +281,18 @@ def collect(workdir: str) -> list[dict]:
         d = point["workdir"]
         row["status"] = "done" if finished(d) else point.get("status", "pending")
         try:
-            base = index.get("config_path", index["config"])
-            config = config_lib.override(config_lib.load(base), _override_items(point["overrides"]))
+            if os.path.exists(os.path.join(d, "config.json")):  # what the point ran, extra overrides included
+                with open(os.path.join(d, "config.json")) as f:
+                    config = objectives.from_saved(json.load(f))
+            else:
+                base = index.get("config_path", index["config"])
+                config = config_lib.override(config_lib.load(base), _override_items(point["overrides"]))
         except Exception as err:  # the base config changed since the sweep ran
             row.update(status="failed", error=f"config: {err}")
             rows.append(row)
             continue
+        if not config.data.data_dir and index.get("data_dir"):
+            config.data.data_dir = index["data_dir"]  # where the points found their data (a tokenizer lives there)
         objective = objectives.get(config)
         row.update(model_size(config))
         per_step = int(objective.flops())

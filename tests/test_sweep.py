@@ -88,6 +88,7 @@ def test_run_resumes_records_failures_and_reports(data_dir, tmp_path):
     assert cli.main(args) == 1  # one point failed
     index = json.loads((workdir / "sweep.json").read_text())
     assert [p["status"] for p in index["points"]] == ["done", "failed"]
+    assert index["data_dir"] == data_dir  # the report looks there when a point's config leaves it to the env
     first = os.path.getmtime(workdir / "points" / index["points"][0]["name"] / "eval.json")
     assert cli.main(args) == 1  # finished points are not redone; the failed one is tried again
     assert os.path.getmtime(workdir / "points" / index["points"][0]["name"] / "eval.json") == first
