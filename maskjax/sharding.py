@@ -47,9 +47,9 @@ class MeshError(MaskjaxError, ValueError):
 
 def rules_with(overrides: Sequence[tuple[str, Any]] = ()) -> tuple[tuple[str, Any], ...]:
     """:data:`RULES` with ``overrides`` (``config.sharding_rules``: (logical name, mesh axis | tuple of
-    axes | None) pairs) replacing their entries, e.g. ``(("embed", None),)`` keeps parameters whole
-    on the fsdp axis (ZeRO-1-like: the optimizer state follows the parameters) or
-    ``(("act_embed", "tensor"),)`` shards activations' features (sequence-parallel-like). ``batch``
+    axes | None) pairs) replacing their entries, e.g. ``(("embed", None),)`` replicates parameters and
+    their optimizer state over fsdp (plain data parallelism on that axis), ``(("vocab", None),)`` keeps
+    token tables whole, ``(("act_embed", "tensor"),)`` shards activations' features too. ``batch``
     stays data x fsdp: every input pipeline places its rows by it."""
     table = dict(RULES)
     for pair in overrides:

@@ -37,7 +37,7 @@ def _positive_int(config, key: str) -> None:
 def validate(config, num_devices: int | None = None) -> None:
     """Checks the trainer's keys, the mesh against the device count, then the objective's own keys."""
     for key in ("objective", "seed", "batch_size", "total_steps", "log_every", "data", "model",
-                "optim", "mesh", "checkpoint", "eval"):
+                "optim", "mesh", "checkpoint", "eval", "faults"):
         config_lib.lookup(config, key)
     if config.objective not in objectives.REGISTRY:
         raise ConfigError("objective", f"unknown objective {config.objective!r}; known: {sorted(objectives.REGISTRY)}")
@@ -57,16 +57,15 @@ def validate(config, num_devices: int | None = None) -> None:
         raise ConfigError("optim.decay_start", f"must be warmup_end, zero or zero_scaled, got {optim.decay_start!r}")
     if not (isinstance(optim.eps, float) and optim.eps > 0):
         raise ConfigError("optim.eps", f"must be a positive float, got {optim.eps!r}")
-    roles = optim.get("decay_roles", ("kernel",))
+    roles = optim.decay_roles
     if isinstance(roles, str) or any(role not in layers.ROLES for role in roles):
         raise ConfigError("optim.decay_roles", f"must be a tuple of roles from {layers.ROLES}, got {roles!r}")
-    policy = config.get("faults")
-    if policy is not None:
-        for key, allowed in (("nonfinite", ("stop", "skip")), ("bad_records", ("stop", "skip"))):
-            if policy.get(key) not in allowed:
-                raise ConfigError(f"faults.{key}", f"must be one of {allowed}, got {policy.get(key)!r}")
-        if not isinstance(policy.max_skipped_steps, int) or policy.max_skipped_steps < 0:
-            raise ConfigError("faults.max_skipped_steps", f"must be an int >= 0, got {policy.max_skipped_steps!r}")
+    policy = config.faults
+    for key, allowed in (("nonfinite", ("stop", "skip")), ("bad_records", ("stop", "skip"))):
+        if config_lib.lookup(config, f"faults.{key}") not in allowed:
+            raise ConfigError(f"faults.{key}", f"must be one of {allowed}, got {policy[key]!r}")
+    if not isinstance(policy.max_skipped_steps, int) or policy.max_skipped_steps < 0:
+        raise ConfigError("faults.max_skipped_steps", f"must be an int >= 0, got {policy.max_skipped_steps!r}")
     if config.model.attention not in layers.ATTENTION:
         raise ConfigError("model.attention", f"must be one of {layers.ATTENTION}, got {config.model.attention!r}")
     eps = config.model.norm_eps

@@ -89,7 +89,7 @@ class VisionObjective(base.Objective):
         super().__init__(config)
         data, model = config.data, config.model
         self.frames = data.get("frames", 0)
-        self.tubelet = model.get("tubelet", 1) if self.frames else 1
+        self.tubelet = model.tubelet if self.frames else 1
 
     # ---------------------------------------------------------------- config
     def validate(self) -> None:
