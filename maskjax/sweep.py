@@ -148,6 +148,8 @@ def finished(point_dir: str) -> bool:
 
 def plan(sweep_file: str, workdir: str, config: str | None = None, extra: list[str] = ()) -> dict:
     """Creates or updates ``workdir/sweep.json`` for the sweep and returns it."""
+    from maskjax.data import sources
+
     base, points = load(sweep_file, config, extra)
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, INDEX)
@@ -159,7 +161,7 @@ def plan(sweep_file: str, workdir: str, config: str | None = None, extra: list[s
              "config_path": os.path.abspath(path) + sep + variant,  # for --report from any directory
              # the data_dir the points read when their config leaves it to the environment: the report
              # then finds the same tokenizer instead of preparing a corpus in the default directory
-             "data_dir": os.environ.get("MASKJAX_DATA_DIR") or os.environ.get("TFDS_DATA_DIR") or "",
+             "data_dir": sources.default_data_dir(),
              "points": []}
     varying = [k for k in dict.fromkeys(k for p in points for k in p)
                if len({repr(p.get(k)) for p in points}) > 1]  # names show what differs between points

@@ -28,11 +28,14 @@ class DataError(MaskjaxError, ValueError):
     """A dataset, split or record that cannot be used; the message names it."""
 
 
+def default_data_dir() -> str:
+    """Where datasets live when ``data.data_dir`` is empty: $MASKJAX_DATA_DIR, $TFDS_DATA_DIR or TFDS's default."""
+    return os.path.expanduser(os.environ.get("MASKJAX_DATA_DIR") or os.environ.get("TFDS_DATA_DIR")
+                              or "~/tensorflow_datasets")
+
+
 def data_dir(data_config) -> str:
-    return os.path.expanduser(
-        data_config.data_dir or os.environ.get("MASKJAX_DATA_DIR") or os.environ.get("TFDS_DATA_DIR")
-        or "~/tensorflow_datasets"
-    )
+    return os.path.expanduser(data_config.data_dir) if data_config.data_dir else default_data_dir()
 
 
 def builder(data_config) -> tfds.core.DatasetBuilder:

@@ -65,7 +65,6 @@ def small_text_config(objective: str, tiny: bool = False):
     return c
 
 
-
 class TextObjective(base.Objective):
     """Base for objectives over packed token sequences (see :mod:`maskjax.data.text`)."""
 
