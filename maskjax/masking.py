@@ -1,6 +1,7 @@
 """Pure, jit-able mask generators with static output shapes.
 
-Every generator takes a PRNG key and returns a :class:`Mask` for a whole batch:
+Every generator takes a PRNG key and returns a :class:`Mask` for a whole batch (training draws one
+per example with :func:`per_row`):
 
 * ``mask``        ``[batch, length]`` bool, True where a token is hidden;
 * ``keep_idx``    ``[batch, num_kept]`` int32, the visible tokens (what an MAE encoder gathers);
@@ -28,6 +29,32 @@ class Mask(NamedTuple):
     @property
     def num_kept(self) -> int:
         return self.keep_idx.shape[1]
+
+
+# --------------------------------------------------------------------------- one draw per example
+#
+# A training step draws each example's mask from its own key, ``fold_in(step key, global row)``, so a
+# row gets the same mask whether it is drawn in the full batch or in any micro-batch of gradient
+# accumulation (and the two can be tested for equality). The generators below draw for a whole
+# batch from one key; :func:`per_row` runs one of them once per example.
+
+
+def row_keys(key: jax.Array, rows: jax.Array) -> jax.Array:
+    """[batch] keys: ``key`` folded with each example's global row index ``rows`` [batch] int."""
+    return jax.vmap(lambda row: jax.random.fold_in(key, row))(rows)
+
+
+def split_rows(keys: jax.Array, num: int = 2) -> tuple[jax.Array, ...]:
+    """``num`` independent [batch] key arrays from [batch] keys (``jax.random.split`` per example)."""
+    split = jax.vmap(lambda k: jax.random.split(k, num))(keys)
+    return tuple(split[:, i] for i in range(num))
+
+
+def per_row(draw: Callable, keys: jax.Array, *arrays: jax.Array):
+    """``draw(key, *rows)`` once per example: ``keys`` [batch], each of ``arrays`` [batch, ...] given to
+    ``draw`` as a batch of one; every output (a pytree of [1, ...] arrays) comes back as [batch, ...]."""
+    out = jax.vmap(lambda k, *xs: draw(k, *(x[None] for x in xs)))(keys, *arrays)
+    return jax.tree.map(lambda x: x[:, 0], out)
 
 
 # --------------------------------------------------------------------------- argument checks

@@ -22,7 +22,7 @@ FIELDS = {
     "objective": "Masked objective (the registered names below; video MAE is mae with data.frames > 0).",
     "init_from": "Start from published weights: a Hugging Face model directory (config.json + model.safetensors) "
                  "or a maskjax/timm .npz; used only when the workdir has no checkpoint (see `maskjax export`).",
-    "seed": "Seed of parameter init, masks and data order (masks use fold_in(key, step)).",
+    "seed": "Seed of parameter init, masks and data order (each example's masks use fold_in(fold_in(key, step), row)).",
     "batch_size": "Global batch (examples per optimizer step, all processes together).",
     "total_steps": "Optimizer steps of the run; the learning-rate schedule spans them.",
     "log_every": "Steps between metric records (the host waits on the device only then).",
@@ -107,7 +107,7 @@ FIELDS = {
                          "zero_scaled (decay over all steps times the warm-up ramp min(1, step / warmup); ELECTRA).",
     "optim.min_lr_ratio": "Final learning rate as a fraction of the peak.",
     "optim.clip_norm": "Global gradient-norm clip; 0 = off.",
-    "optim.grad_accum": "Micro-batches per step (gradient accumulation inside the jitted step).",
+    "optim.grad_accum": "Micro-batches per step (gradient accumulation inside the jitted step; micro-batch i takes rows i, i + n, ... and draws the full batch's masks for them).",
     "mesh.data": "Data-parallel axis size; -1 = the devices left over.",
     "mesh.fsdp": "Fully-sharded (ZeRO-3) axis size: parameters and optimizer state sharded, batch too.",
     "mesh.tensor": "Tensor-parallel axis size (heads and MLP hidden units).",

@@ -314,15 +314,19 @@ def build(config, devices=None) -> Setup:
                 micro = jax.tree.map(
                     lambda x: jnp.swapaxes(x.reshape((x.shape[0] // accum, accum) + x.shape[1:]), 0, 1), batch)
 
-                def body(total, inputs):
-                    i, mb = inputs
-                    out = loss_and_grads(params, mb, jax.random.fold_in(key, i), step)
+                # Every micro-batch gets the step's key and its rows' indices in the full batch, so
+                # per-example draws (objectives.base.example_keys) are the full batch's draws.
+                rows = jnp.arange(config.batch_size, dtype=jnp.int32).reshape(-1, accum).T
+                micro[objectives.base.ROW] = rows
+
+                def body(total, mb):
+                    out = loss_and_grads(params, mb, key, step)
                     return jax.tree.map(jnp.add, total, out), None
 
                 first = jax.tree.map(lambda x: x[0], micro)
                 shapes = jax.eval_shape(lambda: loss_and_grads(params, first, key, step))
                 zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-                total, _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro))
+                total, _ = jax.lax.scan(body, zeros, micro)
                 (_, metrics), grads = jax.tree.map(lambda x: x / accum, total)
             metrics = dict(metrics)
             grad_norm = optax.tree.norm(grads)

@@ -3,7 +3,8 @@
 An objective is constructed from the run's config and provides
 
 * ``build(rngs) -> nnx.Module``                         the model (parameters only, no mutable state);
-* ``loss(model, batch, key, step) -> (scalar, dict)``   pure; masks are drawn here from ``key``;
+* ``loss(model, batch, key, step) -> (scalar, dict)``   pure; each example's masks drawn from its own key
+                                                        (``base.example_keys(key, batch)``);
 * ``batch_spec() -> {name: (shape, dtype)}``            what the input pipeline must deliver (global batch);
 * ``flops() -> int``                                    analytic model FLOPs of one training step;
 * ``validate()``                                        raises ``ConfigError`` naming the bad key.

@@ -5,7 +5,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, ClassVar
 
+import jax
+import jax.numpy as jnp
+
 from maskjax import config as config_lib
+from maskjax import masking
 from maskjax.errors import ConfigError
 
 
@@ -61,8 +65,8 @@ class Objective:
     decorate with :func:`register`; nothing outside ``objectives/`` needs to know the new name.
 
     Required: ``validate()`` (raises ``ConfigError`` naming the key), ``build(rngs)`` (the model,
-    parameters only), ``loss(model, batch, key, step) -> (scalar, metrics)`` (pure; masks drawn from
-    ``key``), ``batch_spec()`` (``{name: (global shape, dtype)}``), ``synthetic_batch(rng)`` (a local
+    parameters only), ``loss(model, batch, key, step) -> (scalar, metrics)`` (pure; each example's
+    masks drawn from its own key, :func:`example_keys`), ``batch_spec()`` (``{name: (global shape, dtype)}``), ``synthetic_batch(rng)`` (a local
     batch of that spec for benchmarks), ``flops()`` (analytic FLOPs of one training step).
 
     Declared capabilities: ``evaluators`` (names from :data:`EVALUATORS`, each needing its methods),
@@ -111,6 +115,25 @@ class Objective:
         if "pretrained" in results:
             return "linear_probe", results["pretrained"].get("linear_probe")
         return "none", None
+
+
+# The trainer adds ``batch[ROW]`` ([batch] int32, each example's row in the step's full batch) when it
+# splits the batch for gradient accumulation; absent, the rows are 0..batch-1.
+ROW = "row"
+
+
+def example_rows(batch: dict) -> jax.Array:
+    """[batch] int32: each example's row in the step's full batch."""
+    if ROW in batch:
+        return batch[ROW]
+    size = next(iter(batch.values())).shape[0]
+    return jnp.arange(size, dtype=jnp.int32)
+
+
+def example_keys(key: jax.Array, batch: dict) -> jax.Array:
+    """[batch] keys, one per example, from the step's key and the example's row: draws made from them
+    (``masking.per_row``) give a row the same mask in the full batch and in any micro-batch."""
+    return masking.row_keys(key, example_rows(batch))
 
 
 REGISTRY: dict[str, type[Objective]] = {}

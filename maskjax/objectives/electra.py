@@ -22,6 +22,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from maskjax import masking
 from maskjax.errors import ConfigError
 from maskjax.models import hf_layout as hf
 from maskjax.models import layers
@@ -240,10 +241,16 @@ class ELECTRA(MLM):
                    "mask_ratio": count / jnp.maximum(jnp.sum(batch["maskable"]), 1)}
         return loss, metrics
 
+    def sample_fakes(self, batch: dict, key: jax.Array, gen_logits: jax.Array) -> jax.Array:
+        """The generator's samples [B, P] at the masked slots, each example's from its own key."""
+        temperature = self.config.electra.temperature
+        return masking.per_row(lambda k, logits: sample_tokens(k, logits, temperature),
+                               base.example_keys(key, batch), gen_logits)
+
     def loss(self, model, batch: dict, key: jax.Array, step: jax.Array):
         k_mask, k_sample = jax.random.split(key)
         gen_logits, targets, weights, idx = self.generate(model, batch, k_mask, step)
-        sampled = sample_tokens(k_sample, gen_logits, self.config.electra.temperature)
+        sampled = self.sample_fakes(batch, k_sample, gen_logits)
         return self.terms(model, batch, gen_logits, targets, weights, idx, sampled)
 
     # ---------------------------------------------------------------- evaluation
@@ -257,7 +264,7 @@ class ELECTRA(MLM):
         k_mask, k_sample = jax.random.split(key)
         step = self.config.total_steps
         gen_logits, targets, weights, idx = self.generate(model, batch, k_mask, step)
-        sampled = sample_tokens(k_sample, gen_logits, self.config.electra.temperature)
+        sampled = self.sample_fakes(batch, k_sample, gen_logits)
         _, m = self.terms(model, batch, gen_logits, targets, weights, idx, sampled)
         w = weights.astype(jnp.float32)
         nll, correct = cross_entropy(gen_logits, targets)

@@ -78,10 +78,11 @@ class FLIPModel(nnx.Module):
         return normalize(self.text_proj(hidden[:, 0]))
 
 
-def drop_text_tokens(key: jax.Array, tokens: jax.Array, tokenizer, ratio: float
+def drop_text_tokens(keys: jax.Array | None, tokens: jax.Array, tokenizer, ratio: float
                      ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """FLIP's text masking: hide ``floor(ratio * n)`` of each caption's ``n`` word pieces ([CLS],
-    [SEP] and padding are never hidden) and remove them, keeping original positions. Returns
+    [SEP] and padding are never hidden) and remove them, keeping original positions; ``keys``: one
+    per caption ([B]; unused when ``ratio`` is 0). Returns
     (tokens, segment_ids, positions), cut to the longest possible kept length (static)."""
     batch, length = tokens.shape
     real = tokens != tokenizer.pad_id
@@ -89,7 +90,7 @@ def drop_text_tokens(key: jax.Array, tokens: jax.Array, tokenizer, ratio: float
     if ratio <= 0:
         return tokens, real.astype(jnp.int32), positions
     eligible = real & (tokens != tokenizer.cls_id) & (tokens != tokenizer.sep_id)
-    hidden = masking.random_bool_mask(key, tokens.shape, ratio, eligible)
+    hidden = masking.per_row(lambda k, e: masking.random_bool_mask(k, e.shape, ratio, e), keys, eligible)
     keep = real & ~hidden
     kept_len = length - int(math.floor(ratio * (length - 2)))
     order = jnp.argsort(~keep, axis=-1, stable=True)[:, :kept_len].astype(jnp.int32)
@@ -199,11 +200,11 @@ class FLIP(VisionObjective):
         return clipped_logit_scale(model.log_scale[...], self.config.flip.max_logit_scale)
 
     def loss(self, model: FLIPModel, batch: dict, key: jax.Array, step: jax.Array):
-        image_key, text_key = jax.random.split(key)
+        image_keys, text_keys = masking.split_rows(base.example_keys(key, batch))
         patches = self.patches(batch)
-        mask = self.masker()(image_key, patches.shape[0])
+        mask = self.draw_mask(image_keys)
         image = model.embed_image(patches, mask.keep_idx)
-        text = model.embed_text(*drop_text_tokens(text_key, batch["text"], self.tokenizer,
+        text = model.embed_text(*drop_text_tokens(text_keys, batch["text"], self.tokenizer,
                                                   self.config.flip.text_mask_ratio))
         scale = self.logit_scale(model)
         loss, accuracy = contrastive_loss(image, text, scale)

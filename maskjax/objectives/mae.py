@@ -189,11 +189,13 @@ class MAE(VisionObjective):
         hidden = model.decoder(model.encoder(patches, everything), everything)
         return jax.lax.stop_gradient(model.decoder.loss_pred(hidden)[..., 0].astype(jnp.float32))
 
-    def mask(self, model: MAEModel, patches: jax.Array, key: jax.Array, step) -> masking.Mask:
+    def mask(self, model: MAEModel, patches: jax.Array, keys: jax.Array, step) -> masking.Mask:
+        """The mask of each example from its key (``keys`` [batch], :func:`base.example_keys`)."""
         if not self.hpm:
-            return self.masker()(key, patches.shape[0])
+            return self.draw_mask(keys)
         scores = self.predicted_difficulty(model, patches)
-        return masking.hard_patch_mask(key, scores, self.num_tokens - self.num_kept, self.hard_count(step))
+        masked, hard = self.num_tokens - self.num_kept, self.hard_count(step)
+        return masking.per_row(lambda k, s: masking.hard_patch_mask(k, s, masked, hard), keys, scores)
 
     # ---------------------------------------------------------------- forward and loss
     def decode(self, model: MAEModel, patches: jax.Array, mask: masking.Mask):
@@ -205,7 +207,8 @@ class MAE(VisionObjective):
         if self.dual:
             return self.dual_loss(model, batch, key, self.config.loss.norm_pix)
         patches = self.patches(batch)
-        return self.masked_loss(model, batch, patches, self.mask(model, patches, key, step), step)
+        return self.masked_loss(model, batch, patches, self.mask(model, patches, base.example_keys(key, batch), step),
+                                step)
 
     def masked_loss(self, model: MAEModel, batch: dict, patches: jax.Array, mask: masking.Mask, step=0):
         """The loss given the mask: MSE of the predictions on the hidden patches (plus HPM's term)."""
@@ -225,10 +228,11 @@ class MAE(VisionObjective):
 
     def dual_loss(self, model: MAEModel, batch: dict, key: jax.Array, norm: bool):
         """VideoMAE V2: decode only the running-cell-kept positions; loss where encoder-masked too."""
-        enc_key, dec_key = jax.random.split(key)
+        enc_keys, dec_keys = masking.split_rows(base.example_keys(key, batch))
         patches = self.patches(batch)
-        mask = self.masker()(enc_key, patches.shape[0])
-        dec_mask = self.decoder_masker()(dec_key, patches.shape[0])
+        mask = self.draw_mask(enc_keys)
+        decoder_masker = self.decoder_masker()
+        dec_mask = masking.per_row(lambda k: decoder_masker(k, 1), dec_keys)
         query_idx = dec_mask.keep_idx
         valid = jnp.take_along_axis(mask.mask, query_idx, axis=1)  # encoder-masked and decoder-kept
         hidden = model.decoder.partial(model.encoder(patches, mask.keep_idx), mask.keep_idx, query_idx, valid)
@@ -243,7 +247,7 @@ class MAE(VisionObjective):
         visible patches pasted back. In the normalised pixel space of ``batch['image']``. The decoder
         predicts every position here, also when it was trained with dual masking."""
         patches = self.patches(batch)
-        mask = self.mask(model, patches, key, self.config.total_steps)
+        mask = self.mask(model, patches, base.example_keys(key, batch), self.config.total_steps)
         _, pred = self.decode(model, patches, mask)
         if self.config.loss.norm_pix:  # undo the standardisation with the true statistics
             pred = vision.denorm_pix(pred, patches, self.config.data.channels, self.norm_pix_mode)

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from maskjax import masking
 from maskjax.objectives import base
 from maskjax.errors import ConfigError, UsageError
 from maskjax.objectives.text import TextObjective, cross_entropy
@@ -44,12 +45,14 @@ def elbo_weight(schedule: str, t: jax.Array, eps: float) -> jax.Array:
     return -slope / (1.0 - value)
 
 
-def sample_times(key: jax.Array, batch: int, eps: float, antithetic: bool = True) -> jax.Array:
-    """t [batch] in [eps, 1]: low-discrepancy (one uniform, shifted by i/batch, mod 1) or iid."""
+def sample_times(key: jax.Array, rows: jax.Array, total: int, eps: float, antithetic: bool = True) -> jax.Array:
+    """t in [eps, 1] for the examples at ``rows`` [n] of a batch of ``total``: low-discrepancy (one
+    uniform for the batch, shifted by row/total, mod 1) or iid (each row's own draw). Depends on the
+    rows only, so a micro-batch gets the times its rows have in the full batch."""
     if antithetic:
-        t = jnp.mod(jax.random.uniform(key, ()) + jnp.arange(batch) / batch, 1.0)
+        t = jnp.mod(jax.random.uniform(key, ()) + rows / total, 1.0)
     else:
-        t = jax.random.uniform(key, (batch,))
+        t = jax.vmap(lambda k: jax.random.uniform(k, ()))(masking.row_keys(key, rows))
     return eps + (1.0 - eps) * t
 
 
@@ -111,9 +114,12 @@ class MDLM(TextObjective):
         """(z_t [B, L], masked [B, L], w(t) [B]) for one draw of t per sequence."""
         d, x0 = self.config.diffusion, batch["tokens"]
         k_time, k_mask = jax.random.split(key)
-        t = sample_times(k_time, x0.shape[0], d.eps, d.antithetic)
+        # Under gradient accumulation (rows given) the rows index the step's batch of config.batch_size.
+        total = self.config.batch_size if base.ROW in batch else x0.shape[0]
+        t = sample_times(k_time, base.example_rows(batch), total, d.eps, d.antithetic)
         move = 1.0 - alpha(d.schedule, t, d.eps)
-        masked = (jax.random.uniform(k_mask, x0.shape) < move[:, None]) & (batch["segment_ids"] > 0)
+        draw = masking.per_row(lambda k, x: jax.random.uniform(k, x.shape), base.example_keys(k_mask, batch), x0)
+        masked = (draw < move[:, None]) & (batch["segment_ids"] > 0)
         return jnp.where(masked, self.tokenizer.mask_id, x0), masked, elbo_weight(d.schedule, t, d.eps)
 
     def sums(self, model, batch: dict, key: jax.Array, unigram: jax.Array | None = None) -> dict:

@@ -100,14 +100,18 @@ class MLM(TextObjective):
     replace_shares = (0.8, 0.1)
 
     def corrupt(self, batch: dict, key: jax.Array, step) -> tuple[jax.Array, jax.Array]:
-        """(corrupted input ids [B, L], selected [B, L]) for this step's masking rate."""
+        """(corrupted input ids [B, L], selected [B, L]) for this step's masking rate; each example's
+        selection and replacements are drawn from its own key (:func:`base.example_keys`)."""
         mask, mlm, tok = self.config.mask, self.config.mlm, self.tokenizer
         budget = masking.mlm_budget(batch["maskable"], self.ratio_schedule()(step), mlm.max_predictions)
-        k_select, k_replace = jax.random.split(key)
-        selected, unit = masking.select_text(mask.kind, k_select, batch["word_start"], batch["maskable"], budget,
-                                             mlm.span_p, mlm.span_max)
-        inputs = bert_corrupt(k_replace, batch["tokens"], selected, unit, tok.mask_id, tok.vocab_size, mlm.replace,
-                              *self.replace_shares)
+        k_select, k_replace = masking.split_rows(base.example_keys(key, batch))
+        selected, unit = masking.per_row(
+            lambda k, words, eligible, n: masking.select_text(mask.kind, k, words, eligible, n, mlm.span_p, mlm.span_max),
+            k_select, batch["word_start"], batch["maskable"], budget)
+        inputs = masking.per_row(
+            lambda k, tokens, chosen, units: bert_corrupt(k, tokens, chosen, units, tok.mask_id, tok.vocab_size,
+                                                          mlm.replace, *self.replace_shares),
+            k_replace, batch["tokens"], selected, unit)
         return inputs, selected
 
     def predict(self, model, batch: dict, key: jax.Array, step) -> tuple[jax.Array, jax.Array, jax.Array]:

@@ -50,12 +50,12 @@ class SimMIM(VisionObjective):
 
     def predict(self, model: SimMIMModel, batch: dict, key: jax.Array):
         patches = self.patches(batch)
-        hidden = self.masker()(key, patches.shape[0]).mask
+        hidden = self.draw_mask(base.example_keys(key, batch)).mask
         return patches, hidden, model(patches, hidden)
 
     def loss(self, model: SimMIMModel, batch: dict, key: jax.Array, step: jax.Array):
         patches = self.patches(batch)
-        return self.masked_loss(model, batch, patches, self.masker()(key, patches.shape[0]).mask)
+        return self.masked_loss(model, batch, patches, self.draw_mask(base.example_keys(key, batch)).mask)
 
     def masked_loss(self, model: SimMIMModel, batch: dict, patches: jax.Array, hidden: jax.Array):
         """The loss given the hidden patches [B, L]: L1 (pixels) or MSE (HOG) on them, per element."""

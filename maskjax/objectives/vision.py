@@ -189,6 +189,11 @@ class VisionObjective(base.Objective):
         t, h, w = self.token_grid
         return masking.make_masker(self.config.mask, t, (h, w))
 
+    def draw_mask(self, keys: jax.Array) -> masking.Mask:
+        """The configured mask of each example, drawn from its own key (``keys`` [batch])."""
+        masker = self.masker()
+        return masking.per_row(lambda k: masker(k, 1), keys)
+
     @property
     def evaluators(self) -> tuple[str, ...]:
         # predictions that are pixels a person can look at (not HOG features) make a reconstruction PNG
