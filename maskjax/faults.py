@@ -14,10 +14,12 @@ Exit statuses of ``maskjax`` (schedulers can act on them):
 ====  ===========================================================================================
 
 Fault injection (tests, and anyone who wants to see recovery work): ``MASKJAX_FAULTS`` is a comma-separated
-list of ``ACTION@POINT:N`` (``ACTION@POINT:N:pK``: on process K only). The trainer calls :func:`point` at named places; when ``N`` matches, ``ACTION``
-happens for real: ``kill`` sends SIGKILL to this process, ``term`` sends SIGTERM, ``nan`` makes the
-caller poison its data. ``N`` is the step for points that have one (``step``, ``checkpoint``,
-``batch``) and otherwise the how-many-th time this process reaches the point (``compile``, ``eval``).
+list of ``ACTION@POINT:N`` (``ACTION@POINT:N:pK``: on process K only). Named places call :func:`point`;
+when ``N`` matches, ``ACTION`` happens for real: ``kill`` sends SIGKILL to this process, ``term`` sends
+SIGTERM, ``nan`` makes the caller poison its data. ``N`` is the step for points that have one (``step``,
+``checkpoint``, ``batch``) and otherwise the how-many-th time this process reaches the point (``compile``,
+``eval``). The training loop itself has no fault branches: :func:`inject` wraps its loader and step
+function when ``MASKJAX_FAULTS`` is set, and returns them unchanged otherwise.
 """
 from __future__ import annotations
 
@@ -98,6 +100,48 @@ def point(name: str, step: int | None = None) -> set[str]:
     if "term" in actions:
         os.kill(os.getpid(), signal.SIGTERM)
     return actions - {"kill", "term"}
+
+
+def inject(loader, step_fn, start: int):
+    """(loader, step_fn) with the ``compile``, ``batch`` and ``step`` points of a run starting after step
+    ``start``; the originals when ``MASKJAX_FAULTS`` is empty (a run without faults pays nothing)."""
+    if not os.environ.get("MASKJAX_FAULTS", ""):
+        return loader, step_fn
+    return _FaultyLoader(loader, start), _FaultyStep(step_fn, start)
+
+
+class _FaultyLoader:
+    """The loader, with ``nan@batch:N`` poisoning the floating-point arrays of step N's host batch."""
+
+    def __init__(self, loader, start: int):
+        self._loader, self._step = loader, start
+
+    def __next__(self) -> dict:
+        import numpy as np
+
+        batch = next(self._loader)
+        self._step += 1
+        if "nan" in point("batch", self._step):
+            batch = {k: np.full_like(v, np.nan) if np.issubdtype(v.dtype, np.floating) else v for k, v in batch.items()}
+        return batch
+
+    def __getattr__(self, name):  # get_state, set_state, close, bad_records: the loader's own
+        return getattr(self._loader, name)
+
+
+class _FaultyStep:
+    """The step function, with ``compile`` before its first call and ``step`` after each dispatch."""
+
+    def __init__(self, step_fn, start: int):
+        self._step_fn, self._start, self._step = step_fn, start, start
+
+    def __call__(self, state, batch):
+        if self._step == self._start:
+            point("compile")
+        out = self._step_fn(state, batch)
+        self._step += 1
+        point("step", self._step)
+        return out
 
 
 def check_spec() -> None:

@@ -9,6 +9,7 @@ train state, the optimizer, and the one jitted train step.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Any, Callable
 
@@ -250,6 +251,70 @@ class Setup:
         return sharding.process_rows(self.mesh, batch_size)
 
 
+def loss_and_grads(objective, graphdef, params, batch: dict, key: jax.Array, step: jax.Array):
+    """((loss, metrics), gradients) of the objective's loss at ``params``; the loss is always among the
+    metrics, whatever else the objective logs."""
+    def loss_fn(p):
+        loss, metrics = objective.loss(nnx.merge(graphdef, p), batch, key, step)
+        return loss, {**metrics, "loss": loss}
+
+    return jax.value_and_grad(loss_fn, has_aux=True)(params)
+
+
+def train_step(state: dict, batch: dict, *, objective, graphdef, optimizer: optax.GradientTransformation,
+               schedule: optax.Schedule, key: jax.Array, accum: int, skip_nonfinite: bool,
+               mesh: jax.sharding.Mesh, rules: tuple) -> tuple[dict, dict]:
+    """One optimizer step: ``(state, global batch) -> (state, metrics)``, pure (:func:`build` jits it
+    with the state donated). ``key``: the run's training key (the step's key is folded from it);
+    ``accum``: micro-batches; ``skip_nonfinite``: go on after a non-finite step ('skip') instead of
+    latching the state until the host stops the run ('stop')."""
+    with sharding.activation_mesh(mesh, rules):
+        step = state["step"]
+        key = jax.random.fold_in(key, step)
+        params = state["params"]
+        if accum == 1:
+            (_, metrics), grads = loss_and_grads(objective, graphdef, params, batch, key, step)
+        else:
+            # Micro-batch i takes rows i, i + accum, i + 2 accum, ...: each device's contiguous block of
+            # the batch contributes to every micro-batch, so no rows move between devices (contiguous
+            # blocks put each micro-batch on a subset of devices and cost all-gathers and permutes).
+            size = next(iter(batch.values())).shape[0]
+            micro = jax.tree.map(
+                lambda x: jnp.swapaxes(x.reshape((x.shape[0] // accum, accum) + x.shape[1:]), 0, 1), batch)
+            # Every micro-batch gets the step's key and its rows' indices in the full batch, so
+            # per-example draws (objectives.base.example_keys) are the full batch's draws.
+            micro[objectives.base.ROW] = jnp.arange(size, dtype=jnp.int32).reshape(-1, accum).T
+
+            def body(total, mb):
+                out = loss_and_grads(objective, graphdef, params, mb, key, step)
+                return jax.tree.map(jnp.add, total, out), None
+
+            first = jax.tree.map(lambda x: x[0], micro)
+            shapes = jax.eval_shape(lambda: loss_and_grads(objective, graphdef, params, first, key, step))
+            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+            total, _ = jax.lax.scan(body, zeros, micro)
+            (_, metrics), grads = jax.tree.map(lambda x: x / accum, total)
+        metrics = dict(metrics)
+        grad_norm = optax.tree.norm(grads)
+        # A non-finite loss or gradient never reaches the state: the update runs under a cond and the
+        # step leaves params and optimizer state as they were (finite gradients give finite Adam updates,
+        # and a global norm that overflows is not finite). 'stop' also latches: after the first bad step
+        # nothing changes until the host stops the run. (A cond instead of a select over the new and
+        # old state saves three passes over the parameters and moments: 2.5% of a ViT-B step on CPU.)
+        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+        apply = finite if skip_nonfinite else finite & (state["skipped"] == 0)
+
+        def update(params, opt_state):
+            updates, opt_state = optimizer.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state
+
+        new_params, opt_state = jax.lax.cond(apply, update, lambda p, o: (p, o), params, state["opt_state"])
+        metrics.update(grad_norm=grad_norm, param_norm=optax.tree.norm(new_params), learning_rate=schedule(step))
+        skipped = state["skipped"] + (~apply).astype(jnp.int32)
+        metrics.update(nonfinite=(~finite).astype(jnp.int32), skipped_steps=skipped)
+        return {"step": step + 1, "params": new_params, "opt_state": opt_state, "skipped": skipped}, metrics
+
+
 def build(config, devices=None) -> Setup:
     """Validates ``config`` against the devices and builds the sharded, jitted training functions."""
     devices = list(jax.devices() if devices is None else devices)
@@ -290,66 +355,11 @@ def build(config, devices=None) -> Setup:
 
     spec = objective.batch_spec()
     batch_shardings = {k: sharding.batch_sharding(mesh, len(shape)) for k, (shape, _) in spec.items()}
-    accum = config.optim.grad_accum
-    skip_nonfinite = config.faults.nonfinite == "skip"
-
-    def loss_and_grads(params, batch, key, step):
-        def loss_fn(p):
-            loss, metrics = objective.loss(nnx.merge(graphdef, p), batch, key, step)
-            return loss, {**metrics, "loss": loss}  # the loss is always logged, whatever else is
-
-        return jax.value_and_grad(loss_fn, has_aux=True)(params)
-
-    def train_step(state, batch):
-        with sharding.activation_mesh(mesh, rules):
-            step = state["step"]
-            key = jax.random.fold_in(train_key, step)
-            params = state["params"]
-            if accum == 1:
-                (_, metrics), grads = loss_and_grads(params, batch, key, step)
-            else:
-                # Micro-batch i takes rows i, i + accum, i + 2 accum, ...: each device's contiguous block of
-                # the batch contributes to every micro-batch, so no rows move between devices (contiguous
-                # blocks put each micro-batch on a subset of devices and cost all-gathers and permutes).
-                micro = jax.tree.map(
-                    lambda x: jnp.swapaxes(x.reshape((x.shape[0] // accum, accum) + x.shape[1:]), 0, 1), batch)
-
-                # Every micro-batch gets the step's key and its rows' indices in the full batch, so
-                # per-example draws (objectives.base.example_keys) are the full batch's draws.
-                rows = jnp.arange(config.batch_size, dtype=jnp.int32).reshape(-1, accum).T
-                micro[objectives.base.ROW] = rows
-
-                def body(total, mb):
-                    out = loss_and_grads(params, mb, key, step)
-                    return jax.tree.map(jnp.add, total, out), None
-
-                first = jax.tree.map(lambda x: x[0], micro)
-                shapes = jax.eval_shape(lambda: loss_and_grads(params, first, key, step))
-                zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-                total, _ = jax.lax.scan(body, zeros, micro)
-                (_, metrics), grads = jax.tree.map(lambda x: x / accum, total)
-            metrics = dict(metrics)
-            grad_norm = optax.tree.norm(grads)
-            # A non-finite loss or gradient never reaches the state: the update runs under a cond and the
-            # step leaves params and optimizer state as they were (finite gradients give finite Adam updates,
-            # and a global norm that overflows is not finite). 'stop' also latches: after the first bad step
-            # nothing changes until the host stops the run. (A cond instead of a select over the new and
-            # old state saves three passes over the parameters and moments: 2.5% of a ViT-B step on CPU.)
-            finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
-            apply = finite if skip_nonfinite else finite & (state["skipped"] == 0)
-
-            def update(params, opt_state):
-                updates, opt_state = optimizer.update(grads, opt_state, params)
-                return optax.apply_updates(params, updates), opt_state
-
-            new_params, opt_state = jax.lax.cond(apply, update, lambda p, o: (p, o), params, state["opt_state"])
-            metrics.update(grad_norm=grad_norm, param_norm=optax.tree.norm(new_params), learning_rate=schedule(step))
-            skipped = state["skipped"] + (~apply).astype(jnp.int32)
-            metrics.update(nonfinite=(~finite).astype(jnp.int32), skipped_steps=skipped)
-            return {"step": step + 1, "params": new_params, "opt_state": opt_state, "skipped": skipped}, metrics
-
+    step = functools.partial(train_step, objective=objective, graphdef=graphdef, optimizer=optimizer,
+                             schedule=schedule, key=train_key, accum=config.optim.grad_accum,
+                             skip_nonfinite=config.faults.nonfinite == "skip", mesh=mesh, rules=rules)
     step_fn = jax.jit(
-        train_step,
+        step,
         in_shardings=(state_shardings, batch_shardings),
         out_shardings=(state_shardings, sharding.replicated(mesh)),
         donate_argnums=(0,),

@@ -5,6 +5,7 @@ batches, logs every ``log_every`` steps, saves asynchronously and evaluates.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -36,7 +37,6 @@ def train(config, workdir: str, *, stop_at: int | None = None, devices=None, eva
     distributed.check_same(config)  # every process: same config, same code
     setup = build(config, devices)  # validation happens here, before anything is written
     is_writer = jax.process_index() == 0
-    policy = config.faults.to_dict()
     loader = data.train_loader(config, setup.rows(config.batch_size), kind=setup.objective.data_kind)
     os.makedirs(workdir, exist_ok=True)
     checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save,
@@ -51,7 +51,7 @@ def train(config, workdir: str, *, stop_at: int | None = None, devices=None, eva
         loader.set_state(loader_state)
     writer = metrics_lib.Writer(workdir, enabled=is_writer)
     writer.truncate_after(start)  # records written after the checkpoint by a run that died
-    end = config.total_steps if stop_at is None else min(stop_at, config.total_steps)
+    policy = Policy.from_config(config, stop_at=stop_at, evaluate=evaluate)
     progress = metrics_lib.Progress(config.total_steps, start, config.batch_size, enabled=is_writer and not quiet)
     if is_writer:
         change = _config_change(workdir, config)
@@ -62,43 +62,37 @@ def train(config, workdir: str, *, stop_at: int | None = None, devices=None, eva
         progress.message(f"resumed from step {start} in {checkpointer.directory}")
     elif config.get("init_from"):
         progress.message(init_report)
+    batches, step_fn = faults.inject(loader, setup.step_fn, start)
     window = _Window(start, loader.get_state())
     summary: dict = {"start_step": start, "losses": []}
     preemption = faults.Preemption()
     step, saved = start, start if restored else None
     try:
-        for step in range(start, end):
-            if step == start:
-                faults.point("compile")
-            host_batch = next(loader)
-            if "nan" in faults.point("batch", step + 1):
-                host_batch = {k: np.full_like(v, np.nan) if np.issubdtype(v.dtype, np.floating) else v
-                              for k, v in host_batch.items()}
-            state, step_metrics = setup.step_fn(state, setup.global_batch(host_batch))
+        for step in range(start, policy.end):
+            state, step_metrics = step_fn(state, setup.global_batch(next(batches)))
             done = step + 1
-            faults.point("step", done)
             window.add(done, step_metrics, loader.get_state())
-            log_now = done % config.log_every == 0 or done == end
-            save_now = done % config.checkpoint.every == 0 or done == end
-            preempted = preemption.reached(done)
-            if log_now or save_now or preempted:
-                state, saved = _check_finite(window, state, setup, checkpointer, policy, saved, progress)
-            if log_now:
+            todo = policy.after(done, preemption.reached(done))
+            if todo.check:
+                verdict = policy.nonfinite(window.new_rows(), saved, checkpointer.directory)
+                if verdict.messages or verdict.error:
+                    state, saved = _act(verdict, state, setup, window, checkpointer, progress, saved)
+            if todo.log:
                 values = window.flush()
                 examples_per_sec, seconds_per_step = progress.rate(done)
                 values.update(examples_per_sec=examples_per_sec, seconds_per_step=seconds_per_step)
-                if policy["bad_records"] == "skip":
+                if policy.count_bad_records:
                     values["bad_records"] = getattr(loader, "bad_records", 0)
                 writer.scalars(done, values)
                 progress.show(done, values["loss"], examples_per_sec, seconds_per_step)
                 summary["losses"].append((done, values["loss"]))
-            if (save_now or preempted) and saved != done:
+            if todo.save and saved != done:
                 checkpointer.save(done, state, loader.get_state())
                 saved = done
-            if preempted:
+            if todo.preempted:
                 checkpointer.wait()
                 raise faults.Preempted(done, checkpointer.directory, preemption.source)
-            if evaluate and config.eval_every and done % config.eval_every == 0 and done != config.total_steps:
+            if todo.evaluate:
                 _evaluate(setup, state["params"], workdir, done, writer, progress)
     except jax.errors.JaxRuntimeError as err:
         if jax.process_count() == 1:
@@ -117,12 +111,109 @@ def train(config, workdir: str, *, stop_at: int | None = None, devices=None, eva
     progress.close()
     loader.close()
     checkpointer.close()
+    end = policy.end
     summary["end_step"] = end
     if evaluate and end == config.total_steps and (end > start or not _has_eval(workdir, end)):
         summary["eval"] = _evaluate(setup, state["params"], workdir, end, writer, progress)
     writer.close()
     summary["state"] = state
     return summary
+
+
+# =========================================================================== the policy
+
+
+@dataclasses.dataclass(frozen=True)
+class Todo:
+    """What the loop does after a step."""
+
+    log: bool = False
+    save: bool = False
+    evaluate: bool = False
+    preempted: bool = False  # stop with faults.Preempted once the checkpoint of this step is committed
+
+    @property
+    def check(self) -> bool:
+        """Fetch the window's metrics and look for non-finite steps (the host waits for the device)."""
+        return self.log or self.save
+
+
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+    """What to do about the non-finite steps found in a window: report ``messages``; checkpoint step
+    ``save`` (``rewind``: the state is the one latched before the first bad step, so its step counter is
+    set back to ``save``); stop with ``faults.NonFiniteError(error)``."""
+
+    messages: tuple[str, ...] = ()
+    save: int | None = None
+    rewind: bool = False
+    error: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    """Cadence (log, checkpoint, evaluate), preemption and the non-finite policy of a run, as decisions
+    the loop carries out; it reads nothing but its arguments (tests call it directly)."""
+
+    end: int
+    total_steps: int
+    log_every: int
+    checkpoint_every: int
+    eval_every: int  # 0: only at the end
+    nonfinite_mode: str  # 'stop' or 'skip' (faults.nonfinite)
+    max_skipped: int  # 0: no limit
+    count_bad_records: bool
+
+    @classmethod
+    def from_config(cls, config, stop_at: int | None = None, evaluate: bool = True) -> "Policy":
+        f = config.faults
+        return cls(end=config.total_steps if stop_at is None else min(stop_at, config.total_steps),
+                   total_steps=config.total_steps, log_every=config.log_every,
+                   checkpoint_every=config.checkpoint.every, eval_every=config.eval_every if evaluate else 0,
+                   nonfinite_mode=f.nonfinite, max_skipped=f.max_skipped_steps, count_bad_records=f.bad_records == "skip")
+
+    def after(self, done: int, preempted: bool = False) -> Todo:
+        last = done == self.end
+        return Todo(log=done % self.log_every == 0 or last,
+                    save=done % self.checkpoint_every == 0 or last or preempted,
+                    evaluate=bool(self.eval_every) and done % self.eval_every == 0 and done != self.total_steps,
+                    preempted=preempted)
+
+    def nonfinite(self, rows: "Rows", saved: int | None, directory: str) -> Verdict:
+        """The verdict on the steps of ``rows`` (fetched since the last check); ``saved``: the newest
+        checkpoint step started; ``directory``: where checkpoints go (for the messages)."""
+        bad = [(s, m) for s, m in rows.metrics if m["nonfinite"]]
+        if not bad:
+            return Verdict()
+        first, m = bad[0]
+        what = f"loss {m['loss']:.4g}, grad_norm {m['grad_norm']:.4g}, param_norm {m['param_norm']:.4g}"
+        skipped = int(rows.metrics[-1][1]["skipped_steps"])
+        if self.nonfinite_mode == "skip":
+            messages = tuple(f"step {s}: non-finite loss or gradient; update skipped ({skipped} skipped so far)"
+                             for s, _ in bad)
+            if not self.max_skipped or skipped <= self.max_skipped:
+                return Verdict(messages=messages)
+            done = rows.last
+            return Verdict(messages=messages, save=done if saved != done else None, error=(
+                f"{skipped} steps had non-finite values, more than faults.max_skipped_steps={self.max_skipped} (the "
+                f"last at step {bad[-1][0]}: {what}); checkpoint step {done} in {directory} holds only good updates"))
+        good = first - 1  # 'stop' latched the state at the step before the first bad one
+        save = good if good > 0 and saved != good else None
+        assert save is None or good >= rows.checked, (good, rows.checked)
+        note = (f"the last good state is checkpoint step {good} in {directory}" if good > 0
+                else "no update was applied")
+        return Verdict(save=save, rewind=True, error=(
+            f"non-finite loss or gradient at step {first} ({what}); {note}; to go on, lower the learning rate, add "
+            "optim.clip_norm, or set faults.nonfinite=skip"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Rows:
+    """The metrics of the steps after ``checked`` up to ``last``, fetched to the host."""
+
+    checked: int
+    last: int
+    metrics: list
 
 
 class _Window:
@@ -142,6 +233,16 @@ class _Window:
         self.metrics = [(s, {k: float(v) for k, v in jax.device_get(m).items()}) for s, m in self.metrics]
         return self.metrics
 
+    def new_rows(self) -> Rows:
+        """The fetched metrics of the steps since the last call; loader positions before them are dropped
+        (the 'stop' verdict saves the state before the first new bad step, never an older one)."""
+        rows = self.fetch()
+        new = Rows(checked=self.checked, last=rows[-1][0] if rows else self.checked,
+                   metrics=[(s, m) for s, m in rows if s > self.checked])
+        self.checked = new.last
+        self.loader_states = {s: v for s, v in self.loader_states.items() if s >= new.checked}
+        return new
+
     def flush(self) -> dict:
         """Mean of each metric over the window's steps with finite values (skipped steps do not count)."""
         rows = [m for _, m in self.fetch()]
@@ -156,53 +257,21 @@ class _Window:
         return values
 
 
-def _check_finite(window: _Window, state, setup: Setup, checkpointer, policy: dict, saved, progress):
-    """Acts on steps whose loss/gradients were non-finite (already left out of the state by the step).
-
-    'stop': save the last good state (the parameters before the first bad step) and raise
-    ``faults.NonFiniteError``. 'skip': report them; stop the same way past ``max_skipped_steps``.
-    Returns (state, step of the newest checkpoint started).
-    """
-    rows = window.fetch()
-    bad = [(s, m) for s, m in rows if s > window.checked and m["nonfinite"]]
-    last = window.checked
-    window.checked = rows[-1][0] if rows else window.checked
-    keep = {s: v for s, v in window.loader_states.items() if s >= window.checked}
-    if not bad:
-        window.loader_states = keep
-        return state, saved
-    first, m = bad[0]
-    what = f"loss {m['loss']:.4g}, grad_norm {m['grad_norm']:.4g}, param_norm {m['param_norm']:.4g}"
-    skipped = int(rows[-1][1]["skipped_steps"])
-    if policy["nonfinite"] == "skip":
-        for s, _ in bad:
-            progress.message(f"step {s}: non-finite loss or gradient; update skipped ({skipped} skipped so far)")
-        limit = policy["max_skipped_steps"]
-        window.loader_states = keep
-        if not limit or skipped <= limit:
-            return state, saved
-        done = window.checked
-        if saved != done:
-            checkpointer.save(done, state, window.loader_states[done])
+def _act(verdict: Verdict, state, setup: Setup, window: _Window, checkpointer, progress, saved):
+    """Carries out a non-finite verdict: returns (state, newest checkpoint step started) or raises."""
+    for message in verdict.messages:
+        progress.message(message)
+    if verdict.save is not None:
+        if verdict.rewind:
+            fixed = lambda value, sharding: jax.make_array_from_callback((), sharding, lambda _: np.int32(value))
+            state = dict(state, step=fixed(verdict.save, setup.state_shardings["step"]),
+                         skipped=fixed(0, setup.state_shardings["skipped"]))
+        checkpointer.save(verdict.save, state, window.loader_states[verdict.save])
+        saved = verdict.save
+    if verdict.error:
         checkpointer.wait()
-        raise faults.NonFiniteError(
-            f"{skipped} steps had non-finite values, more than faults.max_skipped_steps={limit} (the last at step "
-            f"{bad[-1][0]}: {what}); checkpoint step {done} in {checkpointer.directory} holds only good updates")
-    good = first - 1  # 'stop' latched the state at the step before the first bad one
-    note = "no update was applied"
-    if good > 0 and saved != good:
-        assert good >= last, (good, last)
-        fixed = lambda value, sharding: jax.make_array_from_callback((), sharding, lambda _: np.int32(value))
-        state = dict(state, step=fixed(good, setup.state_shardings["step"]),
-                     skipped=fixed(0, setup.state_shardings["skipped"]))
-        checkpointer.save(good, state, window.loader_states[good])
-        saved = good
-    if good > 0:
-        note = f"the last good state is checkpoint step {good} in {checkpointer.directory}"
-    checkpointer.wait()
-    raise faults.NonFiniteError(
-        f"non-finite loss or gradient at step {first} ({what}); {note}; to go on, lower the learning rate, add "
-        "optim.clip_norm, or set faults.nonfinite=skip")
+        raise faults.NonFiniteError(verdict.error)
+    return state, saved
 
 
 def _has_eval(workdir: str, step: int) -> bool:
