@@ -23,6 +23,8 @@ WIDE = 256  # wide enough that matmuls dominate: norms, GELU, softmax and Adam a
     # 32x32 clips: at 16x16 the decoder sees 19 tokens and Adam and elementwise work exceed the 5%
     ("videomae_digits.py:tiny,dual", [f"decoder.width={WIDE}", "decoder.depth=1", "data.image_size=32"]),
     ("mae_digits.py:tiny", [f"decoder.width={WIDE}", "decoder.depth=1", "hpm.enabled=True"]),
+    ("videomae_digits.py:tiny,dual", [f"decoder.width={WIDE}", "decoder.depth=1", "data.image_size=32",
+                                      "hpm.enabled=True"]),  # the two MAE parts composed
     ("mdlm_text.py:tiny", []),
     ("electra_text.py:tiny", ["electra.embed_dim=128"]),
     ("ar_text.py:tiny", []),

@@ -170,13 +170,14 @@ def test_dual_masking_loss_only_on_encoder_masked_decoder_kept(data_dir):
 
     def loss_of(target, params):
         objective.targets = lambda *args, **kwargs: target
-        return objective.dual_loss(nnx.merge(graphdef, params), batch, key, norm=True)[0]
+        return objective.loss(nnx.merge(graphdef, params), batch, key, 0)[0]
 
     grad = np.asarray(jax.grad(loss_of)(jnp.zeros(target_shape), params))
     del objective.targets
     enc_keys, dec_keys = masking.split_rows(base.example_keys(key, batch))
     hidden = np.asarray(objective.draw_mask(enc_keys).mask)
-    decoder_dropped = np.asarray(masking.per_row(lambda k: objective.decoder_masker()(k, 1), dec_keys).mask)
+    decoder_masker = objective.decoding.masker()
+    decoder_dropped = np.asarray(masking.per_row(lambda k: decoder_masker(k, 1), dec_keys).mask)
     expected = hidden & ~decoder_dropped
     assert expected.any() and (~expected).any()
     np.testing.assert_array_equal(np.abs(grad).sum(-1) > 0, expected)
@@ -259,13 +260,14 @@ def test_hpm_hard_share_follows_its_schedule():
     objective = objectives.get(config)
     objective.validate()
     masked = objective.num_tokens - objective.num_kept  # 12 of 16
-    counts = [int(objective.hard_count(s)) for s in (0, 25, 50, 100, 200)]
+    hpm = objective.masks
+    counts = [int(hpm.hard_count(s)) for s in (0, 25, 50, 100, 200)]
     assert counts == [0, round(0.125 * masked), round(0.25 * masked), round(0.5 * masked), round(0.5 * masked)]
     model = objective.build(nnx.Rngs(0))
     batch = {"image": jax.random.normal(jax.random.key(1), (4, 16, 16, 1)), "label": jnp.zeros(4, jnp.int32)}
     patches = objective.patches(batch)
-    scores = np.asarray(objective.predicted_difficulty(model, patches))
-    m = objective.mask(model, patches, base.example_keys(jax.random.key(2), batch), 100)
+    scores = np.asarray(hpm.predicted_difficulty(model, patches))
+    m = hpm.draw(model, patches, base.example_keys(jax.random.key(2), batch), 100)
     hardest = np.argsort(-scores, axis=1)[:, :6]
     assert all(np.asarray(m.mask)[b, hardest[b]].all() for b in range(4))
     loss, metrics = objective.loss(model, batch, jax.random.key(2), jnp.int32(100))
@@ -297,7 +299,6 @@ def test_pairwise_rank_loss_rewards_the_right_order():
     ("videomae_digits.py:tiny", ["mask.decoder_ratio=0.1"], "mask.decoder_ratio"),
     ("flip_digits.py:tiny", ["flip.init_temperature=0.01"], "flip.init_temperature"),  # at the clip: no gradient
     ("flip_digits.py:tiny", ["flip.init_temperature=1.5"], "flip.init_temperature"),  # below log-scale 0
-    ("videomae_digits.py:tiny,dual", ["hpm.enabled=true"], "hpm.enabled"),
 ])
 def test_config_errors_name_the_key(data_dir, name, overrides, key):
     with pytest.raises(config_lib.ConfigError) as err:

@@ -18,6 +18,7 @@ CASES = [
     ("mae_digits.py:tiny", ("mask.kind=block",)),
     ("mae_digits.py:tiny", ("hpm.enabled=True",)),
     ("videomae_digits.py:tiny,dual", ()),
+    ("videomae_digits.py:tiny,dual", ("hpm.enabled=True",)),
     ("simmim_digits.py:tiny", ()),
     ("flip_digits.py:tiny", ()),
     ("mlm_text.py:tiny", ("mask.kind=span",)),

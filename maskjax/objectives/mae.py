@@ -10,9 +10,15 @@ The same code trains video MAE (VideoMAE / MAE-ST): ``data.frames > 0`` gives 3D
   for the encoder and kept for the decoder;
 * ``hpm.enabled``: hard-patch mining (Wang et al. 2023): a head predicts each patch's loss, and a
   share of the mask growing linearly to ``hpm.final_share`` is taken from the predicted-hardest patches.
+
+The two variants are parts, not branches of the loss: a :class:`Masks` (how the encoder's mask is drawn,
+and any loss term that comes with it: :class:`HardPatches`) and a :class:`Decoding` (which positions the
+decoder predicts: :class:`DualDecoding`). The loss is the same few lines for every combination, and a new
+variant is one more part.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -136,66 +142,24 @@ class MAE(VisionObjective):
     }
     interop = base.Interop(archs=("vit_mae", "vit"), encoder="encoder")
 
-    @property
-    def dual(self) -> bool:
-        return self.config.mask.decoder_ratio > 0
-
-    @property
-    def hpm(self) -> bool:
-        return self.config.hpm.enabled
+    def __init__(self, config):
+        super().__init__(config)
+        self.masks = HardPatches(self) if config.hpm.enabled else Masks(self)
+        self.decoding = DualDecoding(self) if config.mask.decoder_ratio > 0 else Decoding(self)
 
     def validate(self) -> None:
         super().validate()
         base.check_transformer(self.config.decoder, "decoder", config=self.config)
-        if self.dual:
-            try:
-                self.decoder_masker()
-            except ValueError as err:
-                raise ConfigError("mask.decoder_ratio", str(err)) from None
-        if self.hpm:
-            if self.dual:
-                raise ConfigError("hpm.enabled", "hard-patch mining and dual masking (mask.decoder_ratio) "
-                                                 "cannot be combined")
-            share = self.config.hpm.final_share
-            if not 0.0 <= share <= 1.0:
-                raise ConfigError("hpm.final_share", f"must be in [0, 1], got {share}")
-
-    def decoder_masker(self):
-        t, h, w = self.token_grid
-        ratio = self.config.mask.decoder_ratio
-        fn = lambda key, batch: masking.running_cell_mask(key, batch, t, (h, w), ratio)
-        jax.eval_shape(lambda k: fn(k, 1), jax.random.key(0))
-        return fn
+        self.masks.validate()
+        self.decoding.validate()
 
     def build(self, rngs: nnx.Rngs) -> MAEModel:
         m, dec = self.config.model, self.config.decoder
         encoder = vit.encoder_from_config(self.config, rngs)
         blocks = layers.Transformer.from_model(m, width=dec.width, depth=dec.depth, heads=dec.heads)
-        decoder = MAEDecoder(blocks, encoder, target_dim=self.target_dim, predict_loss=self.hpm, rngs=rngs)
+        decoder = MAEDecoder(blocks, encoder, target_dim=self.target_dim, predict_loss=self.masks.predicts_loss,
+                             rngs=rngs)
         return MAEModel(encoder, decoder)
-
-    # ---------------------------------------------------------------- masks
-    def hard_count(self, step) -> jax.Array:
-        """HPM: hidden patches taken from the predicted-hardest, ``round(share(step) * masked)`` with
-        the share growing linearly from 0 to ``hpm.final_share`` over training."""
-        frac = jnp.clip(jnp.asarray(step, jnp.float32) / self.config.total_steps, 0.0, 1.0)
-        masked = self.num_tokens - self.num_kept
-        return jnp.round(self.config.hpm.final_share * frac * masked).astype(jnp.int32)
-
-    def predicted_difficulty(self, model: MAEModel, patches: jax.Array) -> jax.Array:
-        """HPM's loss predictor on the whole image (every patch visible), without gradient: [B, L]."""
-        batch, length = patches.shape[:2]
-        everything = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-        hidden = model.decoder(model.encoder(patches, everything), everything)
-        return jax.lax.stop_gradient(model.decoder.loss_pred(hidden)[..., 0].astype(jnp.float32))
-
-    def mask(self, model: MAEModel, patches: jax.Array, keys: jax.Array, step) -> masking.Mask:
-        """The mask of each example from its key (``keys`` [batch], :func:`base.example_keys`)."""
-        if not self.hpm:
-            return self.draw_mask(keys)
-        scores = self.predicted_difficulty(model, patches)
-        masked, hard = self.num_tokens - self.num_kept, self.hard_count(step)
-        return masking.per_row(lambda k, s: masking.hard_patch_mask(k, s, masked, hard), keys, scores)
 
     # ---------------------------------------------------------------- forward and loss
     def decode(self, model: MAEModel, patches: jax.Array, mask: masking.Mask):
@@ -204,71 +168,189 @@ class MAE(VisionObjective):
         return hidden, model.decoder.pred(hidden).astype(jnp.float32)
 
     def loss(self, model: MAEModel, batch: dict, key: jax.Array, step: jax.Array):
-        if self.dual:
-            return self.dual_loss(model, batch, key, self.config.loss.norm_pix)
+        mask_keys, decoder_keys = masking.split_rows(base.example_keys(key, batch))
         patches = self.patches(batch)
-        return self.masked_loss(model, batch, patches, self.mask(model, patches, base.example_keys(key, batch), step),
-                                step)
+        mask = self.masks.draw(model, patches, mask_keys, step)
+        return self.masked_loss(model, batch, patches, mask, step, decoder_keys)
 
-    def masked_loss(self, model: MAEModel, batch: dict, patches: jax.Array, mask: masking.Mask, step=0):
-        """The loss given the mask: MSE of the predictions on the hidden patches (plus HPM's term)."""
-        hidden, pred = self.decode(model, patches, mask)
+    def masked_loss(self, model: MAEModel, batch: dict, patches: jax.Array, mask: masking.Mask, step=0,
+                    decoder_keys: jax.Array | None = None):
+        """The loss given the encoder's mask: MSE of the predictions where the decoding scores them (the
+        hidden patches, or those the dual decoder also keeps), plus the mask part's own term."""
+        out = self.decoding.decode(model, patches, mask, decoder_keys)
         target = self.targets(batch, patches, self.config.loss.norm_pix)
-        loss = masked_mse(pred, target, mask.mask)
-        metrics = {"mask_ratio": jnp.mean(mask.mask.astype(jnp.float32))}
-        if self.hpm:
-            actual = jax.lax.stop_gradient(jnp.mean(jnp.square(pred - target), axis=-1))
-            predicted = model.decoder.loss_pred(hidden)[..., 0].astype(jnp.float32)
-            rank_loss = pairwise_rank_loss(predicted, actual, mask.mask)
-            metrics.update(reconstruction_loss=loss, loss_prediction=rank_loss,
-                           hard_count=self.hard_count(step).astype(jnp.float32))
-            loss = loss + self.config.hpm.weight * rank_loss
+        if out.positions is not None:
+            target = jnp.take_along_axis(target, out.positions[..., None], axis=1)
+        loss = masked_mse(out.pred, target, out.scored)
+        metrics = {"mask_ratio": jnp.mean(mask.mask.astype(jnp.float32)), **out.metrics}
+        extra, more = self.masks.terms(model, out, target, step)
+        if more:
+            metrics.update(reconstruction_loss=loss, **more)
+            loss = loss + extra
         metrics["loss"] = loss
         return loss, metrics
-
-    def dual_loss(self, model: MAEModel, batch: dict, key: jax.Array, norm: bool):
-        """VideoMAE V2: decode only the running-cell-kept positions; loss where encoder-masked too."""
-        enc_keys, dec_keys = masking.split_rows(base.example_keys(key, batch))
-        patches = self.patches(batch)
-        mask = self.draw_mask(enc_keys)
-        decoder_masker = self.decoder_masker()
-        dec_mask = masking.per_row(lambda k: decoder_masker(k, 1), dec_keys)
-        query_idx = dec_mask.keep_idx
-        valid = jnp.take_along_axis(mask.mask, query_idx, axis=1)  # encoder-masked and decoder-kept
-        hidden = model.decoder.partial(model.encoder(patches, mask.keep_idx), mask.keep_idx, query_idx, valid)
-        pred = model.decoder.pred(hidden).astype(jnp.float32)
-        target = jnp.take_along_axis(self.targets(batch, patches, norm), query_idx[..., None], axis=1)
-        loss = masked_mse(pred, target, valid)
-        return loss, {"loss": loss, "mask_ratio": jnp.mean(mask.mask.astype(jnp.float32)),
-                      "decoded_ratio": jnp.mean(valid.astype(jnp.float32)) * query_idx.shape[1] / self.num_tokens}
 
     def reconstruct(self, model: MAEModel, batch: dict, key: jax.Array) -> dict:
         """Images for a person: input, masked input (hidden patches grey), reconstruction with the
         visible patches pasted back. In the normalised pixel space of ``batch['image']``. The decoder
         predicts every position here, also when it was trained with dual masking."""
         patches = self.patches(batch)
-        mask = self.mask(model, patches, base.example_keys(key, batch), self.config.total_steps)
+        mask = self.masks.draw(model, patches, base.example_keys(key, batch), self.config.total_steps)
         _, pred = self.decode(model, patches, mask)
         if self.config.loss.norm_pix:  # undo the standardisation with the true statistics
             pred = vision.denorm_pix(pred, patches, self.config.data.channels, self.norm_pix_mode)
         return self.reconstruction_images(batch, patches, mask.mask, pred)
 
     def flops(self) -> int:
+        return 3 * (self.encoder_flops(self.num_kept) + self.decoding.flops()) + self.masks.flops()
+
+    def decoder_flops(self, visible: int, tokens: int, predicted: int) -> int:
+        """Forward FLOPs of the decoder: embedding ``visible`` latents, blocks over ``tokens``, the head on
+        ``predicted`` positions."""
         m, dec, b = self.config.model, self.config.decoder, self.config.batch_size
-        length = self.num_tokens
-        kept = self.num_kept
         prefix = 1 if m.cls_token else 0
-        decoded, predicted = length, length
-        if self.dual:  # the decoder runs on the visible tokens + its queries; the head on the queries only
-            predicted = jax.eval_shape(lambda k: self.decoder_masker()(k, 1), jax.random.key(0)).keep_idx.shape[1]
-            decoded = predicted + kept
+        return (2 * b * (visible + prefix) * m.width * dec.width
+                + layers.transformer_flops(b, tokens + prefix, dec.width, dec.depth, int(dec.width * m.mlp_ratio))
+                + 2 * b * predicted * dec.width * self.target_dim)
 
-        def decoder_flops(visible: int, tokens: int, predicted: int) -> int:
-            return (2 * b * (visible + prefix) * m.width * dec.width
-                    + layers.transformer_flops(b, tokens + prefix, dec.width, dec.depth, int(dec.width * m.mlp_ratio))
-                    + 2 * b * predicted * dec.width * self.target_dim)
 
-        train = 3 * (self.encoder_flops(kept) + decoder_flops(kept, decoded, predicted))
-        if self.hpm:  # the no-gradient pass over the whole image that ranks the patches
-            train += self.encoder_flops(length) + decoder_flops(length, length, length)
-        return train
+# --------------------------------------------------------------------------- parts
+
+
+@dataclasses.dataclass(frozen=True)
+class Decoded:
+    """What a decoding predicts: ``hidden`` [B, Q, width] and ``pred`` [B, Q, target_dim] (float32) at
+    ``positions`` [B, Q] of the token grid (None: every position, in grid order), scored where
+    ``scored`` [B, Q] is True; ``metrics`` it reports."""
+
+    hidden: jax.Array
+    pred: jax.Array
+    positions: jax.Array | None
+    scored: jax.Array
+    metrics: dict
+
+
+class Masks:
+    """MAE's own masks: the configured mask kind, drawn per example; no loss term of its own."""
+
+    predicts_loss = False  # the decoder needs HPM's loss-prediction head
+
+    def __init__(self, mae: MAE):
+        self.mae = mae
+
+    def validate(self) -> None:
+        pass
+
+    def draw(self, model: MAEModel, patches: jax.Array, keys: jax.Array, step) -> masking.Mask:
+        """The encoder's mask of each example from its key (``keys`` [batch])."""
+        return self.mae.draw_mask(keys)
+
+    def terms(self, model: MAEModel, out: Decoded, target: jax.Array, step) -> tuple[jax.Array, dict]:
+        """(extra loss, its metrics) given what the decoder predicted; ``{}``: no term."""
+        return jnp.zeros(()), {}
+
+    def flops(self) -> int:
+        """Training FLOPs this part adds to the step."""
+        return 0
+
+
+class HardPatches(Masks):
+    """HPM (Wang et al. 2023): the decoder also predicts each patch's reconstruction loss (a pairwise
+    ranking loss against the actual losses), and a share of the mask growing linearly from 0 to
+    ``hpm.final_share`` is taken from the patches it predicts hardest (a no-gradient pass over the
+    whole image); the rest is drawn uniformly."""
+
+    predicts_loss = True
+
+    def validate(self) -> None:
+        share = self.mae.config.hpm.final_share
+        if not 0.0 <= share <= 1.0:
+            raise ConfigError("hpm.final_share", f"must be in [0, 1], got {share}")
+
+    def hard_count(self, step) -> jax.Array:
+        """Hidden patches taken from the predicted-hardest: ``round(share(step) * masked)``."""
+        mae = self.mae
+        frac = jnp.clip(jnp.asarray(step, jnp.float32) / mae.config.total_steps, 0.0, 1.0)
+        masked = mae.num_tokens - mae.num_kept
+        return jnp.round(mae.config.hpm.final_share * frac * masked).astype(jnp.int32)
+
+    def predicted_difficulty(self, model: MAEModel, patches: jax.Array) -> jax.Array:
+        """The loss predictor on the whole image (every patch visible), without gradient: [B, L]."""
+        batch, length = patches.shape[:2]
+        everything = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+        hidden = model.decoder(model.encoder(patches, everything), everything)
+        return jax.lax.stop_gradient(model.decoder.loss_pred(hidden)[..., 0].astype(jnp.float32))
+
+    def draw(self, model: MAEModel, patches: jax.Array, keys: jax.Array, step) -> masking.Mask:
+        scores = self.predicted_difficulty(model, patches)
+        masked, hard = self.mae.num_tokens - self.mae.num_kept, self.hard_count(step)
+        return masking.per_row(lambda k, s: masking.hard_patch_mask(k, s, masked, hard), keys, scores)
+
+    def terms(self, model: MAEModel, out: Decoded, target: jax.Array, step) -> tuple[jax.Array, dict]:
+        actual = jax.lax.stop_gradient(jnp.mean(jnp.square(out.pred - target), axis=-1))
+        predicted = model.decoder.loss_pred(out.hidden)[..., 0].astype(jnp.float32)
+        rank_loss = pairwise_rank_loss(predicted, actual, out.scored)
+        return self.mae.config.hpm.weight * rank_loss, {
+            "loss_prediction": rank_loss, "hard_count": self.hard_count(step).astype(jnp.float32)}
+
+    def flops(self) -> int:
+        mae, length = self.mae, self.mae.num_tokens
+        return mae.encoder_flops(length) + mae.decoder_flops(length, length, length)
+
+
+class Decoding:
+    """MAE's decoding: mask tokens at every hidden position, every position predicted, the hidden ones
+    scored."""
+
+    def __init__(self, mae: MAE):
+        self.mae = mae
+
+    def validate(self) -> None:
+        pass
+
+    def decode(self, model: MAEModel, patches: jax.Array, mask: masking.Mask, keys: jax.Array | None) -> Decoded:
+        hidden, pred = self.mae.decode(model, patches, mask)
+        return Decoded(hidden, pred, None, mask.mask, {})
+
+    def flops(self) -> int:
+        """Forward FLOPs of the decoder (3x is the training cost)."""
+        mae = self.mae
+        return mae.decoder_flops(mae.num_kept, mae.num_tokens, mae.num_tokens)
+
+
+class DualDecoding(Decoding):
+    """VideoMAE V2 dual masking: the decoder sees the visible tokens plus mask tokens only where a
+    running-cell decoder mask (``mask.decoder_ratio``, drawn per example) keeps them, and scores the
+    tokens masked for the encoder and kept for the decoder."""
+
+    def masker(self):
+        t, h, w = self.mae.token_grid
+        ratio = self.mae.config.mask.decoder_ratio
+        fn = lambda key, batch: masking.running_cell_mask(key, batch, t, (h, w), ratio)
+        jax.eval_shape(lambda k: fn(k, 1), jax.random.key(0))
+        return fn
+
+    def validate(self) -> None:
+        try:
+            self.masker()
+        except ValueError as err:
+            raise ConfigError("mask.decoder_ratio", str(err)) from None
+
+    @property
+    def num_queries(self) -> int:
+        return jax.eval_shape(lambda k: self.masker()(k, 1), jax.random.key(0)).keep_idx.shape[1]
+
+    def decode(self, model: MAEModel, patches: jax.Array, mask: masking.Mask, keys: jax.Array | None) -> Decoded:
+        masker = self.masker()
+        query_idx = masking.per_row(lambda k: masker(k, 1), keys).keep_idx
+        scored = jnp.take_along_axis(mask.mask, query_idx, axis=1)  # encoder-masked and decoder-kept
+        latent = model.encoder(patches, mask.keep_idx)
+        hidden = model.decoder.partial(latent, mask.keep_idx, query_idx, scored)
+        pred = model.decoder.pred(hidden).astype(jnp.float32)
+        decoded = jnp.mean(scored.astype(jnp.float32)) * query_idx.shape[1] / self.mae.num_tokens
+        return Decoded(hidden, pred, query_idx, scored, {"decoded_ratio": decoded})
+
+    def flops(self) -> int:
+        # the decoder runs on the visible tokens + its queries; the head on the queries only
+        mae, queries = self.mae, self.num_queries
+        return mae.decoder_flops(mae.num_kept, mae.num_kept + queries, queries)
