@@ -26,12 +26,21 @@ def get_config(arg: str = ""):
     c.mask.update(kind="tube", ratio=0.9)
     # VideoMAE standardises each channel within a tubelet (engine_for_pretraining.py); MAE-ST each patch
     c.loss.update(norm_pix=True, norm_pix_mode="channel")
+    # VideoMAE's layout (modeling_pretrain.py): one sinusoid table over the flattened token index in the
+    # encoder and the decoder, no cls token, encoder_to_decoder without bias; its q/v biases are
+    # model.qkv_bias (a key bias changes no attention weight)
+    c.model.update(pos_embed="sincos_1d", cls_token=False)
+    c.decoder.embed_bias = False
     c.optim.update(base_lr=1e-3, base_batch=16, b1=0.9, b2=0.95, weight_decay=0.05, warmup_steps=80)
     c.checkpoint.update(every=400, keep=2)
     c.eval.update(batch_size=128, num_images=4)
     if "st" in chosen:
         c.mask.kind = "spatiotemporal"
         c.loss.norm_pix_mode = "patch"
+        # MAE-ST (facebookresearch/mae_st): separable space-time positions (learned there, fixed sin-cos
+        # here) and a biased decoder projection, as MAE's
+        c.model.pos_embed = "sincos"
+        c.decoder.embed_bias = True
     if "dual" in chosen:
         c.mask.decoder_ratio = 0.5
     if "tiny" in chosen:

@@ -36,12 +36,17 @@ def get_config(arg: str = "vit_b"):
     c.data.update(name="kinetics400", image_key="video", frames=16, frame_stride=4, image_size=224, channels=3,
                   train_split="train", eval_split="validation", crop_scale=(0.5, 1.0), flip=True,
                   mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), num_threads=32, prefetch=4)
-    c.model.update(patch_size=16, tubelet=2, mlp_ratio=4.0, cls_token=False, dtype="bfloat16", remat="dots",
+    c.model.update(patch_size=16, tubelet=2, mlp_ratio=4.0, cls_token=False, qkv_bias=True, dtype="bfloat16", remat="dots",
                    **SIZES[sizes[0]])
     c.decoder.update(width=384, depth=4, heads=6)
     c.mask.update(kind="tube", ratio=0.9)
     # VideoMAE standardises each channel within a tubelet (engine_for_pretraining.py); MAE-ST each patch
     c.loss.update(norm_pix=True, norm_pix_mode="channel")
+    # VideoMAE's layout (modeling_pretrain.py): one sinusoid table over the flattened token index in the
+    # encoder and the decoder, no cls token, encoder_to_decoder without bias; its q/v biases are
+    # model.qkv_bias (a key bias changes no attention weight)
+    c.model.update(pos_embed="sincos_1d", cls_token=False)
+    c.decoder.embed_bias = False
     c.optim.update(base_lr=1.5e-4, base_batch=256, b1=0.9, b2=0.95, weight_decay=0.05,
                    warmup_steps=steps_for_epochs(warmup_epochs, K400_TRAIN, c.batch_size), schedule="cosine")
     c.checkpoint.update(every=1000, keep=3)
@@ -49,6 +54,10 @@ def get_config(arg: str = "vit_b"):
     if "st" in chosen:
         c.mask.kind = "spatiotemporal"
         c.loss.norm_pix_mode = "patch"
+        # MAE-ST (facebookresearch/mae_st): separable space-time positions (learned there, fixed sin-cos
+        # here) and a biased decoder projection, as MAE's
+        c.model.pos_embed = "sincos"
+        c.decoder.embed_bias = True
         c.decoder.update(width=512, depth=4, heads=16)
     if "dual" in chosen:
         c.mask.decoder_ratio = 0.5

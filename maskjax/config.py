@@ -39,6 +39,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model = dict(
         patch_size=4, tubelet=2, width=128, depth=4, heads=4, mlp_ratio=4.0, cls_token=True,
         dtype="float32", remat="none", one_hot_gather=False,
+        # image/video encoders (and the MAE decoder): fixed positions, MAE's 'sincos' or VideoMAE's 'sincos_1d'
+        pos_embed="sincos",
         # text encoder: position table size, 'learned' or 'rotary' positions, pre- or post-norm blocks
         max_len=512, positions="learned", pre_norm=True,
         # every transformer block (encoders, MAE decoder, FLIP text tower): biases on q/k/v, LayerNorm epsilon
@@ -46,7 +48,7 @@ def base_config() -> ml_collections.ConfigDict:
         # attention kernel: 'auto' (cuDNN flash attention on a CUDA GPU in bf16/fp16, else XLA), 'xla', 'cudnn'
         attention="auto",
     )
-    c.decoder = dict(width=64, depth=2, heads=4)
+    c.decoder = dict(width=64, depth=2, heads=4, embed_bias=True)
     c.mask = dict(kind="random", ratio=0.75, cell=2, min_patches=16, min_aspect=0.3,
                   filter="band", low=0.15, high=0.35,
                   # MLM: ratio schedule over training ('constant', 'linear', 'cosine') ending at final_ratio

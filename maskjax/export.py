@@ -73,6 +73,19 @@ def _objective(config):
     return objectives.get(config)
 
 
+def default_arch(config) -> str:
+    """The first architecture the objective declares that can hold this run (a video MAE run: VideoMAE),
+    else the first one (whose check then says why not)."""
+    archs = interop(config).archs
+    for arch in archs:
+        try:
+            check_exportable(config, arch)
+        except (InteropError, ConfigError):
+            continue
+        return arch
+    return archs[0]
+
+
 def exportable() -> list[str]:
     """Objectives that declare a transformers architecture."""
     from maskjax import objectives
@@ -181,7 +194,8 @@ def groups(config, arch: str, encoder_prefix: str | None = None) -> list[Group]:
 
 
 def _ctx(config) -> dict:
-    return {"patch": config.model.patch_size, "channels": config.data.channels}
+    return {"patch": config.model.patch_size, "channels": config.data.channels,
+            "tubelet": config.model.tubelet if config.data.frames else 1}
 
 
 def _grid(config) -> tuple:
@@ -372,7 +386,7 @@ def export(config, params: dict, fmt: str, out: str, arch: str | None = None, st
     if arch is None and not archs:
         raise InteropError(f"a {config.objective!r} run has no transformers equivalent to export to "
                            f"(objectives that have one: {', '.join(exportable())})")
-    arch = arch or archs[0]
+    arch = arch or default_arch(config)
     tensors = to_tensors(config, params, arch)
     vocab, text = None, arch == "bert" or bool(_own(config, arch) and _own(config, arch).tokenizer)
     if text:

@@ -57,6 +57,9 @@ FIELDS = {
     "model.heads": "Attention heads (must divide width).",
     "model.mlp_ratio": "MLP hidden size / width (encoder and decoder).",
     "model.cls_token": "Prepend a learned cls token to image encoders.",
+    "model.pos_embed": "Fixed positions of image/video encoders and the MAE decoder: sincos (MAE: separable "
+                       "sin-cos over the grid axes) or sincos_1d (VideoMAE: one sinusoid table over the "
+                       "flattened token index).",
     "model.dtype": "Compute dtype: float32, bfloat16 or float16 (parameters stay float32).",
     "model.remat": "Rematerialisation policy of the scanned blocks: none, full, dots, dots_no_batch.",
     "model.one_hot_gather": "Select kept tokens with a one-hot einsum instead of a gather (better when the "
@@ -71,6 +74,7 @@ FIELDS = {
     "decoder.width": "MAE decoder width.",
     "decoder.depth": "MAE decoder blocks.",
     "decoder.heads": "MAE decoder attention heads.",
+    "decoder.embed_bias": "Bias of the MAE decoder's input projection (False: VideoMAE's encoder_to_decoder).",
     "mask.kind": "Masker: random, block, grid, tube, spatiotemporal, filtered_noise (images, video); token, "
                  "word, span (text).",
     "mask.ratio": "Share of tokens hidden (MLM: selected for prediction).",

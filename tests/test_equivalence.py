@@ -7,17 +7,17 @@ Gradients are compared in transformers' layout: the export's tensor mapping is l
 transpose, split), so it maps gradients as it maps weights.
 
 Covered: MAE = ``ViTMAEForPreTraining`` (same ``noise``, norm-pix on and off), SimMIM =
-``ViTForMaskedImageModeling`` (same ``bool_masked_pos``), BERT MLM = ``BertForMaskedLM`` (same
+``ViTForMaskedImageModeling`` (same ``bool_masked_pos``), VideoMAE (below), BERT MLM = ``BertForMaskedLM`` (same
 corrupted inputs and labels), FLIP's contrastive loss and logit-scale gradient = CLIP's loss in
 transformers, and optimizer steps of the MAE recipe (``torch.optim.AdamW`` with the official parameter
 groups, schedule re-derived from facebookresearch/mae ``util/lr_sched.py``) and of the BERT recipe (a
 NumPy transcription of google-research/bert ``optimization.py``: its groups, schedule, epsilon,
 clipping and Adam without bias correction; torch's AdamW always corrects).
 
-Not covered here, and why: VideoMAE. transformers' ``VideoMAEForPreTraining`` has 1D sinusoid
-positions over all tokens, q/v biases without a k bias, and a mean-pooling head, so no maskjax video
-model can carry identical weights; its per-channel target normalisation is checked against a NumPy
-re-derivation of VideoMAE's ``engine_for_pretraining.py`` instead (test_masks_reference.py).
+VideoMAE = ``VideoMAEForPreTraining`` (same ``bool_masked_pos``, per-channel targets) for a run laid out
+as VideoMAE's (``model.pos_embed='sincos_1d'``, no cls token, ``decoder.embed_bias=False``: the
+VideoMAE recipes). Its per-patch mode (MAE-ST) has no transformers peer; MAE's per-patch targets are
+the ViTMAE comparison above.
 """
 import math
 
@@ -108,6 +108,37 @@ def test_mae_loss_and_gradients_match_vitmae(tmp_path, norm_pix):
     np.testing.assert_array_equal(out.mask.numpy().astype(bool), np.asarray(mask.mask))
     assert float(loss) == pytest.approx(out.loss.item(), rel=LOSS_RTOL)
     assert _assert_grads_match(config, "vit_mae", grads, hf) > 30
+
+
+@pytest.mark.parametrize("qkv_bias", [True, False])
+def test_videomae_loss_and_gradients_match_videomae_for_pretraining(tmp_path, qkv_bias):
+    """The recipe's layout (1D sinusoid positions, no cls token, encoder_to_decoder without bias,
+    VideoMAE's per-channel-in-tubelet targets) is VideoMAE's: loss and every gradient equal
+    transformers' ``VideoMAEForPreTraining`` on the same tube mask. One channel: transformers
+    un-normalises 3-channel clips with ImageNet's statistics before taking targets, which changes only
+    the epsilon of the standardisation."""
+    config = load_config("videomae_digits.py:tiny", f"model.qkv_bias={qkv_bias}")
+    objective, graphdef, params = _setup(config)
+    rng = np.random.default_rng(2)
+    d = config.data
+    clips = rng.normal(size=(3, d.frames, d.image_size, d.image_size, d.channels)).astype(np.float32)
+    batch = {"image": jnp.asarray(clips), "label": jnp.zeros(len(clips), jnp.int32)}
+    patches = objective.patches(batch)
+    mask = objective.draw_mask(jax.random.split(jax.random.key(4), len(clips)))
+
+    def loss_fn(p):
+        return objective.masked_loss(nnx.merge(graphdef, p), batch, patches, mask)[0]
+
+    loss, grads = jax.value_and_grad(loss_fn)(jax.tree.map(jnp.asarray, params))
+
+    hf = _hf(config, params, "videomae", transformers.VideoMAEForPreTraining, tmp_path / "videomae")
+    assert hf.config.qv_bias == qkv_bias and not hf.config.use_mean_pooling
+    hf.decoder.norm.eps = config.model.norm_eps  # transformers fixes 1e-5 there; VideoMAE's own code uses 1e-6
+    pixels = torch.from_numpy(np.ascontiguousarray(clips.transpose(0, 1, 4, 2, 3)))  # [B, T, C, H, W]
+    out = hf(pixel_values=pixels, bool_masked_pos=torch.from_numpy(np.array(mask.mask)))
+    out.loss.backward()
+    assert float(loss) == pytest.approx(out.loss.item(), rel=LOSS_RTOL)
+    assert _assert_grads_match(config, "videomae", grads, hf) > 20
 
 
 def test_simmim_loss_and_gradients_match_vit_for_masked_image_modeling(tmp_path):

@@ -272,6 +272,14 @@ def test_mismatches_are_one_line_errors(runs, data_dir, capsys, tmp_path):
         export.check_exportable(load_config("mlm_text.py:tiny", "model.pre_norm=True"), "bert")
     with pytest.raises(ConfigError, match="data.frames"):
         export.check_exportable(load_config("videomae_digits.py:tiny"), "vit_mae")
+    # A video MAE laid out as VideoMAE exports as VideoMAEForPreTraining by default (test_equivalence
+    # compares its loss and gradients); MAE-ST's layout is not VideoMAE's, and says which key differs.
+    assert export.default_arch(load_config("videomae_digits.py:tiny")) == "videomae"
+    assert export.default_arch(mae_config) == "vit_mae"
+    with pytest.raises(ConfigError, match="model.pos_embed"):
+        export.check_exportable(load_config("videomae_digits.py:tiny,st"), "videomae")
+    with pytest.raises(ConfigError, match="data.frames"):
+        export.check_exportable(mae_config, "videomae")
     line = _error(capsys, ["export", "--workdir", str(mae_dir), "--out", str(tmp_path / "y"), "--arch", "bert"])
     assert "--arch bert" in line and "vit_mae" in line
     mlm_dir, mlm_config = runs["mlm"]

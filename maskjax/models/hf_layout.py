@@ -18,6 +18,11 @@ def _patch_conv_out(x, ctx):  # [p*p*C (y, x, c), D] -> conv weight [D, C, p, p]
     return x.reshape(p, p, c, -1).transpose(3, 2, 0, 1)
 
 
+def _tubelet_conv_out(x, ctx):  # [t*p*p*C (t, y, x, c), D] -> Conv3d weight [D, C, t, p, p]
+    p, c, q = ctx["patch"], ctx["channels"], ctx["tubelet"]
+    return x.reshape(q, p, p, c, -1).transpose(4, 3, 0, 1, 2)
+
+
 def _shuffle_conv_out(x, ctx):  # head [D, p*p*C (y, x, c)] -> 1x1 conv [C*p*p (c, y, x), D, 1, 1] + PixelShuffle
     p, c = ctx["patch"], ctx["channels"]
     return x.reshape(-1, p, p, c).transpose(3, 1, 2, 0).reshape(c * p * p, -1)[..., None, None]
@@ -35,6 +40,7 @@ LAYOUTS: dict[str, tuple[Callable, Callable]] = {
     "flat": (lambda x, ctx: x.reshape(-1), lambda y, shape, ctx: y.reshape(shape)),  # [H, hd] bias
     "attn_out": (lambda x, ctx: x.reshape(-1, x.shape[-1]).T, lambda y, shape, ctx: y.T.reshape(shape)),  # [H, hd, D]
     "patch_conv": (_patch_conv_out, lambda y, shape, ctx: y.transpose(2, 3, 1, 0).reshape(shape)),
+    "tubelet_conv": (_tubelet_conv_out, lambda y, shape, ctx: y.transpose(2, 3, 4, 1, 0).reshape(shape)),
     "shuffle_conv": (_shuffle_conv_out, _shuffle_conv_in),
     "shuffle_bias": (lambda x, ctx: x.reshape(ctx["patch"], ctx["patch"], ctx["channels"]).transpose(2, 0, 1).reshape(-1),
                      lambda y, shape, ctx: y.reshape(ctx["channels"], ctx["patch"], ctx["patch"]).transpose(1, 2, 0)
@@ -62,12 +68,16 @@ class Group:
     required: bool = True
 
 
-def block_rules(layer: str, path: str, names: dict, qkv_bias: bool) -> list[Rule]:
-    """The rules of one stacked transformer block; ``names`` holds the file's sub-module names."""
+def block_rules(layer: str, path: str, names: dict, qkv_bias: bool | tuple[str, ...]) -> list[Rule]:
+    """The rules of one stacked transformer block; ``names`` holds the file's sub-module names.
+    ``qkv_bias``: True for biases on query, key and value, or the projections that have one in the file
+    (VideoMAE: query and value; a key bias shifts every score of a query by the same amount, so the
+    softmax never sees it)."""
     rules = []
+    biased = ("query", "key", "value") if qkv_bias is True else tuple(qkv_bias or ())
     for proj in ("query", "key", "value"):
         rules.append(Rule(f"{layer}{names['attn']}{proj}.weight", f"{path}attn/{proj}", "qkv"))
-        if qkv_bias:
+        if proj in biased:
             rules.append(Rule(f"{layer}{names['attn']}{proj}.bias", f"{path}attn/{proj}_bias", "flat"))
     rules += [
         Rule(f"{layer}attention.output.dense.weight", f"{path}attn/out", "attn_out"),

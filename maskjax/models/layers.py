@@ -68,7 +68,8 @@ class Transformer:
     value instead of threading each option through encoder -> Stack -> Block -> Attention).
 
     ``dtype`` is the compute dtype (parameters stay float32); ``remat`` a key of ``REMAT_POLICIES``;
-    ``attention`` one of :data:`ATTENTION`; ``pre_norm`` False is BERT's post-norm block."""
+    ``attention`` one of :data:`ATTENTION`; ``pre_norm`` False is BERT's post-norm block;
+    ``one_hot_gather`` selects tokens (MAE's kept tokens) by a one-hot einsum instead of a gather."""
     width: int
     depth: int
     heads: int
@@ -79,6 +80,7 @@ class Transformer:
     norm_eps: float = 1e-6
     attention: str = "auto"
     remat: str = "none"
+    one_hot_gather: bool = False
 
     def __post_init__(self):
         if self.depth < 1:
@@ -100,7 +102,7 @@ class Transformer:
         return cls(width=width, depth=depth or model.depth, heads=heads or model.heads,
                    mlp_dim=mlp_dim, dtype=compute_dtype(model.dtype),
                    pre_norm=pre_norm, qkv_bias=model.qkv_bias, norm_eps=model.norm_eps, attention=model.attention,
-                   remat=model.remat)
+                   remat=model.remat, one_hot_gather=model.one_hot_gather)
 
 
 def cudnn_unsupported(dtype, head_dim: int | None = None, length: int | None = None, masked: bool = False,

@@ -85,16 +85,42 @@ def sincos_pos_embed(dim: int, grid: Sequence[int]) -> np.ndarray:
     return emb.astype(np.float32)
 
 
+def sinusoid_table(dim: int, length: int) -> np.ndarray:
+    """VideoMAE's fixed table [length, dim] over the flattened token index (``get_sinusoid_encoding_table``
+    of MCG-NJU/VideoMAE and transformers' VideoMAE): angle pos / 10000^(2 floor(j/2) / dim), sine on even
+    dimensions, cosine on odd ones (interleaved, where MAE's tables put the halves side by side)."""
+    j = np.arange(dim)
+    angles = np.arange(length, dtype=np.float64)[:, None] / np.power(10000.0, 2 * (j // 2) / dim)[None, :]
+    return np.where(j % 2 == 0, np.sin(angles), np.cos(angles)).astype(np.float32)
+
+
+POSITIONS = ("sincos", "sincos_1d")
+
+
+def position_table(kind: str, dim: int, grid: Sequence[int]) -> np.ndarray:
+    """The fixed positions [t*h*w, dim] of ``model.pos_embed``: 'sincos' (MAE's separable form,
+    :func:`sincos_pos_embed`) or 'sincos_1d' (VideoMAE's table over the flattened index,
+    :func:`sinusoid_table`)."""
+    if kind == "sincos":
+        return sincos_pos_embed(dim, grid)
+    if kind == "sincos_1d":
+        return sinusoid_table(dim, int(np.prod(grid)))
+    raise ValueError(f"model.pos_embed={kind!r} must be one of {POSITIONS}")
+
+
 class ViTEncoder(nnx.Module):
-    """Patch embedding + sin-cos positions + optional cls token + scanned pre-norm blocks + norm.
+    """Patch embedding + fixed positions + optional cls token + scanned pre-norm blocks + norm.
 
     Call with patch vectors [B, L, patch_dim] (see :func:`patchify`) and, for MAE, ``keep_idx``
     [B, K]: only those tokens go through the blocks. Returns [B, (1 +) K, width], cls first.
+    ``positions``: a kind of :func:`position_table`.
     """
 
     def __init__(self, t: layers.Transformer, *, patch_dim: int, grid: Sequence[int], cls_token: bool = True,
-                 one_hot_gather: bool = False, rngs: nnx.Rngs):
+                 positions: str = "sincos", rngs: nnx.Rngs):
         self.grid = tuple(grid)
+        self.positions = positions
+        position_table(positions, t.width, self.grid)  # a bad kind fails here, not at the first step
         self.width = width = t.width
         self.dtype = t.dtype
         self.patch_embed = layers.Dense(patch_dim, width, ("patch", "embed"), rngs=rngs, dtype=self.dtype)
@@ -104,15 +130,15 @@ class ViTEncoder(nnx.Module):
         )
         self.blocks = layers.Stack(dataclasses.replace(t, pre_norm=True), rngs=rngs)
         self.norm = layers.LayerNorm(width, rngs=rngs, dtype=self.dtype, eps=t.norm_eps)
-        self.one_hot_gather = one_hot_gather
+        self.one_hot_gather = t.one_hot_gather
 
     @property
     def num_prefix(self) -> int:
         return 0 if self.cls is None else 1
 
     def add_positions(self, tokens: jax.Array) -> jax.Array:
-        """Adds the fixed sin-cos positions to [B, L, width] tokens (all L, in grid order)."""
-        return tokens + jnp.asarray(sincos_pos_embed(self.width, self.grid), tokens.dtype)[None]
+        """Adds the fixed positions to [B, L, width] tokens (all L, in grid order)."""
+        return tokens + jnp.asarray(position_table(self.positions, self.width, self.grid), tokens.dtype)[None]
 
     def embed(self, patches: jax.Array) -> jax.Array:
         """[B, L, patch_dim] -> [B, L, width] tokens with positions added (no cls)."""
@@ -144,4 +170,4 @@ def encoder_from_config(config, rngs: nnx.Rngs) -> ViTEncoder:
     grid = token_grid(d.image_size, m.patch_size, d.frames, m.tubelet)
     patch_dim = m.patch_size * m.patch_size * d.channels * (m.tubelet if d.frames else 1)
     return ViTEncoder(layers.Transformer.from_model(m), patch_dim=patch_dim, grid=grid, cls_token=m.cls_token,
-                      one_hot_gather=m.one_hot_gather, rngs=rngs)
+                      positions=m.pos_embed, rngs=rngs)

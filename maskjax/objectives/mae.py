@@ -28,6 +28,7 @@ from flax import nnx
 from maskjax import masking
 from maskjax.objectives import base
 from maskjax.errors import ConfigError
+from maskjax.models import hf_layout as hf
 from maskjax.models import layers, vit
 from maskjax.objectives import vision
 from maskjax.objectives.vision import VisionObjective
@@ -59,12 +60,15 @@ class MAEDecoder(nnx.Module):
     the optional ``loss_pred`` (HPM) to a predicted reconstruction loss."""
 
     def __init__(self, t: layers.Transformer, encoder: vit.ViTEncoder, *, target_dim: int,
-                 predict_loss: bool = False, rngs: nnx.Rngs):
-        """``t``: the decoder's blocks; ``encoder``: the encoder it decodes (its width, token grid, prefix
-        tokens and gather are read, not kept)."""
+                 predict_loss: bool = False, embed_bias: bool = True, rngs: nnx.Rngs):
+        """``t``: the decoder's blocks; ``encoder``: the encoder it decodes (its width, token grid, kind of
+        positions, prefix tokens and gather are read, not kept); ``embed_bias``: False is VideoMAE's
+        ``encoder_to_decoder`` (no bias)."""
         self.dtype, width = t.dtype, t.width
         self.grid, self.width, self.num_prefix = encoder.grid, width, encoder.num_prefix
-        self.embed = layers.Dense(encoder.width, width, ("embed", "embed"), rngs=rngs, dtype=self.dtype)
+        self.positions = encoder.positions
+        self.embed = layers.Dense(encoder.width, width, ("embed", "embed"), rngs=rngs, dtype=self.dtype,
+                                  use_bias=embed_bias)
         self.mask_token = layers.param(rngs, nnx.initializers.normal(0.02), (1, 1, width), (None, None, "embed"), "token")
         self.blocks = layers.Stack(t, rngs=rngs)
         self.norm = layers.LayerNorm(width, rngs=rngs, dtype=self.dtype, eps=t.norm_eps)
@@ -73,7 +77,7 @@ class MAEDecoder(nnx.Module):
         self.one_hot_gather = encoder.one_hot_gather
 
     def _positions(self) -> jax.Array:
-        return jnp.asarray(vit.sincos_pos_embed(self.width, self.grid), self.dtype)
+        return jnp.asarray(vit.position_table(self.positions, self.width, self.grid), self.dtype)
 
     def __call__(self, latent: jax.Array, restore_idx: jax.Array) -> jax.Array:
         """latent [B, prefix + K, enc_width], restore_idx [B, L] -> hidden [B, L, width], grid order."""
@@ -104,6 +108,54 @@ class MAEDecoder(nnx.Module):
 class MAEModel(nnx.Module):
     def __init__(self, encoder: vit.ViTEncoder, decoder: MAEDecoder):
         self.encoder, self.decoder = encoder, decoder
+
+
+# --------------------------------------------------------------------------- transformers' VideoMAE
+
+
+def _videomae_groups(objective) -> list:
+    bias = ("query", "value") if objective.config.model.qkv_bias else False
+    emb = "videomae.embeddings.patch_embeddings.projection"
+    encoder = [hf.Rule(f"{emb}.weight", "encoder/patch_embed/kernel", "tubelet_conv"),
+               hf.Rule(f"{emb}.bias", "encoder/patch_embed/bias"),
+               *hf.block_rules("videomae.encoder.layer.{i}.", "encoder/blocks/blocks/", hf.VIT_BLOCK, bias),
+               *hf.norm("videomae.layernorm", "encoder/norm")]
+    decoder = [hf.Rule("encoder_to_decoder.weight", "decoder/embed/kernel", "linear"),
+               hf.Rule("mask_token", "decoder/mask_token"),
+               *hf.block_rules("decoder.decoder_layers.{i}.", "decoder/blocks/blocks/", hf.VIT_BLOCK, bias),
+               *hf.norm("decoder.norm", "decoder/norm"), *hf.linear("decoder.head", "decoder/pred")]
+    return [hf.Group("video encoder", encoder), hf.Group("VideoMAE decoder", decoder)]
+
+
+def _videomae_config(objective) -> dict:
+    c = objective.config
+    m, dec = c.model, c.decoder
+    return dict(model_type="videomae", image_size=c.data.image_size, patch_size=m.patch_size,
+                num_channels=c.data.channels, num_frames=c.data.frames, tubelet_size=m.tubelet, qv_bias=m.qkv_bias,
+                use_mean_pooling=False, norm_pix_loss=bool(c.loss.norm_pix), decoder_hidden_size=dec.width,
+                decoder_num_hidden_layers=dec.depth, decoder_num_attention_heads=dec.heads,
+                decoder_intermediate_size=int(dec.width * m.mlp_ratio))
+
+
+def _videomae_check(objective) -> None:
+    """Only a run laid out as VideoMAE (MCG-NJU/VideoMAE ``modeling_pretrain.py``) has its weights."""
+    c = objective.config
+    needs = [("data.frames", bool(c.data.frames), "0: VideoMAEForPreTraining is a video model; use --arch vit_mae"),
+             ("model.pos_embed", c.model.pos_embed == "sincos_1d", f"{c.model.pos_embed!r}: VideoMAE's positions "
+                                                                   "are 'sincos_1d'"),
+             ("model.cls_token", not c.model.cls_token, "True: VideoMAE has no cls token"),
+             ("decoder.embed_bias", not c.decoder.embed_bias, "True: VideoMAE's encoder_to_decoder has no bias"),
+             ("loss.target", c.loss.target == "pixels", f"{c.loss.target!r}: VideoMAE predicts pixels"),
+             ("hpm.enabled", not c.hpm.enabled, "True: the loss-prediction head has no VideoMAE equivalent"),
+             ("loss.norm_pix_mode", not c.loss.norm_pix or c.loss.norm_pix_mode == "channel",
+              f"{c.loss.norm_pix_mode!r}: VideoMAE normalises each channel of a tubelet ('channel')")]
+    for key, ok, why in needs:
+        if not ok:
+            raise ConfigError(key, why)
+
+
+VIDEOMAE = base.HFArch(cls="VideoMAEForPreTraining", groups=_videomae_groups, config=_videomae_config,
+                       check=_videomae_check)
 
 
 @base.register
@@ -137,10 +189,12 @@ class MAE(VisionObjective):
             "values": {"data.frames": 16, "model.tubelet": 2, "model.patch_size": 16, "data.image_size": 224,
                        "model.width": 768, "model.depth": 12, "mask.kind": "tube", "mask.ratio": 0.9,
                        "decoder.width": 384, "decoder.depth": 4, "optim.base_lr": 1.5e-4, "optim.base_batch": 256,
-                       "optim.b1": 0.9, "optim.b2": 0.95, "loss.norm_pix": True, "loss.norm_pix_mode": "channel"},
+                       "optim.b1": 0.9, "optim.b2": 0.95, "loss.norm_pix": True, "loss.norm_pix_mode": "channel",
+                       "model.cls_token": False, "model.qkv_bias": True, "model.pos_embed": "sincos_1d",
+                       "decoder.embed_bias": False},
         },
     }
-    interop = base.Interop(archs=("vit_mae", "vit"), encoder="encoder")
+    interop = base.Interop(archs=("vit_mae", "vit", "videomae"), encoder="encoder", own={"videomae": VIDEOMAE})
 
     def __init__(self, config):
         super().__init__(config)
@@ -158,7 +212,7 @@ class MAE(VisionObjective):
         encoder = vit.encoder_from_config(self.config, rngs)
         blocks = layers.Transformer.from_model(m, width=dec.width, depth=dec.depth, heads=dec.heads)
         decoder = MAEDecoder(blocks, encoder, target_dim=self.target_dim, predict_loss=self.masks.predicts_loss,
-                             rngs=rngs)
+                             embed_bias=dec.embed_bias, rngs=rngs)
         return MAEModel(encoder, decoder)
 
     # ---------------------------------------------------------------- forward and loss

@@ -102,6 +102,8 @@ class VisionObjective(base.Objective):
         base.check_transformer(model, config=self.config)
         if data.channels < 1:
             raise ConfigError("data.channels", f"must be >= 1, got {data.channels}")
+        if model.pos_embed not in vit.POSITIONS:
+            raise ConfigError("model.pos_embed", f"must be one of {vit.POSITIONS}, got {model.pos_embed!r}")
         stride = data.get("frame_stride", 1)
         if not isinstance(stride, int) or stride < 1:
             raise ConfigError("data.frame_stride", f"must be a positive int, got {stride!r}")
