@@ -11,8 +11,14 @@ decodes to uint8 [T, H, W, 3] (e.g. a Kinetics-400 builder of your own; clips sh
 From the paper: tubelets 2x16x16, tube masking 0.9, decoder 4 blocks x 384, MSE on pixels standardised
 per channel within each tubelet (MCG-NJU/VideoMAE ``engine_for_pretraining.py``; MAE-ST per patch),
 lr 1.5e-4 x batch / 256, AdamW (0.9, 0.95), weight decay 0.05, 40 warm-up epochs, 800 epochs
-(1600 for the best numbers), multi-scale crop + flip. Ours: the batch of 512 and random resized
-crop (0.5, 1) in place of the multi-scale crop.
+(1600 for the best numbers), multi-scale crop + flip. From the code (``modeling_pretrain.py``,
+``run_mae_pretraining.py``, ``optim_factory.py``, ``utils.py::cosine_scheduler``): q/v biases, no cls
+token, one sinusoid table over the flattened token index, ``encoder_to_decoder`` without bias, LayerNorm
+eps 1e-6, min lr 1e-5 x batch / 256, warm-up ``np.linspace(0, lr, warmup_iters)``, no weight decay on
+1-D tensors, biases and the mask token. tests/test_equivalence.py checks the model against
+transformers' ``VideoMAEForPreTraining`` and six optimizer steps against torch's AdamW with these
+groups and that schedule. Ours: the batch of 512 and random resized crop (0.5, 1) in place of the
+multi-scale crop; a key bias exists (it changes no attention weight, and stays at its zero gradient).
 """
 from maskjax import objectives
 from maskjax.config import steps_for_epochs, variants
@@ -47,8 +53,11 @@ def get_config(arg: str = "vit_b"):
     # model.qkv_bias (a key bias changes no attention weight)
     c.model.update(pos_embed="sincos_1d", cls_token=False)
     c.decoder.embed_bias = False
-    c.optim.update(base_lr=1.5e-4, base_batch=256, b1=0.9, b2=0.95, weight_decay=0.05,
-                   warmup_steps=steps_for_epochs(warmup_epochs, K400_TRAIN, c.batch_size), schedule="cosine")
+    # run_mae_pretraining.py: lr 1.5e-4 and min_lr 1e-5, both x batch / 256; utils.cosine_scheduler's
+    # warm-up is np.linspace(0, lr, warmup_iters); optim_factory: no decay on 1-D tensors, biases, mask_token
+    c.optim.update(base_lr=1.5e-4, base_batch=256, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.05,
+                   warmup_steps=steps_for_epochs(warmup_epochs, K400_TRAIN, c.batch_size), schedule="cosine",
+                   min_lr_ratio=1e-5 / 1.5e-4, warmup_linspace=True)
     c.checkpoint.update(every=1000, keep=3)
     c.eval.update(probe=False, num_images=4, batch_size=64)
     if "st" in chosen:

@@ -63,7 +63,7 @@ def base_config() -> ml_collections.ConfigDict:
     # decay_roles: which parameter roles (maskjax.models.layers.ROLES) weight decay applies to
     c.optim = dict(
         base_lr=1.5e-4, base_batch=256, b1=0.9, b2=0.95, eps=1e-8, bias_correction=True, weight_decay=0.05,
-        warmup_steps=100,
+        warmup_steps=100, warmup_linspace=False,
         schedule="cosine", decay_start="warmup_end", min_lr_ratio=0.0, clip_norm=0.0, grad_accum=1,
         decay_roles=("kernel",),
     )

@@ -105,6 +105,9 @@ FIELDS = {
                          "tables), position (learned position tables), token (cls/mask), bias, norm, temperature. "
                          "`maskjax params` lists each parameter's role and whether it decays.",
     "optim.warmup_steps": "Linear warm-up steps.",
+    "optim.warmup_linspace": "Warm-up as numpy.linspace(0, peak, warmup_steps): the peak is reached at the last "
+                             "warm-up step (BEiT/DINO/VideoMAE cosine_scheduler) instead of the first step after "
+                             "it (MAE's lr_sched.py).",
     "optim.schedule": "Decay after warm-up: cosine, linear or constant.",
     "optim.decay_start": "Where the decay's clock starts: warmup_end (decay over the steps after warm-up; MAE), "
                          "zero (decay over all steps, warm-up replacing its start; BERT's polynomial decay) or "

@@ -56,6 +56,11 @@ def validate(config, num_devices: int | None = None) -> None:
         raise ConfigError("optim.schedule", f"must be cosine, linear or constant, got {optim.schedule!r}")
     if optim.decay_start not in ("warmup_end", "zero", "zero_scaled"):
         raise ConfigError("optim.decay_start", f"must be warmup_end, zero or zero_scaled, got {optim.decay_start!r}")
+    if not isinstance(optim.warmup_linspace, bool):
+        raise ConfigError("optim.warmup_linspace", f"must be True or False, got {optim.warmup_linspace!r}")
+    if optim.warmup_linspace and optim.decay_start == "zero_scaled":
+        raise ConfigError("optim.warmup_linspace", "True has no meaning with optim.decay_start='zero_scaled' "
+                                                   "(its warm-up is a factor min(1, step / warmup))")
     if not (isinstance(optim.eps, float) and optim.eps > 0):
         raise ConfigError("optim.eps", f"must be a positive float, got {optim.eps!r}")
     roles = optim.decay_roles
@@ -111,7 +116,8 @@ def learning_rate_schedule(config) -> optax.Schedule:
     the warm-up (MAE's ``lr_sched.py``); 'zero' runs it over all ``total_steps`` from step 0 and lets
     the warm-up replace its start (BERT's ``optimization.py``: polynomial decay of the global step);
     'zero_scaled' runs it from step 0 and multiplies it by the warm-up ramp min(1, step / warmup)
-    (ELECTRA's ``optimization.py``)."""
+    (ELECTRA's ``optimization.py``). ``optim.warmup_linspace``: the ramp is numpy.linspace(0, peak,
+    warmup), peak at step warmup - 1 (the ``cosine_scheduler`` of BEiT, DINO and VideoMAE)."""
     o = config.optim
     peak = config_lib.lr(config)
     floor = peak * o.min_lr_ratio
@@ -127,7 +133,8 @@ def learning_rate_schedule(config) -> optax.Schedule:
         return decay
     if o.decay_start == "zero_scaled":
         return lambda step: decay(step) * jnp.minimum(1.0, step / o.warmup_steps)
-    warmup = optax.linear_schedule(0.0, peak, o.warmup_steps)
+    ramp = o.warmup_steps - 1 if o.warmup_linspace else o.warmup_steps
+    warmup = optax.linear_schedule(0.0, peak, ramp) if ramp > 0 else optax.constant_schedule(0.0)
     if start:
         return optax.join_schedules([warmup, decay], [o.warmup_steps])
     return lambda step: jnp.where(step < o.warmup_steps, warmup(step), decay(step))

@@ -10,7 +10,9 @@ Covered: MAE = ``ViTMAEForPreTraining`` (same ``noise``, norm-pix on and off), S
 ``ViTForMaskedImageModeling`` (same ``bool_masked_pos``), VideoMAE (below), BERT MLM = ``BertForMaskedLM`` (same
 corrupted inputs and labels), FLIP's contrastive loss and logit-scale gradient = CLIP's loss in
 transformers, and optimizer steps of the MAE recipe (``torch.optim.AdamW`` with the official parameter
-groups, schedule re-derived from facebookresearch/mae ``util/lr_sched.py``) and of the BERT recipe (a
+groups, schedule re-derived from facebookresearch/mae ``util/lr_sched.py``), of the VideoMAE recipe
+(torch's AdamW with MCG-NJU/VideoMAE ``optim_factory.py``'s groups and ``utils.py::cosine_scheduler``)
+and of the BERT recipe (a
 NumPy transcription of google-research/bert ``optimization.py``: its groups, schedule, epsilon,
 clipping and Adam without bias correction; torch's AdamW always corrects).
 
@@ -353,6 +355,35 @@ def test_mae_recipe_adamw_steps_match_torch(tmp_path):
     total, warmup, peak = config.total_steps, config.optim.warmup_steps, config.optim.base_lr
     mine, theirs, names = _adamw_steps(tmp_path, config, "vit_mae", transformers.ViTMAEForPreTraining,
                                        _mae_no_decay, lambda s: _mae_lr(s, peak, warmup, total), steps=6)
+    for name in names:
+        _assert_close(name, mine[name], theirs[name])
+
+
+def _videomae_lr(step, peak, warmup, total, final):
+    """MCG-NJU/VideoMAE utils.py cosine_scheduler per iteration: np.linspace(0, peak, warmup) (the peak
+    at the last warm-up step), then final + (peak - final) (1 + cos(pi i / (total - warmup))) / 2."""
+    if step < warmup:
+        return float(np.linspace(0.0, peak, warmup)[step])
+    return final + 0.5 * (peak - final) * (1.0 + math.cos(math.pi * (step - warmup) / (total - warmup)))
+
+
+def _videomae_no_decay(name, param):
+    """MCG-NJU/VideoMAE optim_factory.get_parameter_groups: 1-D tensors, biases and the model's
+    no_weight_decay() names (mask_token; its position tables are not parameters)."""
+    return param.ndim == 1 or name.endswith(".bias") or name == "mask_token"
+
+
+def test_videomae_recipe_adamw_steps_match_torch(tmp_path):
+    config = load_config("videomae_k400.py:vit_b", "data.image_size=16", "data.frames=4", "model.patch_size=4",
+                         "model.width=32", "model.depth=1", "model.heads=2", "decoder.width=16", "decoder.depth=1",
+                         "decoder.heads=2", "model.dtype=float32", "data.channels=1", "batch_size=256",
+                         "total_steps=10", "optim.warmup_steps=4")
+    o = config.optim
+    peak, total, warmup = o.base_lr, config.total_steps, o.warmup_steps
+    lr = lambda s: _videomae_lr(s, peak, warmup, total, 1e-5 * config.batch_size / 256)
+    assert peak == pytest.approx(1.5e-4) and o.base_batch == 256
+    mine, theirs, names = _adamw_steps(tmp_path, config, "videomae", transformers.VideoMAEForPreTraining,
+                                       _videomae_no_decay, lr, steps=7)
     for name in names:
         _assert_close(name, mine[name], theirs[name])
 

@@ -185,13 +185,16 @@ class MAE(VisionObjective):
         },
         "videomae": {
             "title": "VideoMAE: Masked Autoencoders are Data-Efficient Learners (Tong et al. 2022), ViT-B on K400",
-            "official": "MCG-NJU/VideoMAE (masking_generator.py, run_mae_pretraining.py)",
+            "official": "MCG-NJU/VideoMAE (masking_generator.py, modeling_pretrain.py, run_mae_pretraining.py, "
+                        "optim_factory.py, utils.py::cosine_scheduler)",
             "values": {"data.frames": 16, "model.tubelet": 2, "model.patch_size": 16, "data.image_size": 224,
                        "model.width": 768, "model.depth": 12, "mask.kind": "tube", "mask.ratio": 0.9,
                        "decoder.width": 384, "decoder.depth": 4, "optim.base_lr": 1.5e-4, "optim.base_batch": 256,
                        "optim.b1": 0.9, "optim.b2": 0.95, "loss.norm_pix": True, "loss.norm_pix_mode": "channel",
                        "model.cls_token": False, "model.qkv_bias": True, "model.pos_embed": "sincos_1d",
-                       "decoder.embed_bias": False},
+                       "decoder.embed_bias": False, "optim.weight_decay": 0.05, "optim.eps": 1e-8,
+                       "optim.min_lr_ratio": 1e-5 / 1.5e-4, "optim.warmup_linspace": True,
+                       "optim.decay_roles": ("kernel",)},
         },
     }
     interop = base.Interop(archs=("vit_mae", "vit", "videomae"), encoder="encoder", own={"videomae": VIDEOMAE})
