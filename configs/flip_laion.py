@@ -11,8 +11,11 @@ Data: image + caption pairs through the ``maskjax_image_text_folder`` TFDS build
 array_record (set ``data.name``, ``data.image_key``, ``data.text_key``, ``data.tokenizer``).
 
 From the paper and the official code (facebookresearch/flip ``configs/default.py``, ``models_flip.py``
-``compute_contrastive_loss``): mask 0.5, batch 32,768, lr 4e-6 x batch / 256, AdamW (0.9, 0.95), weight
-decay 0.2 on every weight matrix including both projections, text length 32, a *learnable* temperature
+``compute_contrastive_loss``, ``t5x/train_state_initializer.py`` with ``utils/opt_util.py``): mask 0.5,
+batch 32,768, lr 4e-6 x batch / 256, AdamW (0.9, 0.95), weight decay 0.2 on every parameter except
+biases, LayerNorm scales and position tables (so on both projections, the text token table, the cls
+token and the logit scale too; tests/test_equivalence.py checks six steps against that rule written
+from the filters), text length 32, a *learnable* temperature
 starting at 0.07 (logit scale 1/0.07) with the log-scale clipped to [0, log 100]; the config's
 ``clr.tau = 0.01`` is only used when the temperature is fixed (``tau_learnable=False``), which is not the
 default. 6.4B samples seen. FLIP's text tokenizer is BERT's uncased WordPiece (``tf_bert``, 30,523
@@ -51,8 +54,11 @@ def get_config(arg: str = "vit_b16"):
     c.text_model.update(mlp_ratio=4.0, positions="learned", **text)
     c.mask.update(kind="random", ratio=0.5)
     c.flip.update(embed_dim=embed, init_temperature=0.07, max_logit_scale=100.0, text_mask_ratio=0.0)
-    c.optim.update(base_lr=4e-6, base_batch=256, b1=0.9, b2=0.95, weight_decay=0.2,
-                   warmup_steps=1600, schedule="cosine")
+    # t5x/train_state_initializer.py::create_optimizer with utils/opt_util.py's filters: weight decay on
+    # every parameter but biases, LayerNorm scales and position tables (the text token table, the cls
+    # token and the logit scale are decayed); warm-up from 0, cosine to min_abs_lr = 0
+    c.optim.update(base_lr=4e-6, base_batch=256, b1=0.9, b2=0.95, weight_decay=0.2, min_lr_ratio=0.0,
+                   warmup_steps=1600, schedule="cosine", decay_roles=("kernel", "embedding", "token", "temperature"))
     c.mesh.update(data=-1, fsdp=1, tensor=1)
     c.checkpoint.update(every=2000, keep=3)
     c.eval.update(probe=False, zero_shot=False, num_images=0, batch_size=4096)

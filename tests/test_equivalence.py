@@ -352,6 +352,8 @@ def test_mae_recipe_adamw_steps_match_torch(tmp_path):
     config = load_config("mae_imagenet.py:vit_b16", "data.image_size=16", "model.patch_size=4", "model.width=32",
                          "model.depth=1", "model.heads=2", "decoder.width=16", "decoder.depth=1", "decoder.heads=2",
                          "batch_size=256", "total_steps=10", "optim.warmup_steps=3")
+    assert config.optim.base_lr == 1.5e-4
+    config.optim.base_lr = 1e-2  # large enough that a wrong decay group shows within six steps
     total, warmup, peak = config.total_steps, config.optim.warmup_steps, config.optim.base_lr
     mine, theirs, names = _adamw_steps(tmp_path, config, "vit_mae", transformers.ViTMAEForPreTraining,
                                        _mae_no_decay, lambda s: _mae_lr(s, peak, warmup, total), steps=6)
@@ -379,13 +381,77 @@ def test_videomae_recipe_adamw_steps_match_torch(tmp_path):
                          "decoder.heads=2", "model.dtype=float32", "data.channels=1", "batch_size=256",
                          "total_steps=10", "optim.warmup_steps=4")
     o = config.optim
+    assert o.base_lr == pytest.approx(1.5e-4) and o.base_batch == 256
+    o.base_lr = 1e-2  # large enough that a wrong decay group shows within seven steps; min lr keeps its ratio
     peak, total, warmup = o.base_lr, config.total_steps, o.warmup_steps
-    lr = lambda s: _videomae_lr(s, peak, warmup, total, 1e-5 * config.batch_size / 256)
-    assert peak == pytest.approx(1.5e-4) and o.base_batch == 256
+    lr = lambda s: _videomae_lr(s, peak, warmup, total, 1e-2 * 1e-5 / 1.5e-4)
     mine, theirs, names = _adamw_steps(tmp_path, config, "videomae", transformers.VideoMAEForPreTraining,
                                        _videomae_no_decay, lr, steps=7)
     for name in names:
         _assert_close(name, mine[name], theirs[name])
+
+
+def _flip_decays(path: tuple) -> bool:
+    """facebookresearch/flip utils/opt_util.py as t5x/train_state_initializer.py combines them:
+    filter_bias_and_norm (the last name is 'bias' or 'scale') and filter_posembed ('pos_embedding' in
+    the name), written for maskjax's names (an attention output bias is 'out_bias', a position table
+    'pos_embed')."""
+    return not (path[-1].endswith("bias") or path[-1] == "scale" or any("pos_embed" in p for p in path))
+
+
+def test_flip_recipe_adamw_steps_match_flips_optimizer(data_dir):
+    """FLIP has no transformers peer, so the reference is optax's adamw as FLIP calls it, transcribed in
+    NumPy (float64; bias-corrected moments, eps 1e-8, decoupled decay under FLIP's filter) with FLIP's
+    create_learning_rate_fn (linear warm-up from warmup_abs_lr = 0, cosine to min_abs_lr = 0)."""
+    from maskjax.models import layers
+
+    recipe = load_config("flip_laion.py:vit_b16")
+    config = load_config("flip_digits.py:tiny", data_dir=data_dir)
+    config.optim = recipe.optim
+    config.update(batch_size=256, total_steps=10)
+    assert config.optim.base_lr == 4e-6
+    # The recipe's rule and schedule shape at a learning rate where weight decay moves a parameter by
+    # more than the tolerance in six steps (at 4e-6 x 0.2 it would pass with any decay rule).
+    config.optim.update(warmup_steps=3, base_lr=1e-2)
+    o = config.optim
+    peak, warmup, total = o.base_lr, o.warmup_steps, config.total_steps
+
+    def lr(step):
+        if step < warmup:
+            return peak * step / warmup
+        return peak * 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / (total - warmup)))
+
+    objective, graphdef, params = _setup(config, seed=9)
+    _, state = nnx.split(objective.build(nnx.Rngs(0)))
+    optimizer, schedule = step_lib.make_optimizer(config, layers.param_roles(state))
+    flat = {tuple(str(k.key) for k in path): np.asarray(v, np.float64)
+            for path, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+    decays = {path: _flip_decays(path) for path in flat}
+    assert decays[("log_scale",)] and decays[("text", "token_embed")] and decays[("image", "cls")]
+    assert not decays[("text", "pos_embed")] and not decays[("image", "norm", "scale")]
+    mu = {k: np.zeros_like(v) for k, v in flat.items()}
+    nu = {k: np.zeros_like(v) for k, v in flat.items()}
+    ours = jax.tree.map(jnp.asarray, params)
+    opt_state = optimizer.init(ours)
+    rng = np.random.default_rng(10)
+    for step in range(6):
+        grads = jax.tree.map(lambda x: rng.standard_normal(np.shape(x)).astype(np.float32) * 0.1, params)
+        assert float(schedule(step)) == pytest.approx(lr(step), rel=1e-5, abs=1e-12), step
+        updates, opt_state = optimizer.update(jax.tree.map(jnp.asarray, grads), opt_state, ours)
+        ours = jax.tree.map(lambda p, u: p + u, ours, updates)
+        for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]:
+            k = tuple(str(e.key) for e in path)
+            g = np.asarray(g, np.float64)
+            mu[k] = o.b1 * mu[k] + (1 - o.b1) * g
+            nu[k] = o.b2 * nu[k] + (1 - o.b2) * g * g
+            t = step + 1
+            update = (mu[k] / (1 - o.b1 ** t)) / (np.sqrt(nu[k] / (1 - o.b2 ** t)) + o.eps)
+            if decays[k]:
+                update = update + o.weight_decay * flat[k]
+            flat[k] = flat[k] - lr(step) * update
+    for path, value in jax.tree_util.tree_flatten_with_path(ours)[0]:
+        k = tuple(str(e.key) for e in path)
+        _assert_close("/".join(k), np.asarray(value), flat[k])
 
 
 def test_bert_recipe_adam_weight_decay_steps_match_bert_optimizer(tmp_path, data_dir):

@@ -120,9 +120,12 @@ class FLIP(VisionObjective):
     papers = {
         "flip": {
             "title": "Scaling Language-Image Pre-training via Masking (Li et al. 2023), ViT-B/16 on LAION-400M",
-            "official": "facebookresearch/flip (models_flip.py, configs/)",
+            "official": "facebookresearch/flip (models_flip.py, configs/default.py, t5x/train_state_initializer.py, "
+                        "utils/opt_util.py)",
             "values": {"batch_size": 32768, "optim.base_lr": 4e-6, "optim.base_batch": 256, "optim.b1": 0.9,
-                       "optim.b2": 0.95, "optim.weight_decay": 0.2, "data.image_size": 224, "model.patch_size": 16,
+                       "optim.b2": 0.95, "optim.weight_decay": 0.2, "optim.min_lr_ratio": 0.0,
+                       "optim.decay_roles": ("kernel", "embedding", "token", "temperature"),
+                       "data.image_size": 224, "model.patch_size": 16,
                        "model.width": 768, "model.depth": 12, "mask.kind": "random", "mask.ratio": 0.5,
                        "flip.text_mask_ratio": 0.0, "flip.init_temperature": 0.07, "flip.max_logit_scale": 100.0},
         },
