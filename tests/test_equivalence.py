@@ -459,8 +459,9 @@ def test_bert_recipe_adam_weight_decay_steps_match_bert_optimizer(tmp_path, data
                          "data.eval_split=validation", "data.seq_len=32", "model.width=32", "model.depth=1",
                          "model.heads=2", "model.max_len=32", "mlm.max_predictions=8", "total_steps=10",
                          "optim.warmup_steps=3", "optim.clip_norm=0.05", data_dir=data_dir)
+    assert config.optim.bias_correction is False and config.optim.eps == 1e-6 and config.optim.base_lr == 1e-4
+    config.optim.base_lr = 5e-2  # at 1e-4 x weight decay 0.01 a wrong decay group would not show in six steps
     total, warmup, peak = config.total_steps, config.optim.warmup_steps, config.optim.base_lr
-    assert config.optim.bias_correction is False and config.optim.eps == 1e-6
     mine, theirs, names = _adamw_steps(tmp_path, config, "bert", transformers.BertForMaskedLM, _bert_no_decay,
                                        lambda s: _bert_lr(s, peak, warmup, total), steps=6,
                                        reference=BertAdamWeightDecay)
