@@ -22,7 +22,10 @@ default. 6.4B samples seen. FLIP's text tokenizer is BERT's uncased WordPiece (`
 tokens, length 32): pass BERT's ``vocab.txt`` as ``data.tokenizer`` to match it.
 Ours, not the paper's: without ``data.tokenizer``, a WordPiece vocabulary trained on the captions;
 crop scale (0.5, 1), the warm-up length, no zero-shot eval during training (LAION has no labels; run
-``maskjax eval`` with a labelled ``data.name`` and ``data.tokenizer``).
+``maskjax eval`` with a labelled ``data.name`` and ``data.tokenizer``). Not FLIP's code either: the image
+embedding averages the patch tokens (``models_flip.py`` averages the cls token in as well, one token of
+197), and the text tower masks caption padding out of attention (FLIP's text encoder attends to it; its
+``txt_is_valid`` is passed but unused).
 """
 from maskjax import objectives
 from maskjax.config import variants
