@@ -7,6 +7,7 @@
     maskjax params --config FILE [--mesh data=8,fsdp=4] [--devices N] [--json OUT]
     maskjax compile-check --config FILE [--mesh data=8,fsdp=4] [--devices N] [--device_memory 16GiB]
     maskjax bench  --config FILE [--steps N] [--warmup W] [--sweep mask_ratio=0,0.75] [--json OUT]
+                   [--peer hf [--rounds R]]
     maskjax sweep  --sweep configs/sweeps/FILE.py --workdir DIR [--emit slurm]    |    maskjax sweep --report DIR
 
 Multi-process runs (TPU pods, SLURM, Kubernetes, launch/local_multiprocess.py): every process runs the
@@ -114,12 +115,16 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--config", required=True, help="config file and optional variant: path/to/file.py[:variant]")
     bench.add_argument("--steps", type=int, default=20, help="timed steps")
     bench.add_argument("--warmup", type=int, default=3, help="untimed steps first")
-    bench.add_argument("--data", default="real", choices=("real", "synthetic"),
-                       help="real: the config's dataset through the input pipeline; synthetic: random arrays")
+    bench.add_argument("--data", default=None, choices=("real", "synthetic"),
+                       help="real (default): the config's dataset through the input pipeline; synthetic: random arrays")
     bench.add_argument("--sweep", action="append", default=[], help="KEY=V1,V2,...: one row per value")
     bench.add_argument("--json", default=None, help="write all results to this JSON file")
     bench.add_argument("--profile", default=None, metavar="DIR",
                        help="trace one extra step with jax.profiler into DIR and print its time per operation")
+    bench.add_argument("--peer", default=None, choices=("hf",),
+                       help="also time the same step in PyTorch + transformers (same weights, float32, one "
+                            "synthetic batch), alternating with maskjax's, and report the ratio")
+    bench.add_argument("--rounds", type=int, default=3, help="--peer: alternating rounds (the ratio is their median)")
     bench.add_argument("--debug", action="store_true", help="show tracebacks")
     multi_process_flags(bench)
     export = sub.add_parser(
@@ -368,7 +373,20 @@ def _bench(args, overrides) -> int:
         raise UsageError(f"--profile {args.profile!r} is a file, not a directory")
     config_fn = lambda: config_lib.override(config_lib.load(args.config), list(overrides))
     config_fn()  # a bad config or override fails before anything is compiled
-    rows = bench.sweep(config_fn, sweeps, args.steps, args.warmup, args.data, progress=True, profile=args.profile)
+    if args.peer:
+        from maskjax import peer
+
+        for flag, given in (("--sweep", args.sweep), ("--profile", args.profile), ("--data", args.data)):
+            if given:
+                raise UsageError(f"{flag} does not combine with --peer (it times one synthetic batch on both sides)")
+        row = peer.compare(config_fn(), args.steps, args.warmup, args.rounds)
+        print(peer.report(row))
+        if args.json:
+            _write_json(args.json, {"config": args.config, "overrides": list(overrides),
+                                    "environment": bench.environment(), "results": [row]})
+        return 0
+    rows = bench.sweep(config_fn, sweeps, args.steps, args.warmup, args.data or "real", progress=True,
+                       profile=args.profile)
     keys = [k for k, _ in sweeps]
     if jax.process_index() != 0:
         return 0

@@ -116,6 +116,30 @@ def test_synthetic_batches_match_the_batch_spec(data_dir):
             assert batch["tokens"].max() < objective.tokenizer.vocab_size
 
 
+@pytest.mark.parametrize("name,peers", [
+    ("mae_digits.py:tiny", ["ViTMAEForPreTraining"]),
+    ("mlm_text.py:tiny", ["BertForMaskedLM, gathered head", "BertForMaskedLM, dense head"]),
+])
+def test_peer_comparison_times_both_stacks_on_the_same_weights(data_dir, tmp_path, capsys, name, peers):
+    """``--peer hf``: the transformers model gets maskjax's weights, so on the same batch its first loss is
+    the same quantity as maskjax's (other masks: MLM's cross-entropy of a random model, MAE's error on other
+    patches), and both are timed in alternating rounds."""
+    out = tmp_path / "peer.json"
+    code = cli.main(["bench", "--config", os.path.join(ROOT, "configs", name), "--peer", "hf", "--steps", "2",
+                     "--warmup", "1", "--rounds", "2", "--json", str(out), f"--config.data.data_dir={data_dir}"])
+    text = capsys.readouterr().out
+    assert code == 0, text
+    (row,) = json.loads(out.read_text())["results"]
+    assert list(row["peers"]) == peers and len(row["step_seconds"]) == 2 and row["dtype"] == "float32"
+    for peer in peers:
+        result = row["peers"][peer]
+        assert len(result["ratio_per_round"]) == 2 and result["ratio_median"] > 0 and f"{peer} " in text
+        assert result["ratio_median"] == pytest.approx(sorted(result["ratio_per_round"])[0] / 2
+                                                       + sorted(result["ratio_per_round"])[1] / 2)
+        assert row["first_loss"][peer] == pytest.approx(row["first_loss"]["maskjax"], rel=0.3 if "MAE" in peer else 0.02)
+    assert "maskjax is" in text and "x as fast" in text
+
+
 def test_bench_bad_flags(capsys):
     path = os.path.join(ROOT, "configs", "mae_digits.py")
     for args, message in [
@@ -124,9 +148,19 @@ def test_bench_bad_flags(capsys):
         (["--steps", "0"], "--steps 0 must be >= 1"),
         (["--config.batch_size=abc"], "config.batch_size: cannot parse 'abc' as int"),
         (["--profile", path], f"--profile {path!r} is a file, not a directory"),
+        (["--peer", "hf", "--sweep", "mask_ratio=0,1"], "--sweep does not combine with --peer"),
+        (["--peer", "hf", "--config.model.dtype=bfloat16"], "config.model.dtype: 'bfloat16': --peer hf compares float32"),
+        (["--peer", "hf", "--rounds", "0"], "need steps >= 1, warmup >= 0, rounds >= 1"),
     ]:
         assert cli.main(["bench", "--config", path] + args) == 2
         assert message in capsys.readouterr().err
+
+
+def test_peer_needs_an_objective_with_a_pytorch_peer(capsys):
+    path = os.path.join(ROOT, "configs", "mdlm_text.py:tiny")
+    assert cli.main(["bench", "--config", path, "--peer", "hf"]) == 2
+    err = capsys.readouterr().err
+    assert "--peer hf: a 'mdlm' run has no PyTorch peer here" in err and "mae" in err and "mlm" in err
 
 
 def test_peak_table_and_parse():
