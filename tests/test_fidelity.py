@@ -40,7 +40,7 @@ def test_mae_recipe_decays_every_kernel_and_nothing_else(capsys, tmp_path):
     assert totals["decayed"] == sum(r["size"] for r in rows.values() if r["weight_decay"])
 
 
-def test_flip_recipe_decays_both_projections_not_the_temperature(capsys, tmp_path, data_dir):
+def test_flip_recipe_decays_what_flips_optimizer_decays(capsys, tmp_path, data_dir):
     from maskjax.data import sources
 
     vocab = os.path.join(sources.builder(load_config("flip_digits.py", data_dir=data_dir).data).data_dir, "vocab.txt")
@@ -48,7 +48,11 @@ def test_flip_recipe_decays_both_projections_not_the_temperature(capsys, tmp_pat
                            f"--config.data.data_dir={data_dir}")
     assert rows["image_proj/kernel"]["weight_decay"] and rows["text_proj/kernel"]["weight_decay"]
     assert rows["image_proj/kernel"]["axes"] == ["embed", None]  # one named axis, still a weight matrix
-    assert rows["log_scale"]["role"] == "temperature" and not rows["log_scale"]["weight_decay"]
+    # facebookresearch/flip decays everything but biases, LayerNorm scales and position tables
+    assert rows["log_scale"]["role"] == "temperature" and rows["log_scale"]["weight_decay"]
+    assert rows["text/token_embed"]["weight_decay"] and rows["image/cls"]["weight_decay"]
+    assert not rows["text/pos_embed"]["weight_decay"] and not rows["image/norm/scale"]["weight_decay"]
+    assert not rows["image/patch_embed/bias"]["weight_decay"]
 
 
 def test_bert_recipe_decays_embedding_and_position_tables(capsys, tmp_path, data_dir):

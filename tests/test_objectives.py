@@ -6,8 +6,8 @@ import pytest
 from flax import nnx
 
 from maskjax import step as step_lib
-from maskjax import objectives
-from maskjax.objectives import mae, vision
+from maskjax import masking, objectives
+from maskjax.objectives import base, mae, vision
 from tests.conftest import load_config
 
 
@@ -38,7 +38,7 @@ def test_mae_loss_is_the_masked_mse_of_the_drawn_mask():
     batch = {"image": jax.random.normal(jax.random.key(4), (4, 16, 16, 1)), "label": jnp.zeros(4, jnp.int32)}
     loss, metrics = objective.loss(model, batch, key, 0)
     patches = objective.patches(batch)
-    mask = objective.mask(model, patches, key, 0)
+    mask = objective.masks.draw(model, patches, masking.split_rows(base.example_keys(key, batch))[0], 0)
     _, pred = objective.decode(model, patches, mask)
     target = vision.norm_pix(patches)
     assert float(loss) == pytest.approx(float(mae.masked_mse(pred, target, mask.mask)), rel=1e-6)
