@@ -42,7 +42,8 @@ def get_config(arg: str = "vit_b"):
     c.data.update(name="kinetics400", image_key="video", frames=16, frame_stride=4, image_size=224, channels=3,
                   train_split="train", eval_split="validation", crop_scale=(0.5, 1.0), flip=True,
                   mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), num_threads=32, prefetch=4)
-    c.model.update(patch_size=16, tubelet=2, mlp_ratio=4.0, cls_token=False, qkv_bias=True, dtype="bfloat16", remat="dots",
+    c.model.update(patch_size=16, tubelet=2, mlp_ratio=4.0, cls_token=False, qkv_bias=True, dtype="bfloat16",
+                   remat="dots",
                    **SIZES[sizes[0]])
     c.decoder.update(width=384, depth=4, heads=6)
     c.mask.update(kind="tube", ratio=0.9)

@@ -114,7 +114,8 @@ FIELDS = {
                          "zero_scaled (decay over all steps times the warm-up ramp min(1, step / warmup); ELECTRA).",
     "optim.min_lr_ratio": "Final learning rate as a fraction of the peak.",
     "optim.clip_norm": "Global gradient-norm clip; 0 = off.",
-    "optim.grad_accum": "Micro-batches per step (gradient accumulation inside the jitted step; micro-batch i takes rows i, i + n, ... and draws the full batch's masks for them).",
+    "optim.grad_accum": "Micro-batches per step (gradient accumulation inside the jitted step; micro-batch i "
+                        "takes rows i, i + n, ... and draws the full batch's masks for them).",
     "mesh.data": "Data-parallel axis size; -1 = the devices left over.",
     "mesh.fsdp": "Fully-sharded (ZeRO-3) axis size: parameters and optimizer state sharded, batch too.",
     "mesh.tensor": "Tensor-parallel axis size (heads and MLP hidden units).",

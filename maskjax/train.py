@@ -170,7 +170,8 @@ class Policy:
         return cls(end=config.total_steps if stop_at is None else min(stop_at, config.total_steps),
                    total_steps=config.total_steps, log_every=config.log_every,
                    checkpoint_every=config.checkpoint.every, eval_every=config.eval_every if evaluate else 0,
-                   nonfinite_mode=f.nonfinite, max_skipped=f.max_skipped_steps, count_bad_records=f.bad_records == "skip")
+                   nonfinite_mode=f.nonfinite, max_skipped=f.max_skipped_steps,
+                   count_bad_records=f.bad_records == "skip")
 
     def after(self, done: int, preempted: bool = False) -> Todo:
         last = done == self.end

@@ -66,8 +66,9 @@ class Objective:
 
     Required: ``validate()`` (raises ``ConfigError`` naming the key), ``build(rngs)`` (the model,
     parameters only), ``loss(model, batch, key, step) -> (scalar, metrics)`` (pure; each example's
-    masks drawn from its own key, :func:`example_keys`), ``batch_spec()`` (``{name: (global shape, dtype)}``), ``synthetic_batch(rng)`` (a local
-    batch of that spec for benchmarks), ``flops()`` (analytic FLOPs of one training step).
+    masks drawn from its own key, :func:`example_keys`), ``batch_spec()`` (``{name: (global shape,
+    dtype)}``), ``synthetic_batch(rng)`` (a local batch of that spec for benchmarks), ``flops()``
+    (analytic FLOPs of one training step).
 
     Declared capabilities: ``evaluators`` (names from :data:`EVALUATORS`, each needing its methods),
     ``sample_kind`` (``sample(model, key, num, steps)`` and how ``maskjax sample`` renders it),

@@ -107,7 +107,8 @@ class MLM(TextObjective):
         budget = masking.mlm_budget(batch["maskable"], self.ratio_schedule()(step), mlm.max_predictions)
         k_select, k_replace = masking.split_rows(base.example_keys(key, batch))
         selected, unit = masking.per_row(
-            lambda k, words, eligible, n: masking.select_text(mask.kind, k, words, eligible, n, mlm.span_p, mlm.span_max),
+            lambda k, words, eligible, n: masking.select_text(mask.kind, k, words, eligible, n, mlm.span_p,
+                                                              mlm.span_max),
             k_select, batch["word_start"], batch["maskable"], budget)
         inputs = masking.per_row(
             lambda k, tokens, chosen, units: bert_corrupt(k, tokens, chosen, units, tok.mask_id, tok.vocab_size,
