@@ -4,7 +4,8 @@ process, alternately with maskjax's, so that the ratio is read under the same lo
 The peer gets maskjax's weights through ``maskjax export`` (so both sides hold the same model), trains
 in float32 with dropout 0 and ``torch.optim.AdamW`` at the run's learning rate, betas, epsilon and
 weight decay (and the run's gradient clipping), and draws its masks inside its timed step as maskjax
-does: MAE's ``noise`` for ``ViTMAEForPreTraining``; for ``BertForMaskedLM`` a per-row budget of
+does: MAE's ``noise`` for ``ViTMAEForPreTraining``, a tube mask for ``VideoMAEForPreTraining`` (runs
+laid out as VideoMAE's: the VideoMAE recipes); for ``BertForMaskedLM`` a per-row budget of
 ``round(mask.ratio x maskable)`` positions (at most ``mlm.max_predictions``) with BERT's 80/10/10 rule.
 BERT is timed twice: with the prediction head on the gathered masked positions (Google's BERT, and
 what maskjax's ``mlm.sparse`` does: the fair peer) and with transformers' stock head over every
@@ -113,9 +114,25 @@ def _mlm_peers(torch, model, config, objective) -> dict[str, Callable[[dict], fl
     return {"BertForMaskedLM, gathered head": gathered, "BertForMaskedLM, dense head": dense}
 
 
-# transformers architecture (maskjax export's --arch; an objective names its own with ``peer``) -> the
-# peers of its training step
-PEERS = {"vit_mae": _mae_peers, "bert": _mlm_peers}
+def _videomae_peers(torch, model, config, objective) -> dict[str, Callable[[dict], float]]:
+    if config.mask.kind != "tube":
+        raise ConfigError("mask.kind", f"{config.mask.kind!r}: the VideoMAE peer draws VideoMAE's tube masks")
+    opt = _optimizer(torch, model, config)
+    t, h, w = objective.token_grid
+    kept = objective.num_kept // t  # tube masking: one spatial mask per clip, the same in every frame
+
+    def step(batch: dict) -> float:
+        clips = torch.from_numpy(np.ascontiguousarray(batch["image"].transpose(0, 1, 4, 2, 3)))  # [B, T, C, H, W]
+        rank = torch.rand(clips.shape[0], h * w).argsort(1).argsort(1)
+        hidden = (rank >= kept).repeat(1, t)  # the mask, drawn inside the step
+        out = model(pixel_values=clips, bool_masked_pos=hidden)
+        return _finish(torch, model, opt, out.loss, config.optim.clip_norm)
+
+    return {"VideoMAEForPreTraining": step}
+
+
+# transformers architecture (maskjax export's --arch, the run's default one) -> the peers of its step
+PEERS = {"vit_mae": _mae_peers, "videomae": _videomae_peers, "bert": _mlm_peers}
 
 
 def check(config) -> str:
@@ -131,12 +148,14 @@ def check(config) -> str:
     from maskjax import objectives
 
     export.interop(config)  # an unknown objective is named here
-    arch = objectives.REGISTRY[config.objective].peer
-    if arch not in PEERS:
-        with_peer = sorted(name for name, cls in objectives.REGISTRY.items() if cls.peer in PEERS)
+    if not objectives.REGISTRY[config.objective].peer:
+        with_peer = sorted(name for name, cls in objectives.REGISTRY.items() if cls.peer)
         raise bench.BenchError(f"--peer hf: a {config.objective!r} run has no PyTorch peer here (objectives with one: "
                                f"{', '.join(with_peer)})")
-    export.check_exportable(config, arch)
+    arch = export.default_arch(config)
+    export.check_exportable(config, arch)  # a run no architecture can hold: the key that stops it
+    if arch not in PEERS:
+        raise bench.BenchError(f"--peer hf: no PyTorch step for --arch {arch} yet (peers: {', '.join(PEERS)})")
     return arch
 
 

@@ -118,6 +118,7 @@ def test_synthetic_batches_match_the_batch_spec(data_dir):
 
 @pytest.mark.parametrize("name,peers", [
     ("mae_digits.py:tiny", ["ViTMAEForPreTraining"]),
+    ("videomae_digits.py:tiny", ["VideoMAEForPreTraining"]),
     ("mlm_text.py:tiny", ["BertForMaskedLM, gathered head", "BertForMaskedLM, dense head"]),
 ])
 def test_peer_comparison_times_both_stacks_on_the_same_weights(data_dir, tmp_path, capsys, name, peers):
@@ -163,6 +164,10 @@ def test_peer_needs_an_objective_with_a_pytorch_peer(capsys):
     assert cli.main(["bench", "--config", path, "--peer", "hf"]) == 2
     err = capsys.readouterr().err
     assert "--peer hf: a 'mdlm' run has no PyTorch peer here" in err and "mae" in err and "mlm" in err
+    # MAE-ST's layout is no transformers model: the key that stops it is named
+    path = os.path.join(ROOT, "configs", "videomae_digits.py:tiny,st")
+    assert cli.main(["bench", "--config", path, "--peer", "hf"]) == 2
+    assert "config.data.frames" in capsys.readouterr().err
 
 
 def test_peak_table_and_parse():

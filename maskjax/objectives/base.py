@@ -80,9 +80,10 @@ class Objective:
     data_kind: ClassVar[str]  # the input pipeline that feeds it: 'image', 'image_text' or 'text'
     sample_kind: ClassVar[str | None] = None
     interop: ClassVar[Interop] = Interop()
-    # The export architecture whose PyTorch training step is this objective's peer in ``maskjax bench
-    # --peer hf`` (a key of ``maskjax.peer.PEERS``); None: no peer.
-    peer: ClassVar[str | None] = None
+    # ``maskjax bench --peer hf`` may time the PyTorch training step of the run's export architecture
+    # (``maskjax.export.default_arch``, a key of ``maskjax.peer.PEERS``) beside this objective's step:
+    # True only where that step is this objective's (MDLM exports as BERT but does not train as BERT).
+    peer: ClassVar[bool] = False
     # The hyperparameters each paper the objective implements states, as config keys: {key: {"title",
     # "official", "values"}}; a recipe names one with ``PAPER = "key"``, docs/reference/recipes compares.
     papers: ClassVar[dict[str, dict]] = {}

@@ -124,7 +124,7 @@ HF_ARCHS = {
 @base.register
 class ELECTRA(MLM):
     name = "electra"
-    peer = None  # its generator + discriminator step has no single transformers model
+    peer = False  # its generator + discriminator step has no single transformers model
     interop = base.Interop(archs=tuple(HF_ARCHS), own=HF_ARCHS)
     config_groups = {
         **MLM.config_groups,

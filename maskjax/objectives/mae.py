@@ -198,7 +198,7 @@ class MAE(VisionObjective):
         },
     }
     interop = base.Interop(archs=("vit_mae", "vit", "videomae"), encoder="encoder", own={"videomae": VIDEOMAE})
-    peer = "vit_mae"
+    peer = True
 
     def __init__(self, config):
         super().__init__(config)

@@ -39,7 +39,7 @@ def bert_corrupt(key: jax.Array, tokens: jax.Array, selected: jax.Array, unit: j
 @base.register
 class MLM(TextObjective):
     name = "mlm"
-    peer = "bert"
+    peer = True
     config_groups = {
         "mlm": {
             "replace": (True, "BERT's 80/10/10 rule ([MASK] / random token / unchanged); False = always [MASK]."),
