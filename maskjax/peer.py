@@ -206,11 +206,9 @@ def compare(config, steps: int, warmup: int, rounds: int, progress: bool = True)
         for name, fn in peers.items():
             row[name] = statistics.median(_time(lambda: fn(batch), steps))
         per_round.append(row)
-        if progress:
-            print(f"\rpeer round {r + 1}/{rounds}: maskjax {1000 * row['maskjax']:.0f} ms/step, "
-                  + ", ".join(f"{n} {1000 * row[n]:.0f}" for n in peers), end="", flush=True)
-    if progress:
-        print("\r" + " " * 100 + "\r", end="", flush=True)
+        if progress:  # a round takes minutes on a real model: one line each, kept
+            print(f"peer round {r + 1}/{rounds}: maskjax {1000 * row['maskjax']:.0f} ms/step; "
+                  + "; ".join(f"{n} {1000 * row[n]:.0f} ms/step" for n in peers), flush=True)
     ratios = {name: [r[name] / r["maskjax"] for r in per_round] for name in peers}
     return {
         "objective": config.objective, "peer": "hf", "arch": arch, "batch_size": config.batch_size,
