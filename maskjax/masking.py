@@ -57,6 +57,11 @@ def per_row(draw: Callable, keys: jax.Array, *arrays: jax.Array):
     return jax.tree.map(lambda x: x[:, 0], out)
 
 
+def per_example(masker: Callable[[jax.Array, int], Mask], keys: jax.Array) -> Mask:
+    """The ``masker(key, batch)`` mask of each example from its own key (``keys`` [batch])."""
+    return per_row(lambda k: masker(k, 1), keys)
+
+
 # --------------------------------------------------------------------------- argument checks
 
 

@@ -176,8 +176,7 @@ def test_dual_masking_loss_only_on_encoder_masked_decoder_kept(data_dir):
     del objective.targets
     enc_keys, dec_keys = masking.split_rows(base.example_keys(key, batch))
     hidden = np.asarray(objective.draw_mask(enc_keys).mask)
-    decoder_masker = objective.decoding.masker()
-    decoder_dropped = np.asarray(masking.per_row(lambda k: decoder_masker(k, 1), dec_keys).mask)
+    decoder_dropped = np.asarray(masking.per_example(objective.decoding.masker(), dec_keys).mask)
     expected = hidden & ~decoder_dropped
     assert expected.any() and (~expected).any()
     np.testing.assert_array_equal(np.abs(grad).sum(-1) > 0, expected)

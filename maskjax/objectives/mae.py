@@ -399,8 +399,7 @@ class DualDecoding(Decoding):
         return jax.eval_shape(lambda k: self.masker()(k, 1), jax.random.key(0)).keep_idx.shape[1]
 
     def decode(self, model: MAEModel, patches: jax.Array, mask: masking.Mask, keys: jax.Array | None) -> Decoded:
-        masker = self.masker()
-        query_idx = masking.per_row(lambda k: masker(k, 1), keys).keep_idx
+        query_idx = masking.per_example(self.masker(), keys).keep_idx
         scored = jnp.take_along_axis(mask.mask, query_idx, axis=1)  # encoder-masked and decoder-kept
         latent = model.encoder(patches, mask.keep_idx)
         hidden = model.decoder.partial(latent, mask.keep_idx, query_idx, scored)

@@ -193,8 +193,7 @@ class VisionObjective(base.Objective):
 
     def draw_mask(self, keys: jax.Array) -> masking.Mask:
         """The configured mask of each example, drawn from its own key (``keys`` [batch])."""
-        masker = self.masker()
-        return masking.per_row(lambda k: masker(k, 1), keys)
+        return masking.per_example(self.masker(), keys)
 
     @property
     def evaluators(self) -> tuple[str, ...]:
