@@ -75,8 +75,7 @@ def train(config, workdir: str, *, stop_at: int | None = None, devices=None, eva
             todo = policy.after(done, preemption.reached(done))
             if todo.check:
                 verdict = policy.nonfinite(window.new_rows(), saved, checkpointer.directory)
-                if verdict.messages or verdict.error:
-                    state, saved = _act(verdict, state, setup, window, checkpointer, progress, saved)
+                state, saved = _act(verdict, state, setup, window, checkpointer, progress, saved)
             if todo.log:
                 values = window.flush()
                 examples_per_sec, seconds_per_step = progress.rate(done)
