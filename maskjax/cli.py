@@ -179,14 +179,15 @@ def load_config(spec: str | None, workdir: str, overrides: list[str]):
     if spec is None:
         from maskjax import objectives
 
-        saved = os.path.join(workdir, "config.json")
-        if not os.path.exists(saved):
+        from maskjax import storage
+
+        saved = storage.join(workdir, "config.json")
+        if not storage.exists(saved):
             raise UsageError(f"--workdir {workdir!r} has no config.json; pass --config")
         import json
 
         try:
-            with open(saved) as f:
-                config = objectives.from_saved(json.load(f))
+            config = objectives.from_saved(json.loads(storage.read_text(saved)))
         except (ValueError, OSError) as err:
             raise UsageError(f"{saved}: not a readable config ({type(err).__name__}: {err}); pass --config") from None
         config.lock()
@@ -293,8 +294,9 @@ def _sample(args, overrides) -> int:
     report = "\n\n".join(f"--- sample {i} (step {step}, {steps} denoising steps)\n{t}" for i, t in enumerate(texts))
     print(report)
     if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
-            f.write(report + "\n")
+        from maskjax import storage
+
+        storage.write_text(args.out, report + "\n")
     return 0
 
 
@@ -329,8 +331,9 @@ def _mesh_overrides(mesh: str | None) -> list[str]:
 def _write_json(path: str, value) -> None:
     import json
 
-    with open(path, "w") as f:
-        json.dump(value, f, indent=2)
+    from maskjax import storage
+
+    storage.write_text(path, json.dumps(value, indent=2))
 
 
 def _params(args, overrides) -> int:
@@ -421,10 +424,9 @@ def _sweep(args, overrides) -> int:
 
 
 def _check_workdir(workdir: str) -> None:
-    parent = os.path.abspath(workdir)
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+    from maskjax import storage
+
+    if storage.writable(workdir) is not None:
         raise UsageError(f"--workdir {workdir!r} is not writable")
 
 

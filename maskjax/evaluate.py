@@ -10,7 +10,6 @@ Results go to ``workdir/eval.json`` with the checkpoint step they used.
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import jax
@@ -19,7 +18,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from maskjax import metrics as metrics_lib
-from maskjax import sharding
+from maskjax import sharding, storage
 from maskjax.data import pipeline, sources
 from maskjax.objectives import base
 
@@ -110,8 +109,7 @@ def run(setup, params, workdir: str, step: int, writer=None) -> dict:
     if "reconstruction" in declared and config.eval.num_images:
         results["reconstruction_png"] = save_reconstructions(setup, params, workdir, step, writer)
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "eval.json"), "w") as f:
-            json.dump(results, f, indent=2)
+        storage.write_text(storage.join(workdir, "eval.json"), json.dumps(results, indent=2))
         if writer is not None:
             flat = {f"eval/{group}/{name}": value
                     for group in ("pretrained", "random_init", "raw_pixels", "text", "zero_shot", "finetune")
@@ -361,7 +359,7 @@ def save_reconstructions(setup, params, workdir: str, step: int, writer=None) ->
     if rows[0].ndim == 5:  # video: a strip per clip, rows input / masked / reconstructed frames
         rows = [kind[i] for i in range(min(n, VIDEO_CLIPS)) for kind in rows]
     grid = metrics_lib.image_grid(rows, config.data.mean, config.data.std)
-    path = os.path.join(workdir, "reconstructions", f"step_{step:07d}.png")
+    path = storage.join(workdir, "reconstructions", f"step_{step:07d}.png")
     if jax.process_index() == 0:
         metrics_lib.save_png(path, grid)
         if writer is not None:

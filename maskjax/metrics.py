@@ -2,38 +2,40 @@
 PNG grids a person can look at."""
 from __future__ import annotations
 
+import io
 import json
-import os
 import sys
 import time
 
 import numpy as np
 from PIL import Image
 
+from maskjax import storage
+
 
 class Writer:
     """Appends one JSON object per log step to ``metrics.jsonl`` and mirrors scalars and images to
-    TensorBoard. Only the writing process (process 0) should construct one with ``enabled=True``."""
+    TensorBoard, in a local or object-store workdir. Only the writing process (process 0) should
+    construct one with ``enabled=True``."""
 
     def __init__(self, workdir: str, enabled: bool = True):
         self.enabled = enabled
-        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.path = storage.join(workdir, "metrics.jsonl")
+        self._jsonl = storage.Appender(self.path)
         self._tb = None
         if enabled:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), flush_secs=30)
+            _register_object_store_events()
+            self._tb = SummaryWriter(storage.join(workdir, "tensorboard"), flush_secs=30)
 
     def truncate_after(self, step: int) -> None:
         """Drops records past ``step`` (written after the checkpoint a run resumes from), so a
         resumed run's history is the uninterrupted run's history."""
-        if not self.enabled or not os.path.exists(self.path):
+        if not self.enabled or not storage.exists(self.path):
             return
         kept = [json.dumps(r) + "\n" for r in read_jsonl(self.path) if r.get("step", 0) <= step]
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(kept)
-        os.replace(tmp, self.path)
+        self._jsonl.replace("".join(kept))
 
     def scalars(self, step: int, values: dict, jsonl: bool = True) -> None:
         """One record per call; ``jsonl=False`` writes TensorBoard only (eval scalars)."""
@@ -41,8 +43,7 @@ class Writer:
             return
         record = {"step": int(step), **{k: _plain(v) for k, v in values.items()}}
         if jsonl:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            self._jsonl.write(json.dumps(record) + "\n")
         for key, value in record.items():
             if key != "step" and isinstance(value, (int, float)):
                 self._tb.add_scalar(key, value, step)
@@ -51,9 +52,51 @@ class Writer:
         if self.enabled:
             self._tb.add_image(tag, image, step, dataformats="HWC")
 
+    def flush(self) -> None:
+        """Makes everything written so far durable (object stores batch their rewrites)."""
+        if self.enabled:
+            self._jsonl.flush()
+            self._tb.flush()
+
     def close(self) -> None:
         if self._tb is not None:
+            self._jsonl.close()
             self._tb.close()
+
+
+class _ObjectStoreEvents:
+    """A TensorBoard event file on an object store: tensorboardX's record-writer interface over
+    :class:`storage.Appender` (its own gs:// writer needs google-cloud-storage; this one goes through
+    the store maskjax already uses)."""
+
+    def __init__(self, path: str):
+        self._buffer = bytearray()
+        self._path = path
+
+    def write(self, data: bytes) -> None:
+        self._buffer += data
+
+    def flush(self) -> None:
+        if self._buffer:
+            storage.write_bytes(self._path, bytes(self._buffer))
+
+    def close(self) -> None:
+        self.flush()
+
+
+class _ObjectStoreEventsFactory:
+    def open(self, path):
+        return _ObjectStoreEvents(path)
+
+    def directory_check(self, path):
+        pass  # object stores have no directories
+
+
+def _register_object_store_events() -> None:
+    from tensorboardX import record_writer
+
+    for prefix in ("gs", "s3"):
+        record_writer.register_writer_factory(prefix, _ObjectStoreEventsFactory())
 
 
 def _plain(value):
@@ -64,8 +107,7 @@ def _plain(value):
 def read_jsonl(path: str) -> list[dict]:
     """The records of a JSON-lines file; a last line cut short by a killed writer is left out."""
     records = []
-    with open(path) as f:
-        lines = [line for line in f if line.strip()]
+    lines = [line for line in storage.read_text(path).splitlines() if line.strip()]
     for i, line in enumerate(lines):
         try:
             records.append(json.loads(line))
@@ -140,5 +182,6 @@ def image_grid(rows: list[np.ndarray], mean, std, scale: int = 8, pad: int = 2) 
 
 
 def save_png(path: str, image: np.ndarray) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    Image.fromarray(image).save(path)
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    storage.write_bytes(path, buffer.getvalue())

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 
 import jax
@@ -16,7 +15,7 @@ import numpy as np
 from maskjax import checkpoint as ckpt_lib
 from maskjax import config as config_lib
 from maskjax import metrics as metrics_lib
-from maskjax import distributed, faults
+from maskjax import distributed, faults, storage
 from maskjax import data
 from maskjax.step import Setup, build, initialize_from
 
@@ -38,7 +37,8 @@ def train(config, workdir: str, *, stop_at: int | None = None, devices=None, eva
     setup = build(config, devices)  # validation happens here, before anything is written
     is_writer = jax.process_index() == 0
     loader = data.train_loader(config, setup.rows(config.batch_size), kind=setup.objective.data_kind)
-    os.makedirs(workdir, exist_ok=True)
+    workdir = storage.absolute(workdir)
+    storage.makedirs(workdir)
     checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save,
                                          checksum=config.checkpoint.checksum)
     restored = checkpointer.restore_newest(setup.abstract_state, describe=lambda: _config_change(workdir, config))
@@ -276,8 +276,7 @@ def _act(verdict: Verdict, state, setup: Setup, window: _Window, checkpointer, p
 
 def _has_eval(workdir: str, step: int) -> bool:
     try:
-        with open(os.path.join(workdir, "eval.json")) as f:
-            return json.load(f).get("step") == step
+        return json.loads(storage.read_text(storage.join(workdir, "eval.json"))).get("step") == step
     except (OSError, ValueError):
         return False
 
@@ -285,8 +284,7 @@ def _has_eval(workdir: str, step: int) -> bool:
 def _config_change(workdir: str, config) -> str:
     """' (model.width: 32 in the run that wrote it, 64 now; ...)' against ``workdir/config.json``, or ''."""
     try:
-        with open(os.path.join(workdir, "config.json")) as f:
-            before = json.load(f)
+        before = json.loads(storage.read_text(storage.join(workdir, "config.json")))
     except (OSError, ValueError):
         return ""
     now = json.loads(config_lib.to_json(config))
@@ -313,9 +311,6 @@ def _evaluate(setup: Setup, params, workdir: str, step: int, writer, progress) -
 
 def _record_config(workdir: str, config, start_step: int) -> None:
     """``config.json`` is the run's config; ``runs.jsonl`` records every start that wrote here."""
-    tmp = os.path.join(workdir, "config.json.tmp")
-    with open(tmp, "w") as f:
-        f.write(config_lib.to_json(config))
-    os.replace(tmp, os.path.join(workdir, "config.json"))
-    with open(os.path.join(workdir, "runs.jsonl"), "a") as f:
-        f.write(json.dumps({"time": time.time(), "start_step": start_step, "config": config.to_dict()}, default=str) + "\n")
+    storage.write_text(storage.join(workdir, "config.json"), config_lib.to_json(config))
+    record = {"time": time.time(), "start_step": start_step, "config": config.to_dict()}
+    storage.append_text(storage.join(workdir, "runs.jsonl"), json.dumps(record, default=str) + "\n")
