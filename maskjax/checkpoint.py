@@ -1,11 +1,14 @@
 """Orbax checkpoints of the train state together with the data loader position, verified on restore.
 
 Layout: ``workdir/checkpoints/<step>/{state,data,maskjax_checksums.json}``. Saves are asynchronous (the
-host only waits for the device-to-host copy). Orbax writes into ``<step>.orbax-checkpoint-tmp-*`` and
-renames it when complete, so a step directory is never half-written; an interrupted temporary
-directory is removed on the next start. Before the rename, process 0 records the size and SHA-256 of
-every file in ``maskjax_checksums.json``, so a checkpoint damaged later (truncated, bit-flipped,
-files lost) is caught before it is restored: :meth:`Checkpointer.restore_newest` moves it to
+host only waits for the device-to-host copy). Locally Orbax writes into ``<step>.orbax-checkpoint-tmp-*``
+and renames it when complete, so a step directory is never half-written; an interrupted temporary
+directory is removed on the next start. On an object store (``gs://`` workdir), which cannot rename a
+directory, Orbax writes the step in place and commits it with ``commit_success.txt``; a step without
+it is not a checkpoint. Before the commit, process 0 records every file's size and digest in
+``maskjax_checksums.json`` (SHA-256 locally; the store's own crc32c/md5 on an object store, from one
+listing), so a checkpoint damaged later (truncated, bit-flipped, files lost) is caught before it is
+restored: :meth:`Checkpointer.restore_newest` moves it to
 ``workdir/checkpoints_corrupt/`` with a warning that names it and falls back to the previous one.
 A checkpoint whose shapes differ from the config (another model) is a :class:`CheckpointError` naming
 the first mismatched parameter, never a partial restore.
@@ -159,6 +162,8 @@ class Checkpointer:
             reason = f"{type(err).__name__}: {(text.splitlines() or [''])[0][:300]}"
         error = CheckpointError(f"could not write checkpoint step {step} in {self.directory}: {reason}; "
                                 "earlier checkpoints are kept")
+        if storage.remote(self.directory):
+            error.exit_status = storage.EXIT_STORAGE  # the store: run again once it answers
         error.hard_exit = True  # Orbax's writer threads are in a failed state: leave without tearing them down
         return error
 

@@ -25,14 +25,14 @@ folded into the position table on import (maskjax feeds one segment type), writt
 """
 from __future__ import annotations
 
+import io
 import json
-import os
 import re
-import shutil
 from typing import Any
 
 import numpy as np
 
+from maskjax import storage
 from maskjax.errors import MaskjaxError
 from maskjax.config import ConfigError
 from maskjax.models.hf_layout import BERT_BLOCK, LAYOUTS, VIT_BLOCK, Group, Rule  # noqa: F401 (tests use them)
@@ -397,31 +397,25 @@ def export(config, params: dict, fmt: str, out: str, arch: str | None = None, st
         if not out.endswith(".npz"):
             raise InteropError(f"--out {out!r}: an npz export is one file ending in .npz")
         arrays = tensors if arch == "bert" or _own(config, arch) else to_timm(tensors)
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        tmp = out[:-4] + ".tmp.npz"
-        np.savez(tmp, **arrays)
-        os.replace(tmp, out)
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        storage.write_bytes(out, buffer.getvalue())
         return {"out": out, "format": fmt, "arch": arch, "class": arch_class(config, arch), "tensors": len(arrays),
                 "step": step}
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
-    if os.path.exists(out) and not os.path.isdir(out):
+    if storage.isfile(out):
         raise InteropError(f"--out {out!r} exists and is not a directory")
-    os.makedirs(out, exist_ok=True)
+    storage.makedirs(out)
     hf = hf_config(config, arch, vocab.vocab_size if vocab else 0, vocab.pad_id if vocab else 0)
     hf["maskjax_step"] = step
-    weights = os.path.join(out, "model.safetensors")
-    save_file(tensors, weights, metadata={"format": "pt"})
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(weights, 0o666 & ~umask)  # safetensors creates the file private; readable like config.json
-    with open(os.path.join(out, "config.json"), "w") as f:
-        json.dump(hf, f, indent=2, sort_keys=True)
+    storage.write_bytes(storage.join(out, "model.safetensors"), save(tensors, metadata={"format": "pt"}))
+    storage.write_text(storage.join(out, "config.json"), json.dumps(hf, indent=2, sort_keys=True))
     if vocab is not None and vocab.path.endswith(".txt"):  # BertTokenizer reads vocab.txt from the same folder
-        shutil.copyfile(vocab.path, os.path.join(out, "vocab.txt"))
-        with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
-            json.dump({"tokenizer_class": "BertTokenizer", "do_lower_case": vocab.lowercase,
-                       "model_max_length": config.model.max_len}, f, indent=2)
+        storage.write_bytes(storage.join(out, "vocab.txt"), storage.read_bytes(vocab.path))
+        storage.write_text(storage.join(out, "tokenizer_config.json"),
+                           json.dumps({"tokenizer_class": "BertTokenizer", "do_lower_case": vocab.lowercase,
+                                       "model_max_length": config.model.max_len}, indent=2))
     return {"out": out, "format": fmt, "arch": arch, "class": arch_class(config, arch), "tensors": len(tensors),
             "step": step}
 
@@ -431,29 +425,28 @@ def export(config, params: dict, fmt: str, out: str, arch: str | None = None, st
 def read(path: str) -> tuple[dict[str, np.ndarray], dict | None]:
     """(tensors under canonical Hugging Face names, the file's config.json or None) of a model
     directory (``model.safetensors``) or an ``.npz`` archive."""
-    if not os.path.exists(path):
+    if not storage.exists(path):
         raise InteropError(f"init_from {path!r} does not exist")
-    if os.path.isdir(path):
-        weights = os.path.join(path, "model.safetensors")
-        if not os.path.isfile(weights):
+    if storage.isdir(path):
+        weights = storage.join(path, "model.safetensors")
+        if not storage.isfile(weights):
             raise InteropError(f"init_from {path!r} has no model.safetensors (PyTorch .bin files are not read: "
                                "re-save with save_pretrained(safe_serialization=True))")
-        from safetensors.numpy import load_file
+        from safetensors.numpy import load
 
         try:
-            tensors = load_file(weights)
+            tensors = load(storage.read_bytes(weights))
         except Exception as err:
             raise InteropError(f"{weights}: not a readable safetensors file ({err})") from None
         info = None
-        if os.path.isfile(os.path.join(path, "config.json")):
+        if storage.isfile(storage.join(path, "config.json")):
             try:
-                with open(os.path.join(path, "config.json")) as f:
-                    info = json.load(f)
+                info = json.loads(storage.read_text(storage.join(path, "config.json")))
             except ValueError as err:
-                raise InteropError(f"{os.path.join(path, 'config.json')}: not valid JSON ({err})") from None
+                raise InteropError(f"{storage.join(path, 'config.json')}: not valid JSON ({err})") from None
         return {canonical(k): np.asarray(v, np.float32) for k, v in tensors.items()}, info
     try:
-        with np.load(path) as archive:
+        with np.load(io.BytesIO(storage.read_bytes(path))) as archive:
             tensors = {k: np.asarray(archive[k], np.float32) for k in archive.files}
     except Exception as err:
         raise InteropError(f"init_from {path!r}: not a readable .npz archive ({type(err).__name__}: {err})") from None

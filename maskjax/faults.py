@@ -9,6 +9,8 @@ Exit statuses of ``maskjax`` (schedulers can act on them):
  3    a peer process of a multi-process run was lost (:class:`maskjax.distributed.PeerLost`)
  4    ``compile-check``: the step does not fit in device memory
  5    stopped on a non-finite loss or gradient (``faults.nonfinite='stop'``); the last good state is saved
+ 6    an object store (``gs://`` workdir or data) could not be reached or refused a request; what was
+      committed before (checkpoints, flushed metrics) is intact: run the same command again once it is back
  75   preempted (SIGTERM or the platform's preemption notice); a checkpoint of the current step is
       committed: run the same command again to resume (EX_TEMPFAIL: "try again")
 ====  ===========================================================================================
@@ -16,7 +18,8 @@ Exit statuses of ``maskjax`` (schedulers can act on them):
 Fault injection (tests, and anyone who wants to see recovery work): ``MASKJAX_FAULTS`` is a comma-separated
 list of ``ACTION@POINT:N`` (``ACTION@POINT:N:pK``: on process K only). Named places call :func:`point`;
 when ``N`` matches, ``ACTION`` happens for real: ``kill`` sends SIGKILL to this process, ``term`` sends
-SIGTERM, ``nan`` makes the caller poison its data. ``N`` is the step for points that have one (``step``,
+SIGTERM, ``stop`` sends SIGSTOP (the test does something, e.g. stops a storage server, then sends SIGCONT),
+``nan`` makes the caller poison its data. ``N`` is the step for points that have one (``step``,
 ``checkpoint``, ``batch``) and otherwise the how-many-th time this process reaches the point (``compile``,
 ``eval``). The training loop itself has no fault branches: :func:`inject` wraps its loader and step
 function when ``MASKJAX_FAULTS`` is set, and returns them unchanged otherwise.
@@ -39,7 +42,7 @@ POINTS = {
     "batch": "the host batch of step N (only 'nan': its floating-point arrays become NaN)",
     "eval": "inside an evaluation pass",
 }
-ACTIONS = ("kill", "term", "nan")
+ACTIONS = ("kill", "term", "stop", "nan")
 
 
 class Preempted(MaskjaxError):
@@ -99,7 +102,9 @@ def point(name: str, step: int | None = None) -> set[str]:
         os.kill(os.getpid(), signal.SIGKILL)
     if "term" in actions:
         os.kill(os.getpid(), signal.SIGTERM)
-    return actions - {"kill", "term"}
+    if "stop" in actions:
+        os.kill(os.getpid(), signal.SIGSTOP)
+    return actions - {"kill", "term", "stop"}
 
 
 def inject(loader, step_fn, start: int):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from typing import Any, Callable
 
 import jax
@@ -22,7 +21,7 @@ from jax.experimental import multihost_utils
 
 from maskjax import checkpoint as ckpt_lib
 from maskjax import config as config_lib
-from maskjax import objectives, sharding
+from maskjax import objectives, sharding, storage
 from maskjax.errors import ConfigError
 from maskjax.models import layers
 
@@ -78,7 +77,7 @@ def validate(config, num_devices: int | None = None) -> None:
     if not (isinstance(eps, float) and eps > 0):
         raise ConfigError("model.norm_eps", f"must be a positive float, got {eps!r}")
     init_from = config.init_from
-    if init_from and not os.path.exists(init_from):
+    if init_from and not storage.exists(init_from):
         raise ConfigError("init_from", f"{init_from!r} does not exist (a Hugging Face model directory or an .npz)")
     if config.batch_size % optim.grad_accum:
         raise ConfigError("optim.grad_accum", f"must divide batch_size={config.batch_size}")

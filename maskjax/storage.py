@@ -19,12 +19,16 @@ import time
 import contextlib
 import functools
 
+import logging
+
 import fsspec
 
 from maskjax.errors import MaskjaxError
 
 _LOCAL_SCHEMES = ("", "file")
 EXIT_STORAGE = 6
+# gcsfs logs every retry and fallback with a traceback; a failure reaches the user as one StorageError line
+logging.getLogger("gcsfs").setLevel(logging.CRITICAL)
 
 
 class StorageError(MaskjaxError, OSError):

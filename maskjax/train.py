@@ -87,6 +87,7 @@ def train(config, workdir: str, *, stop_at: int | None = None, devices=None, eva
                 summary["losses"].append((done, values["loss"]))
             if todo.save and saved != done:
                 checkpointer.save(done, state, loader.get_state())
+                writer.flush()  # the records up to a checkpoint are as durable as it (object stores batch writes)
                 saved = done
             if todo.preempted:
                 checkpointer.wait()

@@ -1,0 +1,160 @@
+"""gs:// workdirs against a real GCS JSON-API server on 127.0.0.1 (tests/gcs_server.py), started and
+stopped here: training, SIGKILL and bit-identical resume, eval and export reading and writing the bucket,
+and the server going away in the middle of a checkpoint save. No maskjax I/O is mocked: gcsfs (through
+maskjax.storage and etils.epath) and tensorstore's gcs driver (Orbax's arrays) speak HTTP to the server."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from maskjax import checkpoint, metrics, storage
+from tests.conftest import ROOT
+from tests.gcs_server import GcsServer
+from tests.test_faults import STEPS, _args, _env, assert_same_tree, cache, history, reference, restored_params, \
+    run, tiny_config  # noqa: F401 (fixtures)
+
+
+@pytest.fixture(scope="module")
+def gcs(tmp_path_factory):
+    server = GcsServer(tmp_path_factory.mktemp("gcs")).start()
+    saved = {key: os.environ.get(key) for key in server.env}
+    os.environ.update(server.env)
+    yield server
+    server.stop()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+_buckets = iter(range(1000))
+
+
+@pytest.fixture
+def bucket(gcs):
+    return gcs.create_bucket(f"maskjax-{os.getpid()}-{next(_buckets)}")
+
+
+def test_storage_layer_reads_writes_lists_and_moves_objects(bucket):
+    storage.write_text(f"{bucket}/a/config.json", '{"x": 1}')
+    assert json.loads(storage.read_text(f"{bucket}/a/config.json")) == {"x": 1}
+    out = storage.Appender(f"{bucket}/a/metrics.jsonl", flush_secs=3600)
+    out.write("1\n")
+    out.write("2\n")
+    assert not storage.exists(f"{bucket}/a/metrics.jsonl")  # batched: one object rewrite per flush
+    out.flush()
+    storage.append_text(f"{bucket}/a/metrics.jsonl", "3\n")  # a later appender keeps what is there
+    assert storage.read_text(f"{bucket}/a/metrics.jsonl") == "1\n2\n3\n"
+    assert storage.listdir(bucket) == ["a"] and storage.isdir(f"{bucket}/a")
+    assert storage.listdir(f"{bucket}/a") == ["config.json", "metrics.jsonl"]
+    digests = storage.digests(f"{bucket}/a")
+    assert set(digests) == {"config.json", "metrics.jsonl"} and digests["metrics.jsonl"][0] == 6
+    assert all(d.startswith(("crc32c:", "md5Hash:")) for _, d in digests.values())  # the store's own checksums
+    storage.write_text(f"{bucket}/a/metrics.jsonl", "changed\n")
+    assert storage.digests(f"{bucket}/a")["metrics.jsonl"] != digests["metrics.jsonl"]
+    storage.move(f"{bucket}/a", f"{bucket}/b/a")
+    assert not storage.exists(f"{bucket}/a/config.json") and storage.files(f"{bucket}/b") == {
+        "a/config.json": 8, "a/metrics.jsonl": 8}
+    storage.remove(f"{bucket}/b")
+    assert storage.listdir(bucket) == []
+    with pytest.raises(FileNotFoundError):
+        storage.read_text(f"{bucket}/nothing")
+
+
+@pytest.mark.slow
+def test_gs_workdir_trains_is_killed_and_resumes_bit_identically(data_dir, cache, reference, bucket):
+    """The fault test of test_faults.py with the workdir in the bucket: SIGKILL during the step, during a
+    checkpoint save and during the evaluation, then one run to the end = the local uninterrupted run."""
+    workdir = f"{bucket}/run"
+    kills = ["kill@step:3", "kill@checkpoint:4", "kill@eval:1"]
+    for fault in kills:
+        out = run(data_dir, cache, workdir, fault=fault)
+        assert out.returncode == -signal.SIGKILL, (fault, out.stderr[-2000:])
+    assert not storage.exists(f"{workdir}/eval.json")
+    out = run(data_dir, cache, workdir)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"resumed from step {STEPS} in {workdir}/checkpoints" in out.stderr
+    got = [(r["step"], r["loss"]) for r in metrics.read_jsonl(f"{workdir}/metrics.jsonl")]
+    assert got == history(reference)
+    config = tiny_config(data_dir)
+    assert_same_tree(restored_params(config, workdir, STEPS), restored_params(config, reference, STEPS))
+    evaluated = json.loads(storage.read_text(f"{workdir}/eval.json"))
+    assert evaluated["pretrained"] == json.loads((reference / "eval.json").read_text())["pretrained"]
+    assert len(metrics.read_jsonl(f"{workdir}/runs.jsonl")) == len(kills) + 1
+    names = storage.files(workdir)
+    assert any(n.startswith("tensorboard/events.out.tfevents") for n in names)
+    assert f"reconstructions/step_{STEPS:07d}.png" in names
+    # every kept step is committed and carries checksums of the store's digests, which verify
+    for step in checkpoint.Checkpointer(workdir).all_steps():
+        assert f"checkpoints/{step}/commit_success.txt" in names and f"checkpoints/{step}/maskjax_checksums.json" in names
+        assert checkpoint.verify(f"{workdir}/checkpoints/{step}") is None
+
+
+@pytest.mark.slow
+def test_eval_and_export_read_from_and_write_to_the_bucket(data_dir, cache, reference, bucket, tmp_path):
+    """A run copied into the bucket is evaluated there (eval.json in the bucket, same numbers), exported
+    to the bucket as a Hugging Face directory, and that export is the one written from the local run."""
+    storage.copy_tree(str(reference), f"{bucket}/run")
+    env = _env(cache)
+    out = subprocess.run([sys.executable, "-m", "maskjax", "eval", "--workdir", f"{bucket}/run"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(storage.read_text(f"{bucket}/run/eval.json"))
+    assert got["pretrained"] == json.loads((reference / "eval.json").read_text())["pretrained"]
+    for workdir, target in ((f"{bucket}/run", f"{bucket}/export"), (str(reference), str(tmp_path / "export"))):
+        out = subprocess.run([sys.executable, "-m", "maskjax", "export", "--workdir", workdir, "--format", "hf",
+                              "--out", target], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+    assert storage.files(f"{bucket}/export") == storage.files(str(tmp_path / "export"))
+    from safetensors.numpy import load
+
+    remote = load(storage.read_bytes(f"{bucket}/export/model.safetensors"))
+    local = load((tmp_path / "export" / "model.safetensors").read_bytes())
+    assert remote.keys() == local.keys()
+    for name in local:
+        np.testing.assert_array_equal(remote[name], local[name])
+
+
+@pytest.mark.slow
+def test_server_stopped_during_a_checkpoint_save_loses_nothing_committed(data_dir, cache, reference, gcs, bucket):
+    """The run is frozen (SIGSTOP) right after the save of step 4 starts, the server is stopped, the run
+    goes on: one error line naming the checkpoint and the bucket, exit status 6 (run again once the store
+    is back). With the server back, step 2 is intact and a rerun ends where the uninterrupted run ends."""
+    workdir = f"{bucket}/run"
+    process = subprocess.Popen(_args(data_dir, workdir), cwd=ROOT, env=_env(cache, "stop@checkpoint:4"),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while _state(process.pid) != "T":
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1][-3000:]
+        time.sleep(0.1)
+    gcs.stop()
+    try:
+        os.kill(process.pid, signal.SIGCONT)
+        _, err = process.communicate(timeout=600)
+    finally:
+        gcs.start()
+    lines = [line for line in err.strip().splitlines() if line.startswith("maskjax: error:")]
+    assert process.returncode == storage.EXIT_STORAGE, err[-3000:]
+    # what fails first (the checkpoint's arrays, or the metrics flushed after the save) names itself
+    assert len(lines) == 1 and f"could not write" in lines[0] and workdir in lines[0], err[-3000:]
+    assert "Traceback" not in err
+    committed = checkpoint.Checkpointer(workdir).all_steps()
+    assert committed in ([2], [2, 4]), committed
+    assert all(checkpoint.verify(f"{workdir}/checkpoints/{step}") is None for step in committed)
+    out = run(data_dir, cache, workdir)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"resumed from step {committed[-1]} in {workdir}/checkpoints" in out.stderr
+    assert [(r["step"], r["loss"]) for r in metrics.read_jsonl(f"{workdir}/metrics.jsonl")] == history(reference)
+    config = tiny_config(data_dir)
+    assert_same_tree(restored_params(config, workdir, STEPS), restored_params(config, reference, STEPS))
+
+
+def _state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
