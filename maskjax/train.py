@@ -5,6 +5,7 @@ batches, logs every ``log_every`` steps, saves asynchronously and evaluates.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import time
@@ -15,7 +16,7 @@ import numpy as np
 from maskjax import checkpoint as ckpt_lib
 from maskjax import config as config_lib
 from maskjax import metrics as metrics_lib
-from maskjax import distributed, faults, storage
+from maskjax import distributed, faults, goodput, storage
 from maskjax import data
 from maskjax.step import Setup, build, initialize_from
 
@@ -32,6 +33,7 @@ def train(config, workdir: str, *, stop_at: int | None = None, devices=None, eva
     after saving the last good state (``faults.nonfinite='stop'``), ``checkpoint.CheckpointError`` for a
     checkpoint of another config or a failed checkpoint write.
     """
+    clock = goodput.Clock()
     faults.check_spec()
     distributed.check_same(config)  # every process: same config, same code
     setup = build(config, devices)  # validation happens here, before anything is written
@@ -41,7 +43,8 @@ def train(config, workdir: str, *, stop_at: int | None = None, devices=None, eva
     storage.makedirs(workdir)
     checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save,
                                          checksum=config.checkpoint.checksum)
-    restored = checkpointer.restore_newest(setup.abstract_state, describe=lambda: _config_change(workdir, config))
+    with clock.timing("restore"):
+        restored = checkpointer.restore_newest(setup.abstract_state, describe=lambda: _config_change(workdir, config))
     if restored is None:
         start, state = 0, setup.init_fn()
         if config.get("init_from"):
@@ -53,9 +56,12 @@ def train(config, workdir: str, *, stop_at: int | None = None, devices=None, eva
     writer.truncate_after(start)  # records written after the checkpoint by a run that died
     policy = Policy.from_config(config, stop_at=stop_at, evaluate=evaluate)
     progress = metrics_lib.Progress(config.total_steps, start, config.batch_size, enabled=is_writer and not quiet)
+    runs = None
     if is_writer:
         change = _config_change(workdir, config)
-        _record_config(workdir, config, start)
+        storage.write_text(storage.join(workdir, "config.json"), config_lib.to_json(config))
+        runs = goodput.RunLog(workdir, {"time": time.time(), "start_step": start, "config": config.to_dict(),
+                                        "seconds": clock.snapshot(start, start)})
         if change and start:
             progress.message(f"note: the config differs from the previous run in this workdir{change}")
     if start:
@@ -66,34 +72,45 @@ def train(config, workdir: str, *, stop_at: int | None = None, devices=None, eva
     window = _Window(start, loader.get_state())
     summary: dict = {"start_step": start, "losses": []}
     preemption = faults.Preemption()
-    step, saved = start, start if restored else None
+    step, saved, done = start, start if restored else None, start
+    clock.started_steps()
     try:
         for step in range(start, policy.end):
-            state, step_metrics = step_fn(state, setup.global_batch(next(batches)))
+            with clock.timing("data"):
+                batch = setup.global_batch(next(batches))
+            with clock.timing("compile") if step == start else contextlib.nullcontext():
+                state, step_metrics = step_fn(state, batch)
             done = step + 1
             window.add(done, step_metrics, loader.get_state())
             todo = policy.after(done, preemption.reached(done))
             if todo.check:
                 verdict = policy.nonfinite(window.new_rows(), saved, checkpointer.directory)
-                state, saved = _act(verdict, state, setup, window, checkpointer, progress, saved)
+                with clock.timing("checkpoint"):
+                    state, saved = _act(verdict, state, setup, window, checkpointer, progress, saved)
             if todo.log:
                 values = window.flush()
                 examples_per_sec, seconds_per_step = progress.rate(done)
                 values.update(examples_per_sec=examples_per_sec, seconds_per_step=seconds_per_step)
                 if policy.count_bad_records:
                     values["bad_records"] = getattr(loader, "bad_records", 0)
+                values.update(clock.fractions(start, done))
                 writer.scalars(done, values)
+                if runs is not None:
+                    runs.update(clock.snapshot(start, done))
                 progress.show(done, values["loss"], examples_per_sec, seconds_per_step)
                 summary["losses"].append((done, values["loss"]))
             if todo.save and saved != done:
-                checkpointer.save(done, state, loader.get_state())
-                writer.flush()  # the records up to a checkpoint are as durable as it (object stores batch writes)
+                with clock.timing("checkpoint"):
+                    checkpointer.save(done, state, loader.get_state())
+                    writer.flush()  # the records up to a checkpoint are as durable as it (object stores batch writes)
                 saved = done
             if todo.preempted:
-                checkpointer.wait()
+                with clock.timing("checkpoint"):
+                    checkpointer.wait()
                 raise faults.Preempted(done, checkpointer.directory, preemption.source)
             if todo.evaluate:
-                _evaluate(setup, state["params"], workdir, done, writer, progress)
+                with clock.timing("eval"):
+                    _evaluate(setup, state["params"], workdir, done, writer, progress)
     except jax.errors.JaxRuntimeError as err:
         if jax.process_count() == 1:
             raise
@@ -105,19 +122,37 @@ def train(config, workdir: str, *, stop_at: int | None = None, devices=None, eva
                 checkpointer.wait()
             except Exception:
                 pass
+        _account(runs, clock, start, done)
         raise
     finally:
         preemption.close()
     progress.close()
     loader.close()
-    checkpointer.close()
+    with clock.timing("checkpoint"):
+        checkpointer.close()
     end = policy.end
     summary["end_step"] = end
     if evaluate and end == config.total_steps and (end > start or not _has_eval(workdir, end)):
-        summary["eval"] = _evaluate(setup, state["params"], workdir, end, writer, progress)
+        with clock.timing("eval"):
+            summary["eval"] = _evaluate(setup, state["params"], workdir, end, writer, progress)
     writer.close()
+    summary["goodput"] = _account(runs, clock, start, end)
+    if summary["goodput"] is not None:
+        progress.message(goodput.line(summary["goodput"]))
     summary["state"] = state
     return summary
+
+
+def _account(runs, clock, start: int, last_step: int) -> dict | None:
+    """Writes this run's final account into runs.jsonl (best effort when leaving on an error: the
+    store may be what failed); the workdir's total over its runs."""
+    if runs is None:
+        return None
+    try:
+        runs.update(clock.snapshot(start, last_step), force=True)
+    except Exception:
+        return None
+    return runs.total()
 
 
 # =========================================================================== the policy
@@ -309,9 +344,3 @@ def _evaluate(setup: Setup, params, workdir: str, step: int, writer, progress) -
     progress.message(eval_lib.summary_line(results) + f" ({time.perf_counter() - started:.0f}s)")
     return results
 
-
-def _record_config(workdir: str, config, start_step: int) -> None:
-    """``config.json`` is the run's config; ``runs.jsonl`` records every start that wrote here."""
-    storage.write_text(storage.join(workdir, "config.json"), config_lib.to_json(config))
-    record = {"time": time.time(), "start_step": start_step, "config": config.to_dict()}
-    storage.append_text(storage.join(workdir, "runs.jsonl"), json.dumps(record, default=str) + "\n")

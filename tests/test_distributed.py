@@ -216,3 +216,57 @@ def test_parse_bytes():
     assert aot.parse_bytes("80G") == 80 * 2 ** 30
     assert aot.parse_bytes("512MiB") == 512 * 2 ** 20
     assert aot.parse_bytes("1000") == 1000
+
+
+def _params(workdir, config, step):
+    from maskjax import checkpoint
+
+    setup = step_lib.build(config)
+    ckpt = checkpoint.Checkpointer(str(workdir))
+    state = ckpt.restore_state(step, setup.abstract_state)
+    ckpt.close()
+    return jax.tree.map(np.asarray, jax.device_get(state["params"]))
+
+
+def test_elastic_resume_across_process_counts_and_mesh_shapes(data_dir, tmp_path):
+    """A run checkpointed by 2 processes x 4 devices resumes on 1 x 8 and on 1 x 4; one checkpointed by
+    1 x 4 on an fsdp=4 mesh resumes on 2 x 4 with data=8 (Orbax reshards on load). The global batch is
+    the same everywhere, so the data, the masks (drawn per example from the global row) and the losses
+    are those of the uninterrupted 1 x 8 run."""
+    import shutil
+
+    overrides = [a.removeprefix("--config.") for a in FEW_STEPS]
+    config = load_config("mae_digits.py", *overrides, data_dir=data_dir)
+    train.train(config, str(tmp_path / "one"), evaluate=False, quiet=True)
+    want = losses(tmp_path / "one")
+    assert [s for s, _ in want] == [1, 2, 3, 4, 5, 6]
+
+    def same_as_uninterrupted(workdir):
+        got = losses(workdir)
+        assert [s for s, _ in got] == [s for s, _ in want]
+        np.testing.assert_allclose([l for _, l in got], [l for _, l in want], rtol=0, atol=1e-5)
+        for a, b in zip(jax.tree.leaves(_params(workdir, config, 6)), jax.tree.leaves(_params(tmp_path / "one",
+                                                                                               config, 6))):
+            np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * max(float(np.abs(b).max()), 1.0))
+
+    # 2 x 4 -> 1 x 8 and 1 x 4
+    two = str(tmp_path / "two")
+    first, _ = launch(tmp_path, "two_first", ["train", "--config", MAE, "--workdir", two, "--stop_at=3",
+                                              f"--config.data.data_dir={data_dir}", "--no_eval", *FEW_STEPS])
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    for name, devices in (("to_eight", jax.devices()), ("to_four", jax.devices()[:4])):
+        workdir = tmp_path / name
+        shutil.copytree(two, workdir)
+        summary = train.train(config, str(workdir), devices=devices, evaluate=False, quiet=True)
+        assert summary["start_step"] == 3
+        same_as_uninterrupted(workdir)
+
+    # 1 x 4 on data=1, fsdp=4 -> 2 x 4 on data=8
+    one_four = str(tmp_path / "one_four")
+    fsdp = load_config("mae_digits.py", *overrides, "mesh.data=1", "mesh.fsdp=4", data_dir=data_dir)
+    train.train(fsdp, one_four, devices=jax.devices()[:4], stop_at=3, evaluate=False, quiet=True)
+    second, _ = launch(tmp_path, "two_second", ["train", "--config", MAE, "--workdir", one_four, "--config.mesh.data=8",
+                                                f"--config.data.data_dir={data_dir}", "--no_eval", *FEW_STEPS])
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "resumed from step 3" in second.stdout
+    same_as_uninterrupted(one_four)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from maskjax import step as step_lib
-from maskjax import checkpoint, faults, metrics, train
+from maskjax import checkpoint, faults, goodput, metrics, train
 from tests.conftest import ROOT, load_config
 
 STEPS = 8
@@ -93,8 +93,17 @@ def test_sigkill_anywhere_then_resume_matches_uninterrupted_run(data_dir, cache,
     assert_same_tree(restored_params(config, workdir, STEPS), restored_params(config, reference, STEPS))
     got, want = (json.loads((w / "eval.json").read_text()) for w in (workdir, reference))
     assert got["step"] == want["step"] == STEPS and got["pretrained"] == want["pretrained"]
-    starts = [r["start_step"] for r in metrics.read_jsonl(str(workdir / "runs.jsonl"))]
+    runs = metrics.read_jsonl(str(workdir / "runs.jsonl"))
+    starts = [r["start_step"] for r in runs]
     assert len(starts) == len(kills) + 1 and starts[0] == 0 and starts[-1] == STEPS  # every start that wrote here
+    # goodput over the five runs: each killed run left its account; restarts cost start-ups and redone steps
+    total = goodput.summarize(runs)
+    assert total["runs"] == len(kills) + 1 and total["lost"] > 0 and 0 < total["goodput"] < 1
+    assert all(r["seconds"]["wall"] > 0 for r in runs)
+    assert runs[2]["seconds"]["last_step"] == 4 and runs[3]["start_step"] == 2  # kill@checkpoint:4 redid 3-4
+    assert goodput.line(total).split(":")[0] in out.stderr
+    record = metrics.read_jsonl(str(workdir / "metrics.jsonl"))[-1]
+    assert 0 < record["goodput"] < 1 and {f"time/{p}" for p in goodput.PARTS} <= set(record)
 
 
 @pytest.mark.skipif(not os.environ.get("MASKJAX_KILL_LOOP"), reason="set MASKJAX_KILL_LOOP=N for N random kills")
