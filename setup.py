@@ -23,6 +23,7 @@ INSTALL_REQUIRES = [
     "sentencepiece==0.2.3",  # SentencePiece .model files
     "safetensors==0.8.0",  # maskjax export --format hf / init_from a Hugging Face directory
     "fsspec",  # maskjax.storage: one path layer for local directories and object stores
+    "google-crc32c",  # TFRecord checksums in `maskjax data convert` (no TensorFlow)
 ]
 GCS = ["gcsfs==2026.10.1"]  # gs:// workdirs and data (tensorstore, in orbax, has its own GCS driver)
 

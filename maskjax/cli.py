@@ -9,6 +9,7 @@
     maskjax bench  --config FILE [--steps N] [--warmup W] [--sweep mask_ratio=0,0.75] [--json OUT]
                    [--peer hf [--rounds R]]
     maskjax sweep  --sweep configs/sweeps/FILE.py --workdir DIR [--emit slurm]    |    maskjax sweep --report DIR
+    maskjax data convert --name NAME --data_dir DIR [--out DIR]   (TFRecord-format TFDS dataset -> array_record)
 
 Multi-process runs (TPU pods, SLURM, Kubernetes, launch/local_multiprocess.py): every process runs the
 same command; see ``maskjax.distributed``.
@@ -151,6 +152,15 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--report", default=None, metavar="DIR",
                        help="collect a sweep directory: report.json, report.csv, fits and PNG plots")
     sweep.add_argument("--debug", action="store_true", help="show tracebacks")
+    data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
+    convert = data.add_parser(
+        "convert", help="a TFDS dataset prepared in TFRecord format (tfds build's default) -> array_record, "
+                        "which the loader reads (no TensorFlow needed)")
+    convert.add_argument("--name", required=True, help="dataset name as TFDS names it: NAME[/CONFIG][:VERSION]")
+    convert.add_argument("--data_dir", required=True, help="the TFDS data_dir it is prepared in (local or gs://)")
+    convert.add_argument("--out", default=None, help="data_dir to write to (default: in place, beside the "
+                                                     "TFRecord shards, which are kept)")
+    convert.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 
 
@@ -423,6 +433,18 @@ def _sweep(args, overrides) -> int:
     return 0 if not failed else 1
 
 
+def _data(args, overrides) -> int:
+    if overrides:
+        raise UsageError(f"maskjax data takes no --config overrides ({overrides[0]})")
+    from maskjax.data import convert
+
+    counts = convert.convert(args.name, args.data_dir, args.out)
+    where = args.out or args.data_dir
+    print(f"converted {args.name} to array_record in {where}: "
+          + ", ".join(f"{split} {n} examples" for split, n in sorted(counts.items())))
+    return 0
+
+
 def _check_workdir(workdir: str) -> None:
     from maskjax import storage
 
@@ -464,7 +486,7 @@ def main(argv: list[str] | None = None) -> int:
         if hasattr(args, "coordinator"):
             _join(args)
         commands = {"train": _train, "eval": _eval, "sample": _sample, "compile-check": _compile_check, "params": _params,
-                    "bench": _bench, "sweep": _sweep, "export": _export}
+                    "bench": _bench, "sweep": _sweep, "export": _export, "data": _data}
         return commands[args.command](args, overrides)
     except KeyboardInterrupt:
         print("maskjax: interrupted", file=sys.stderr)

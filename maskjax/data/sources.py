@@ -41,13 +41,16 @@ def data_dir(data_config) -> str:
 def builder(data_config) -> tfds.core.DatasetBuilder:
     """The prepared TFDS builder for ``data.name``; embedded datasets are prepared on first use."""
     name, directory = data_config.name, data_dir(data_config)
+    if name in EMBEDDED or name in LOCAL:
+        try:
+            b = (EMBEDDED.get(name) or LOCAL[name])(data_dir=directory, file_format="array_record")
+        except ValueError as err:  # prepared in another format: TFDS refuses to change it
+            raise _not_random_access(name, directory, err) from None
     if name in EMBEDDED:
-        b = EMBEDDED[name](data_dir=directory, file_format="array_record")
         if not b.is_prepared():
             b.download_and_prepare()
         return b
     if name in LOCAL:
-        b = LOCAL[name](data_dir=directory, file_format="array_record")
         if not b.is_prepared():
             manual = data_config.manual_dir
             if not manual or not os.path.isdir(os.path.expanduser(manual)):
@@ -71,6 +74,12 @@ def builder(data_config) -> tfds.core.DatasetBuilder:
     return b
 
 
+def _not_random_access(name: str, directory: str, err: Exception) -> DataError:
+    return DataError(f"dataset {name!r} in {directory!r} is not in a random-access format (array_record): "
+                     f"{str(err).splitlines()[0]}; convert it once with `maskjax data convert --name {name} "
+                     f"--data_dir {directory}`")
+
+
 def source(data_config, split: str):
     """A random-access TFDS data source for ``split``."""
     b = builder(data_config)
@@ -81,10 +90,7 @@ def source(data_config, split: str):
     try:
         src = b.as_data_source(split)
     except NotImplementedError as err:
-        raise DataError(
-            f"dataset {data_config.name!r} in {data_dir(data_config)!r} is not in a random-access format "
-            f"(array_record): {str(err).splitlines()[0]}"
-        ) from None
+        raise _not_random_access(data_config.name, data_dir(data_config), err) from None
     if len(src) == 0:
         raise DataError(f"dataset {data_config.name!r} split {split!r} is empty")
     return src
