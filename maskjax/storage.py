@@ -36,6 +36,7 @@ class StorageError(MaskjaxError, OSError):
     committed before is lost (checkpoints, metrics up to the last flush): run again when it is back."""
 
     exit_status = EXIT_STORAGE
+    hard_exit = True  # Orbax's writer threads wait on the same store forever: leave without joining them
 
 
 @contextlib.contextmanager

@@ -116,13 +116,14 @@ def train(config, workdir: str, *, stop_at: int | None = None, devices=None, eva
             raise
         # A cross-process collective failed: on CPU (gloo) and GPU (NCCL) a dead peer surfaces here.
         raise distributed.PeerLost(step + 1, checkpointer.latest_step(), err) from err
-    except BaseException:
+    except BaseException as err:
         if jax.process_count() == 1:  # let a save in flight commit; a half-written one would be discarded
             try:
                 checkpointer.wait()
             except Exception:
                 pass
-        _account(runs, clock, start, done)
+        if not isinstance(err, storage.StorageError):  # not when the store itself is what failed
+            _account(runs, clock, start, done)
         raise
     finally:
         preemption.close()
