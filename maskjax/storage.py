@@ -260,6 +260,15 @@ def move(src, dst) -> None:
     fs.mv(inner, _fs(dst)[1], recursive=True)
 
 
+def download(src, local: str) -> None:
+    """Copies one file from any store to a local path, streamed, atomically (tmp + rename)."""
+    os.makedirs(os.path.dirname(os.path.abspath(local)), exist_ok=True)
+    tmp = f"{local}.tmp-{os.getpid()}"
+    with open_file(src, "rb") as f, open(tmp, "wb") as out:
+        shutil.copyfileobj(f, out, 1 << 24)
+    os.replace(tmp, local)
+
+
 def copy_tree(src, dst) -> None:
     """Copies every file below ``src`` to the same relative path below ``dst`` (any store to any)."""
     for rel in files(src):

@@ -158,3 +158,31 @@ def test_server_stopped_during_a_checkpoint_save_loses_nothing_committed(data_di
 def _state(pid: int) -> str:
     with open(f"/proc/{pid}/stat") as f:
         return f.read().rsplit(")", 1)[1].split()[0]
+
+
+@pytest.mark.slow
+def test_a_data_dir_in_the_bucket_is_staged_to_each_host_and_trains_the_same(data_dir, bucket, tmp_path, monkeypatch):
+    """TFDS data in the bucket: the dataset is copied once to the host's cache (array_record is read by
+    C++ from local files), a second use copies nothing, and a run on it equals the run on the local data."""
+    from maskjax import train
+    from maskjax.data import sources
+    from tests.conftest import load_config
+
+    monkeypatch.setenv("MASKJAX_CACHE_DIR", str(tmp_path / "cache"))
+    storage.copy_tree(os.path.join(data_dir, "maskjax_digits"), f"{bucket}/data/maskjax_digits")
+    remote = load_config("mae_digits.py:tiny", "total_steps=3", "log_every=1", data_dir=f"{bucket}/data")
+    local = sources.data_dir(remote.data)
+    assert local.startswith(str(tmp_path / "cache")) and local.endswith(f"{bucket[5:]}/data")
+    staged = os.path.join(local, "maskjax_digits")
+    version = sorted(os.listdir(staged))[0]
+    shards = [n for n in os.listdir(os.path.join(staged, version)) if ".array_record-" in n]
+    before = {n: os.stat(os.path.join(staged, version, n)).st_mtime_ns for n in shards}
+    sources._staged.clear()
+    assert sources.data_dir(remote.data) == local  # complete: nothing is copied again
+    assert before == {n: os.stat(os.path.join(staged, version, n)).st_mtime_ns for n in shards}
+    got = train.train(remote, f"{bucket}/run", evaluate=False, quiet=True)["losses"]
+    want = train.train(load_config("mae_digits.py:tiny", "total_steps=3", "log_every=1", data_dir=data_dir),
+                       str(tmp_path / "local"), evaluate=False, quiet=True)["losses"]
+    assert got == want and len(got) == 3
+    with pytest.raises(sources.DataError, match="'imagenet2012' is not prepared in data_dir 'gs://"):
+        sources.data_dir(load_config("mae_digits.py:tiny", "data.name=imagenet2012", data_dir=f"{bucket}/data").data)

@@ -21,6 +21,7 @@ import tempfile
 from typing import Iterator
 
 from maskjax import storage
+from maskjax.data import sources
 from maskjax.data.sources import DataError
 
 _SHARD = re.compile(r"^(?P<prefix>.+)\.tfrecord-(?P<index>\d{5})-of-(?P<count>\d{5})$")
@@ -59,18 +60,12 @@ def tfrecords(path: str) -> Iterator[bytes]:
 
 
 def find(name: str, data_dir: str) -> str:
-    """The prepared version directory of ``name`` (``NAME``, ``NAME/CONFIG``, optionally ``:VERSION``;
-    the newest version when none is given) in ``data_dir``."""
-    name, _, version = name.partition(":")
-    base = storage.join(data_dir, *name.split("/"))
-    versions = [v for v in storage.listdir(base) if re.fullmatch(r"\d+\.\d+\.\d+", v)
-                and storage.exists(storage.join(base, v, "dataset_info.json"))]
-    if version:
-        versions = [v for v in versions if v == version]
-    if not versions:
-        raise DataError(f"dataset {name!r}{':' + version if version else ''} is not prepared in {data_dir!r} "
-                        f"(no {base}/VERSION/dataset_info.json)")
-    return storage.join(base, max(versions, key=lambda v: tuple(int(x) for x in v.split("."))))
+    """The prepared version directory of ``name`` in ``data_dir`` (:func:`sources.prepared_dir`) or a DataError."""
+    found = sources.prepared_dir(name, data_dir)
+    if found is None:
+        raise DataError(f"dataset {name!r} is not prepared in {data_dir!r} (no "
+                        f"{storage.join(data_dir, *name.partition(':')[0].split('/'))}/VERSION/dataset_info.json)")
+    return found
 
 
 def convert(name: str, data_dir: str, out: str | None = None, progress=sys.stderr) -> dict:

@@ -7,6 +7,7 @@ packed text); nothing here decodes or batches.
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -15,6 +16,7 @@ from maskjax.data import tokenizer as tokenizer_lib
 from maskjax.data.digits import MaskjaxDigitCaptions, MaskjaxDigits, MaskjaxMovingDigits
 from maskjax.data.folder import MaskjaxImageTextFolder
 from maskjax.data.text_corpus import MaskjaxText, vocab_path
+from maskjax import storage
 from maskjax.errors import MaskjaxError
 
 # Built here from data that ships with Python and scikit-learn (prepared on first use).
@@ -35,7 +37,60 @@ def default_data_dir() -> str:
 
 
 def data_dir(data_config) -> str:
-    return os.path.expanduser(data_config.data_dir) if data_config.data_dir else default_data_dir()
+    """The local TFDS data_dir of ``data``: ``data.data_dir`` (or the default), or, when that is on an object
+    store (``gs://``), its local mirror with ``data.name`` staged into it (:func:`stage`)."""
+    directory = os.path.expanduser(data_config.data_dir) if data_config.data_dir else default_data_dir()
+    return stage(data_config.name, directory) if storage.remote(directory) else directory
+
+
+def cache_dir() -> str:
+    return os.path.expanduser(os.environ.get("MASKJAX_CACHE_DIR") or "~/.cache/maskjax")
+
+
+def prepared_dir(name: str, directory: str) -> str | None:
+    """The prepared version directory of dataset ``name`` (``NAME``, ``NAME/CONFIG``, optionally
+    ``:VERSION``; the newest version when none is given) in ``directory`` (any store), or None."""
+    name, _, version = name.partition(":")
+    base = storage.join(directory, *name.split("/"))
+    versions = [v for v in storage.listdir(base) if re.fullmatch(r"\d+\.\d+\.\d+", v)
+                and (not version or v == version) and storage.exists(storage.join(base, v, "dataset_info.json"))]
+    if not versions:
+        return None
+    return storage.join(base, max(versions, key=lambda v: tuple(int(x) for x in v.split("."))))
+
+
+_staged: dict[tuple[str, str], str] = {}
+
+
+def stage(name: str, remote: str) -> str:
+    """Copies the prepared dataset ``name`` from the object-store data_dir ``remote`` to this host's disk
+    (``$MASKJAX_CACHE_DIR``, default ``~/.cache/maskjax``, under the bucket's path) unless the copy there is
+    complete (same files, same sizes), and returns that local data_dir. array_record files are read with
+    random access by C++ that opens local files only, so every host keeps its own copy; processes of one
+    host share it (a file lock). An embedded dataset the bucket does not hold is prepared in the mirror."""
+    import fcntl
+
+    if (name, remote) in _staged:
+        return _staged[(name, remote)]
+    local = os.path.join(cache_dir(), "data", storage.scheme(remote), remote.split("://", 1)[1].strip("/"))
+    found = prepared_dir(name, remote)
+    if found is not None:
+        target = os.path.join(local, found[len(remote.rstrip("/")) + 1:])
+        os.makedirs(target, exist_ok=True)
+        with open(os.path.join(target, ".maskjax_staging.lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            wanted = storage.files(found)
+            if not wanted:
+                raise DataError(f"dataset {name!r} in {remote!r}: {found} has no files")
+            for rel, size in sorted(wanted.items()):
+                path = os.path.join(target, rel)
+                if not (os.path.isfile(path) and os.path.getsize(path) == size):
+                    storage.download(storage.join(found, rel), path)
+    elif name not in EMBEDDED:
+        raise DataError(f"dataset {name!r} is not prepared in data_dir {remote!r} (no {name}/VERSION/"
+                        "dataset_info.json there)")
+    _staged[(name, remote)] = local
+    return local
 
 
 def builder(data_config) -> tfds.core.DatasetBuilder:
