@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import io
 import itertools
 import json
 import math
@@ -30,11 +31,13 @@ import re
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any
 
 import numpy as np
 
+from maskjax import storage
 from maskjax.errors import MaskjaxError
 
 INDEX = "sweep.json"
@@ -117,33 +120,30 @@ def _text(value) -> str:
 
 
 def _index(workdir: str) -> dict:
-    path = os.path.join(workdir, INDEX)
-    if not os.path.exists(path):
+    path = storage.join(workdir, INDEX)
+    if not storage.exists(path):
         raise SweepError(f"{workdir!r} is not a sweep directory (no {INDEX})")
     try:
-        with open(path) as f:
-            return json.load(f)
+        return json.loads(storage.read_text(path))
     except ValueError as err:
         raise SweepError(f"{path}: unreadable ({err})") from None
 
 
 def _write_index(workdir: str, index: dict) -> None:
-    tmp = os.path.join(workdir, INDEX + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(index, f, indent=2)
-    os.replace(tmp, os.path.join(workdir, INDEX))
+    storage.write_text(storage.join(workdir, INDEX), json.dumps(index, indent=2))
 
 
 def finished(point_dir: str) -> bool:
     """A point is finished when its final checkpoint exists and its final evaluation was written."""
     try:
-        with open(os.path.join(point_dir, "config.json")) as f:
-            total = json.load(f)["total_steps"]
-        with open(os.path.join(point_dir, "eval.json")) as f:
-            evaluated = json.load(f).get("step")
+        total = json.loads(storage.read_text(storage.join(point_dir, "config.json")))["total_steps"]
+        evaluated = json.loads(storage.read_text(storage.join(point_dir, "eval.json"))).get("step")
     except (OSError, ValueError, KeyError):
         return False
-    return evaluated == total and os.path.isdir(os.path.join(point_dir, "checkpoints", str(total)))
+    final = storage.join(point_dir, "checkpoints", str(total))
+    # an object store has no rename: Orbax commits a step there with a marker file
+    return evaluated == total and (storage.exists(storage.join(final, "commit_success.txt"))
+                                   if storage.remote(final) else storage.isdir(final))
 
 
 def plan(sweep_file: str, workdir: str, config: str | None = None, extra: list[str] = ()) -> dict:
@@ -151,10 +151,9 @@ def plan(sweep_file: str, workdir: str, config: str | None = None, extra: list[s
     from maskjax.data import sources
 
     base, points = load(sweep_file, config, extra)
-    os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, INDEX)
+    storage.makedirs(workdir)
     old = {}
-    if os.path.exists(path):
+    if storage.exists(storage.join(workdir, INDEX)):
         old = {p["name"]: p for p in _index(workdir)["points"]}
     path, sep, variant = base.partition(":")
     index = {"sweep": os.path.abspath(sweep_file), "config": base,
@@ -167,7 +166,7 @@ def plan(sweep_file: str, workdir: str, config: str | None = None, extra: list[s
                if len({repr(p.get(k)) for p in points}) > 1]  # names show what differs between points
     for i, overrides in enumerate(points):
         name = point_name(i, {k: overrides[k] for k in varying if k in overrides})
-        entry = {"name": name, "overrides": overrides, "workdir": os.path.join(workdir, "points", name),
+        entry = {"name": name, "overrides": overrides, "workdir": storage.join(workdir, "points", name),
                  "status": "pending"}
         entry.update({k: v for k, v in old.get(name, {}).items() if k in ("status", "returncode", "seconds")})
         index["points"].append(entry)
@@ -197,10 +196,15 @@ def run(sweep_file: str, workdir: str, config: str | None = None, extra: list[st
         started = time.monotonic()
         point["status"] = "running"
         _write_index(workdir, index)
-        log = os.path.join(workdir, "logs", point["name"] + ".log")
-        os.makedirs(os.path.dirname(log), exist_ok=True)
-        with open(log, "a") as out:
-            code = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, cwd=os.getcwd()).returncode
+        log = storage.join(workdir, "logs", point["name"] + ".log")
+        with tempfile.TemporaryDirectory() as tmp:  # a process writes its output to a local file
+            local = os.path.join(tmp, "out.log") if storage.remote(log) else log
+            storage.makedirs(storage.dirname(local))
+            with open(local, "a") as out:
+                code = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, cwd=os.getcwd()).returncode
+            if local != log:
+                with open(local, errors="replace") as f:
+                    storage.append_text(log, f.read())
         point.update(returncode=code, seconds=round(time.monotonic() - started, 1),
                      status="done" if code == 0 and finished(point["workdir"]) else "failed")
         _write_index(workdir, index)
@@ -212,8 +216,7 @@ def run(sweep_file: str, workdir: str, config: str | None = None, extra: list[st
 
 
 def _last_error(log: str) -> str:
-    with open(log, errors="replace") as f:
-        lines = [line.strip() for line in f if line.strip()]
+    lines = [line.strip() for line in storage.read_bytes(log).decode("utf-8", "replace").splitlines() if line.strip()]
     errors = [line for line in lines if line.startswith("maskjax:")]
     return (errors or lines or ["no output"])[-1][:300]
 
@@ -283,9 +286,8 @@ def collect(workdir: str) -> list[dict]:
         d = point["workdir"]
         row["status"] = "done" if finished(d) else point.get("status", "pending")
         try:
-            if os.path.exists(os.path.join(d, "config.json")):  # what the point ran, extra overrides included
-                with open(os.path.join(d, "config.json")) as f:
-                    config = objectives.from_saved(json.load(f))
+            if storage.exists(storage.join(d, "config.json")):  # what the point ran, extra overrides included
+                config = objectives.from_saved(json.loads(storage.read_text(storage.join(d, "config.json"))))
             else:
                 base = index.get("config_path", index["config"])
                 config = config_lib.override(config_lib.load(base), _override_items(point["overrides"]))
@@ -303,8 +305,8 @@ def collect(workdir: str) -> list[dict]:
                    batch_size=config.batch_size, flops_per_step=per_step, train_flops=float(per_step) * steps,
                    examples_seen=steps * config.batch_size,
                    tokens_seen=steps * config.batch_size * objective.tokens_per_example)
-        records = metrics.read_jsonl(os.path.join(d, "metrics.jsonl")) if os.path.exists(
-            os.path.join(d, "metrics.jsonl")) else []
+        records = metrics.read_jsonl(storage.join(d, "metrics.jsonl")) if storage.exists(
+            storage.join(d, "metrics.jsonl")) else []
         losses = [(r["step"], r["loss"]) for r in records if "loss" in r and np.isfinite(r["loss"])]
         row["curve"] = losses
         if losses:
@@ -312,8 +314,7 @@ def collect(workdir: str) -> list[dict]:
             row.update(final_loss=float(np.mean(tail)), best_loss=float(min(l for _, l in losses)),
                        last_step=losses[-1][0])
         try:
-            with open(os.path.join(d, "eval.json")) as f:
-                results = json.load(f)
+            results = json.loads(storage.read_text(storage.join(d, "eval.json")))
             name, value = objective.summary(results)
             row.update(metric=name, metric_value=value, eval_step=results.get("step"))
             if "finetune" in results:
@@ -340,8 +341,8 @@ def collect(workdir: str) -> list[dict]:
             row.update(loss=row["validation_loss"] if held_out else row["final_loss"],
                        loss_source="validation" if held_out else "training")
         if row["status"] == "failed":
-            row["error"] = _last_error(os.path.join(workdir, "logs", point["name"] + ".log")) \
-                if os.path.exists(os.path.join(workdir, "logs", point["name"] + ".log")) else "no log"
+            log = storage.join(workdir, "logs", point["name"] + ".log")
+            row["error"] = _last_error(log) if storage.exists(log) else "no log"
         rows.append(row)
     return rows
 
@@ -396,7 +397,7 @@ def report(workdir: str, stream=None) -> dict:
     rows = collect(workdir)
     done = [r for r in rows if r["status"] == "done" and "loss" in r]
     fits, frontier = loss_fits(done)
-    out = {"workdir": os.path.abspath(workdir), "points": [{k: v for k, v in r.items() if k != "curve"} for r in rows],
+    out = {"workdir": storage.absolute(workdir), "points": [{k: v for k, v in r.items() if k != "curve"} for r in rows],
            "fits": fits, "compute_optimal_frontier": [r["name"] for r in frontier],
            "failed": [r["name"] for r in rows if r["status"] == "failed"]}
     names = sorted({r["objective"] for r in done})
@@ -408,9 +409,8 @@ def report(workdir: str, stream=None) -> dict:
             out["by_objective"][name] = {"fits": group_fits, "frontier": [r["name"] for r in group_frontier]}
         out["compute_multipliers"] = compute_multipliers(done, {n: g["fits"].get("compute") for n, g in
                                                                 out["by_objective"].items()})
-    with open(os.path.join(workdir, "report.json"), "w") as f:
-        json.dump(out, f, indent=2, default=float)
-    _write_csv(os.path.join(workdir, "report.csv"), out["points"])
+    storage.write_text(storage.join(workdir, "report.json"), json.dumps(out, indent=2, default=float))
+    _write_csv(storage.join(workdir, "report.csv"), out["points"])
     out["plots"] = plots(workdir, rows, fits, frontier, out.get("by_objective"))
     stream.write(format_report(out) + "\n")
     return out
@@ -482,10 +482,11 @@ def compute_frontier(rows: list[dict]) -> list[dict]:
 def _write_csv(path: str, rows: list[dict]) -> None:
     keys = sorted({k for r in rows for k in r if not isinstance(r[k], (list, dict))},
                   key=lambda k: (not k.startswith("name"), not k.startswith("override:"), k))
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=keys, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    storage.write_text(path, text.getvalue())
 
 
 def format_report(out: dict) -> str:
@@ -641,8 +642,10 @@ def _downstream_text_plot(workdir: str, task: list[dict]) -> str:
 def _save(fig, workdir: str, name: str) -> str:
     import matplotlib.pyplot as plt
 
-    path = os.path.join(workdir, name)
+    path = storage.join(workdir, name)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    image = io.BytesIO()
+    fig.savefig(image, dpi=120, format="png")
     plt.close(fig)
+    storage.write_bytes(path, image.getvalue())
     return path

@@ -186,3 +186,29 @@ def test_a_data_dir_in_the_bucket_is_staged_to_each_host_and_trains_the_same(dat
     assert got == want and len(got) == 3
     with pytest.raises(sources.DataError, match="'imagenet2012' is not prepared in data_dir 'gs://"):
         sources.data_dir(load_config("mae_digits.py:tiny", "data.name=imagenet2012", data_dir=f"{bucket}/data").data)
+
+
+@pytest.mark.slow
+def test_a_sweep_directory_in_the_bucket_runs_resumes_and_reports(data_dir, bucket, tmp_path):
+    from maskjax import cli, sweep
+
+    path = tmp_path / "tiny.py"
+    path.write_text("CONFIG = 'configs/mae_digits.py:tiny'\n"
+                    "def get_sweep():\n"
+                    "    return [{'model.depth': 1}, {'data.name': 'not_prepared_here'}]\n")
+    workdir = f"{bucket}/sweep"
+    args = ["sweep", "--sweep", str(path), "--workdir", workdir, f"--config.data.data_dir={data_dir}",
+            "--config.eval.max_batches=1"]
+    assert cli.main(args) == 1  # the second point fails
+    index = json.loads(storage.read_text(f"{workdir}/sweep.json"))
+    assert [p["status"] for p in index["points"]] == ["done", "failed"]
+    done = index["points"][0]["workdir"]
+    assert done.startswith(f"{workdir}/points/") and sweep.finished(done)
+    first = storage.digests(done)["eval.json"]
+    assert cli.main(args) == 1 and storage.digests(done)["eval.json"] == first  # not redone
+    assert "not_prepared_here" in storage.read_text(f"{workdir}/logs/{index['points'][1]['name']}.log")
+    out = sweep.report(workdir)
+    assert [p["status"] for p in out["points"]] == ["done", "failed"]
+    names = storage.files(workdir)
+    for name in ("report.json", "report.csv", "loss_curves.png"):
+        assert names.get(name, 0) > 0, name
