@@ -2,12 +2,14 @@
 # maskjax on a Cloud TPU VM slice: create (or reuse) the slice, copy this checkout to every worker,
 # install, and run the same `maskjax` command on all workers at once.
 #
-#   launch/tpu_pod.sh NAME ZONE ACCELERATOR -- train --config configs/mae_imagenet.py:vit_l16 --workdir /mnt/shared/runs/mae_l
-#   launch/tpu_pod.sh mae-v4 us-central2-b v4-64 -- train --config configs/mae_imagenet.py --workdir /mnt/shared/mae_b
+#   launch/tpu_pod.sh NAME ZONE ACCELERATOR -- train --config configs/mae_imagenet.py:vit_l16 --workdir gs://BUCKET/runs/mae_l
+#   launch/tpu_pod.sh mae-v4 us-central2-b v4-64 -- train --config configs/mae_imagenet.py --workdir gs://BUCKET/mae_b \
+#       --config.data.data_dir=gs://BUCKET/tfds
 #
-# JAX finds the slice's workers itself (TPU metadata), so maskjax needs no process flags. The workdir
-# should be on a file system every worker mounts (a bucket through gcsfuse, Filestore, NFS): Orbax writes
-# there from every worker; data_dir likewise (maskjax reads and writes workdirs through the OS, not gs:// URLs).
+# JAX finds the slice's workers itself (TPU metadata), so maskjax needs no process flags. The workdir is a
+# bucket (or a file system every worker mounts): Orbax writes there from every worker. A gs:// data_dir is
+# copied to each worker's disk on first use (README: "Running on a TPU pod"). Run the same command again
+# to resume, on this slice or another of any size.
 # Environment: PROJECT (default: gcloud's), VERSION (TPU runtime, default tpu-ubuntu2204-base),
 # SPOT=1 for spot capacity, SKIP_INSTALL=1 to reuse an installed checkout.
 set -euo pipefail
@@ -38,7 +40,7 @@ if [[ -z "${SKIP_INSTALL:-}" ]]; then
   rm -f "$ARCHIVE"
   $TPU ssh "$NAME" --zone "$ZONE" --worker=all $PROJECT_FLAG --command \
     "rm -rf maskjax && tar xzf maskjax.tar.gz && cd maskjax && python3 -m venv .venv && \
-     .venv/bin/pip install -q --upgrade pip && .venv/bin/pip install -q -e '.[tpu]'"
+     .venv/bin/pip install -q --upgrade pip && .venv/bin/pip install -q -e '.[tpu,gcs]'"
 fi
 
 # The same command on every worker; quoting survives the ssh hop.
