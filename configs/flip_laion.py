@@ -8,7 +8,8 @@ resume the pretraining workdir with it and a larger ``total_steps``).
 
 Data: image + caption pairs through the ``maskjax_image_text_folder`` TFDS builder
 (``data.manual_dir``: files ``NAME.jpg`` + ``NAME.txt``), or any TFDS image-text dataset prepared as
-array_record (set ``data.name``, ``data.image_key``, ``data.text_key``, ``data.tokenizer``).
+array_record (set ``data.name``, ``data.image_key``, ``data.text_key``, ``data.tokenizer``; ``maskjax data
+convert`` for TFRecord-format ones; data_dir and tokenizer may be gs:// paths).
 
 From the paper and the official code (facebookresearch/flip ``configs/default.py``, ``models_flip.py``
 ``compute_contrastive_loss``, ``t5x/train_state_initializer.py`` with ``utils/opt_util.py``): mask 0.5,

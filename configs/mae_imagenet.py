@@ -1,9 +1,11 @@
 """MAE on ImageNet-1k at 224 (He et al. 2021), the paper's recipe.
 
-maskjax train --config configs/mae_imagenet.py:vit_b16 --workdir gs://BUCKET/mae_b16
+maskjax train --config configs/mae_imagenet.py:vit_b16 --workdir gs://BUCKET/mae_b16 \\
+    --config.data.data_dir=gs://BUCKET/tfds
 Variants: vit_b16 (default), vit_l16, vit_h14. Needs `imagenet2012` prepared in ``data.data_dir``
 as array_record (``tfds build imagenet2012 --file_format=array_record``; the archives must be
-downloaded by hand).
+downloaded by hand), or in TFRecord format and converted once with ``maskjax data convert --name
+imagenet2012 --data_dir DIR``. A gs:// data_dir is copied to each host's disk on first use.
 
 Paper values: batch 4096, base lr 1.5e-4 (lr = base_lr * batch / 256), AdamW (0.9, 0.95),
 weight decay 0.05, 40 warm-up epochs of 800 (1600 for the best numbers), cosine, mask 0.75,

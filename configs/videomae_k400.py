@@ -4,7 +4,8 @@ maskjax train --config configs/videomae_k400.py:vit_b --workdir gs://BUCKET/vide
 Variants: vit_b (default), vit_l; ``,st`` for MAE-ST (spatiotemporal random masking at 0.9,
 decoder 4 x 512); ``,dual`` for VideoMAE V2's dual masking (the decoder keeps 50% of the tokens).
 
-Data: ``data.name`` must be a TFDS video dataset prepared as array_record whose ``video`` field
+Data: ``data.name`` must be a TFDS video dataset prepared as array_record (``maskjax data convert`` turns a
+TFRecord-format one into that; a gs:// ``data.data_dir`` is copied to each host) whose ``video`` field
 decodes to uint8 [T, H, W, 3] (e.g. a Kinetics-400 builder of your own; clips shorter than
 16 x 4 frames are an error naming the record).
 

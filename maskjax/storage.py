@@ -269,6 +269,35 @@ def download(src, local: str) -> None:
     os.replace(tmp, local)
 
 
+def cache_dir() -> str:
+    """This host's cache for copies of remote files: ``$MASKJAX_CACHE_DIR``, default ``~/.cache/maskjax``."""
+    return os.path.expanduser(os.environ.get("MASKJAX_CACHE_DIR") or "~/.cache/maskjax")
+
+
+def mirror(path) -> str:
+    """Where :func:`local_copy` keeps a remote ``path``: the cache, under the store and bucket path."""
+    return os.path.join(cache_dir(), "data", scheme(path), os.fspath(path).split("://", 1)[1].strip("/"))
+
+
+def local_copy(path) -> str:
+    """A local path to read ``path`` from (for libraries that open local files only: sentencepiece,
+    array_record): ``path`` itself when local, else its copy in the cache, downloaded unless it is there
+    with the same size."""
+    if not remote(path):
+        return _local(path)
+    target = mirror(path)
+    size = _size(path)
+    if not (os.path.isfile(target) and os.path.getsize(target) == size):
+        download(path, target)
+    return target
+
+
+@_reported("look up")
+def _size(path) -> int:
+    fs, inner = _fs(path)
+    return int(fs.size(inner))
+
+
 def copy_tree(src, dst) -> None:
     """Copies every file below ``src`` to the same relative path below ``dst`` (any store to any)."""
     for rel in files(src):

@@ -212,3 +212,16 @@ def test_a_sweep_directory_in_the_bucket_runs_resumes_and_reports(data_dir, buck
     names = storage.files(workdir)
     for name in ("report.json", "report.csv", "loss_curves.png"):
         assert names.get(name, 0) > 0, name
+
+
+def test_a_tokenizer_file_in_the_bucket_is_read_through_the_cache(bucket, tmp_path, monkeypatch):
+    from maskjax.data import tokenizer
+
+    monkeypatch.setenv("MASKJAX_CACHE_DIR", str(tmp_path / "cache"))
+    pieces = [*tokenizer.WORDPIECE_SPECIALS, "the", "digit", "##s", "seven"]
+    storage.write_text(f"{bucket}/vocab/vocab.txt", "\n".join(pieces) + "\n")
+    remote = tokenizer.load(f"{bucket}/vocab/vocab.txt")
+    local = tokenizer.load(storage.local_copy(f"{bucket}/vocab/vocab.txt"))
+    assert remote.pieces == local.pieces == pieces and remote.path.startswith(str(tmp_path / "cache"))
+    with pytest.raises(tokenizer.TokenizerError, match="does not exist"):
+        tokenizer.load(f"{bucket}/vocab/missing.txt")

@@ -43,10 +43,6 @@ def data_dir(data_config) -> str:
     return stage(data_config.name, directory) if storage.remote(directory) else directory
 
 
-def cache_dir() -> str:
-    return os.path.expanduser(os.environ.get("MASKJAX_CACHE_DIR") or "~/.cache/maskjax")
-
-
 def prepared_dir(name: str, directory: str) -> str | None:
     """The prepared version directory of dataset ``name`` (``NAME``, ``NAME/CONFIG``, optionally
     ``:VERSION``; the newest version when none is given) in ``directory`` (any store), or None."""
@@ -72,7 +68,7 @@ def stage(name: str, remote: str) -> str:
 
     if (name, remote) in _staged:
         return _staged[(name, remote)]
-    local = os.path.join(cache_dir(), "data", storage.scheme(remote), remote.split("://", 1)[1].strip("/"))
+    local = storage.mirror(remote)
     found = prepared_dir(name, remote)
     if found is not None:
         target = os.path.join(local, found[len(remote.rstrip("/")) + 1:])

@@ -13,6 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
+from maskjax import storage
 from maskjax.errors import MaskjaxError
 
 SPECIAL_NAMES = {  # role -> spellings accepted, in order of preference
@@ -154,7 +155,12 @@ def _load_sentencepiece(path: str) -> Tokenizer:
 
 @functools.lru_cache(maxsize=8)
 def load(path: str) -> Tokenizer:
-    """A tokenizer from ``path``: ``*.model`` is SentencePiece, anything else a WordPiece vocab.txt."""
+    """A tokenizer from ``path`` (local or ``gs://``, copied to the cache first): ``*.model`` is
+    SentencePiece, anything else a WordPiece vocab.txt."""
+    if path and storage.remote(path):
+        if not storage.isfile(path):
+            raise TokenizerError(f"tokenizer file {path!r} does not exist")
+        path = storage.local_copy(path)
     if not path or not os.path.isfile(path):
         raise TokenizerError(f"tokenizer file {path!r} does not exist")
     if not os.access(path, os.R_OK):
