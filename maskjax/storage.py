@@ -105,28 +105,21 @@ def basename(path) -> str:
     return posixpath.basename(os.fspath(path).rstrip("/"))
 
 
-@_reported("look up")
-def exists(path) -> bool:
-    if not remote(path):
-        return os.path.exists(_local(path))
-    fs, inner = _fs(path)
-    return fs.exists(inner)
+def _query(local, method: str, doc: str):
+    @_reported("look up")
+    def query(path) -> bool:
+        if not remote(path):
+            return local(_local(path))
+        fs, inner = _fs(path)
+        return getattr(fs, method)(inner)
+
+    query.__name__, query.__doc__ = method, doc
+    return query
 
 
-@_reported("look up")
-def isdir(path) -> bool:
-    if not remote(path):
-        return os.path.isdir(_local(path))
-    fs, inner = _fs(path)
-    return fs.isdir(inner)
-
-
-@_reported("look up")
-def isfile(path) -> bool:
-    if not remote(path):
-        return os.path.isfile(_local(path))
-    fs, inner = _fs(path)
-    return fs.isfile(inner)
+exists = _query(os.path.exists, "exists", "True when a file or directory (a prefix with objects) is there.")
+isdir = _query(os.path.isdir, "isdir", "True for a directory (on an object store: a prefix with objects).")
+isfile = _query(os.path.isfile, "isfile", "True for a file (an object).")
 
 
 def makedirs(path) -> None:

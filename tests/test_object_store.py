@@ -142,7 +142,7 @@ def test_server_stopped_during_a_checkpoint_save_loses_nothing_committed(data_di
     lines = [line for line in err.strip().splitlines() if line.startswith("maskjax: error:")]
     assert process.returncode == storage.EXIT_STORAGE, err[-3000:]
     # what fails first (the checkpoint's arrays, or the metrics flushed after the save) names itself
-    assert len(lines) == 1 and f"could not write" in lines[0] and workdir in lines[0], err[-3000:]
+    assert len(lines) == 1 and "could not write" in lines[0] and workdir in lines[0], err[-3000:]
     assert "Traceback" not in err
     committed = checkpoint.Checkpointer(workdir).all_steps()
     assert committed in ([2], [2, 4]), committed
@@ -225,3 +225,30 @@ def test_a_tokenizer_file_in_the_bucket_is_read_through_the_cache(bucket, tmp_pa
     assert remote.pieces == local.pieces == pieces and remote.path.startswith(str(tmp_path / "cache"))
     with pytest.raises(tokenizer.TokenizerError, match="does not exist"):
         tokenizer.load(f"{bucket}/vocab/missing.txt")
+
+
+@pytest.mark.slow
+def test_two_processes_checkpoint_into_the_bucket_and_one_process_resumes(data_dir, bucket, tmp_path):
+    """A pod's shape: every process writes its shards of the checkpoint to the bucket through tensorstore,
+    process 0 the rest; then a single process (a smaller slice) resumes from the bucket and ends with the
+    losses of an uninterrupted one-process run."""
+    from maskjax import train
+    from tests.conftest import load_config
+    from tests.test_distributed import FEW_STEPS, MAE, launch
+
+    workdir = f"{bucket}/pod"
+    first, _ = launch(tmp_path, "pod", ["train", "--config", MAE, "--workdir", workdir, "--stop_at=3", "--no_eval",
+                                        f"--config.data.data_dir={data_dir}", *FEW_STEPS])
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert checkpoint.Checkpointer(workdir).all_steps() == [3]
+    assert checkpoint.verify(f"{workdir}/checkpoints/3") is None
+    shards = [n for n in storage.files(f"{workdir}/checkpoints/3") if n.startswith("state/ocdbt.process_")]
+    assert {n.split("/")[1] for n in shards} == {"ocdbt.process_0", "ocdbt.process_1"}  # both processes wrote
+    config = load_config("mae_digits.py", *(a.removeprefix("--config.") for a in FEW_STEPS), data_dir=data_dir)
+    resumed = train.train(config, workdir, evaluate=False, quiet=True)
+    assert resumed["start_step"] == 3
+    train.train(config, str(tmp_path / "one"), evaluate=False, quiet=True)
+    got = [(r["step"], r["loss"]) for r in metrics.read_jsonl(f"{workdir}/metrics.jsonl")]
+    want = [(r["step"], r["loss"]) for r in metrics.read_jsonl(str(tmp_path / "one" / "metrics.jsonl"))]
+    assert [s for s, _ in got] == [s for s, _ in want] == [1, 2, 3, 4, 5, 6]
+    np.testing.assert_allclose([l for _, l in got], [l for _, l in want], rtol=0, atol=1e-5)
