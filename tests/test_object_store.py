@@ -119,6 +119,13 @@ def test_eval_and_export_read_from_and_write_to_the_bucket(data_dir, cache, refe
     assert remote.keys() == local.keys()
     for name in local:
         np.testing.assert_array_equal(remote[name], local[name])
+    # and a run starts from the export in the bucket as from the local one
+    from maskjax import train
+
+    first = [train.train(tiny_config(data_dir, f"init_from={source}", "total_steps=1", "eval.probe=False"),
+                         str(tmp_path / f"init_{i}"), evaluate=False, quiet=True)["losses"]
+             for i, source in enumerate((f"{bucket}/export", str(tmp_path / "export")))]
+    assert first[0] == first[1] and len(first[0]) == 1
 
 
 @pytest.mark.slow
