@@ -117,12 +117,14 @@ def train(config, workdir: str, *, stop_at: int | None = None, devices=None, eva
         # A cross-process collective failed: on CPU (gloo) and GPU (NCCL) a dead peer surfaces here.
         raise distributed.PeerLost(step + 1, checkpointer.latest_step(), err) from err
     except BaseException as err:
-        if jax.process_count() == 1:  # let a save in flight commit; a half-written one would be discarded
-            try:
-                checkpointer.wait()
-            except Exception:
-                pass
-        if not isinstance(err, storage.StorageError):  # not when the store itself is what failed
+        # Not when the store itself failed: a save in flight retries against it (tensorstore: for minutes)
+        # and cannot commit, and the account cannot be written either.
+        if getattr(err, "exit_status", None) != storage.EXIT_STORAGE:
+            if jax.process_count() == 1:  # let a save in flight commit; a half-written one would be discarded
+                try:
+                    checkpointer.wait()
+                except Exception:
+                    pass
             _account(runs, clock, start, done)
         raise
     finally:

@@ -143,7 +143,7 @@ def test_server_stopped_during_a_checkpoint_save_loses_nothing_committed(data_di
     gcs.stop()
     try:
         os.kill(process.pid, signal.SIGCONT)
-        _, err = process.communicate(timeout=600)
+        _, err = process.communicate(timeout=300)
     finally:
         gcs.start()
     lines = [line for line in err.strip().splitlines() if line.startswith("maskjax: error:")]
