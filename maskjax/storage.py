@@ -11,15 +11,14 @@ object's size.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
+import logging
 import os
 import posixpath
 import shutil
 import time
-import contextlib
-import functools
-
-import logging
 
 import fsspec
 

@@ -228,28 +228,32 @@ def _params(workdir, config, step):
     return jax.tree.map(np.asarray, jax.device_get(state["params"]))
 
 
-def test_elastic_resume_across_process_counts_and_mesh_shapes(data_dir, tmp_path):
-    """A run checkpointed by 2 processes x 4 devices resumes on 1 x 8 and on 1 x 4; one checkpointed by
-    1 x 4 on an fsdp=4 mesh resumes on 2 x 4 with data=8 (Orbax reshards on load). The global batch is
-    the same everywhere, so the data, the masks (drawn per example from the global row) and the losses
-    are those of the uninterrupted 1 x 8 run."""
+@pytest.fixture(scope="module")
+def uninterrupted(data_dir, tmp_path_factory):
+    """(config, workdir) of the uninterrupted 1 x 8 run every elastic resume must reproduce."""
+    config = load_config("mae_digits.py", *(a.removeprefix("--config.") for a in FEW_STEPS), data_dir=data_dir)
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    train.train(config, str(workdir), evaluate=False, quiet=True)
+    assert [s for s, _ in losses(workdir)] == [1, 2, 3, 4, 5, 6]
+    return config, workdir
+
+
+def _same_as(uninterrupted, workdir):
+    """Losses to 1e-5 and final parameters to 1e-5 of each tensor's scale: the global batch is the same,
+    so the data, the masks (drawn per example from the global row) and the updates are."""
+    config, reference = uninterrupted
+    got, want = losses(workdir), losses(reference)
+    assert [s for s, _ in got] == [s for s, _ in want]
+    np.testing.assert_allclose([l for _, l in got], [l for _, l in want], rtol=0, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(_params(workdir, config, 6)), jax.tree.leaves(_params(reference, config, 6))):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * max(float(np.abs(b).max()), 1.0))
+
+
+def test_elastic_resume_from_two_processes_on_one(data_dir, tmp_path, uninterrupted):
+    """Checkpointed by 2 processes x 4 devices; resumed by 1 x 8 and by 1 x 4."""
     import shutil
 
-    overrides = [a.removeprefix("--config.") for a in FEW_STEPS]
-    config = load_config("mae_digits.py", *overrides, data_dir=data_dir)
-    train.train(config, str(tmp_path / "one"), evaluate=False, quiet=True)
-    want = losses(tmp_path / "one")
-    assert [s for s, _ in want] == [1, 2, 3, 4, 5, 6]
-
-    def same_as_uninterrupted(workdir):
-        got = losses(workdir)
-        assert [s for s, _ in got] == [s for s, _ in want]
-        np.testing.assert_allclose([l for _, l in got], [l for _, l in want], rtol=0, atol=1e-5)
-        for a, b in zip(jax.tree.leaves(_params(workdir, config, 6)), jax.tree.leaves(_params(tmp_path / "one",
-                                                                                               config, 6))):
-            np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * max(float(np.abs(b).max()), 1.0))
-
-    # 2 x 4 -> 1 x 8 and 1 x 4
+    config, _ = uninterrupted
     two = str(tmp_path / "two")
     first, _ = launch(tmp_path, "two_first", ["train", "--config", MAE, "--workdir", two, "--stop_at=3",
                                               f"--config.data.data_dir={data_dir}", "--no_eval", *FEW_STEPS])
@@ -259,14 +263,23 @@ def test_elastic_resume_across_process_counts_and_mesh_shapes(data_dir, tmp_path
         shutil.copytree(two, workdir)
         summary = train.train(config, str(workdir), devices=devices, evaluate=False, quiet=True)
         assert summary["start_step"] == 3
-        same_as_uninterrupted(workdir)
+        _same_as(uninterrupted, workdir)
 
-    # 1 x 4 on data=1, fsdp=4 -> 2 x 4 on data=8
-    one_four = str(tmp_path / "one_four")
-    fsdp = load_config("mae_digits.py", *overrides, "mesh.data=1", "mesh.fsdp=4", data_dir=data_dir)
-    train.train(fsdp, one_four, devices=jax.devices()[:4], stop_at=3, evaluate=False, quiet=True)
-    second, _ = launch(tmp_path, "two_second", ["train", "--config", MAE, "--workdir", one_four, "--config.mesh.data=8",
+
+@pytest.mark.parametrize("first_mesh, devices, resumed_mesh", [
+    ((), 8, ()),  # 1 x 8 -> 2 x 4, same mesh shape (data=8)
+    (("mesh.data=1", "mesh.fsdp=4"), 4, ("--config.mesh.data=8",)),  # 1 x 4 on fsdp=4 -> 2 x 4 on data=8
+])
+def test_elastic_resume_from_one_process_on_two(data_dir, tmp_path, uninterrupted, first_mesh, devices,
+                                                resumed_mesh):
+    """Checkpointed by one process (8 devices, or 4 on an FSDP mesh, which Orbax reshards on load);
+    resumed by 2 processes x 4 devices."""
+    workdir = str(tmp_path / "one")
+    config = load_config("mae_digits.py", *(a.removeprefix("--config.") for a in FEW_STEPS), *first_mesh,
+                         data_dir=data_dir)
+    train.train(config, workdir, devices=jax.devices()[:devices], stop_at=3, evaluate=False, quiet=True)
+    second, _ = launch(tmp_path, "two_second", ["train", "--config", MAE, "--workdir", workdir, *resumed_mesh,
                                                 f"--config.data.data_dir={data_dir}", "--no_eval", *FEW_STEPS])
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "resumed from step 3" in second.stdout
-    same_as_uninterrupted(one_four)
+    _same_as(uninterrupted, workdir)

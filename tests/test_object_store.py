@@ -122,10 +122,13 @@ def test_eval_and_export_read_from_and_write_to_the_bucket(data_dir, cache, refe
     # and a run starts from the export in the bucket as from the local one
     from maskjax import train
 
-    first = [train.train(tiny_config(data_dir, f"init_from={source}", "total_steps=1", "eval.probe=False"),
+    first = [train.train(tiny_config(data_dir, f"init_from={source}", "total_steps=1",
+                                     "optim.warmup_steps=0"),
                          str(tmp_path / f"init_{i}"), evaluate=False, quiet=True)["losses"]
              for i, source in enumerate((f"{bucket}/export", str(tmp_path / "export")))]
-    assert first[0] == first[1] and len(first[0]) == 1
+    scratch = train.train(tiny_config(data_dir, "total_steps=1", "optim.warmup_steps=0"), str(tmp_path / "scratch"),
+                          evaluate=False, quiet=True)["losses"]
+    assert first[0] == first[1] and len(first[0]) == 1 and first[0] != scratch  # the weights came from the bucket
 
 
 @pytest.mark.slow
