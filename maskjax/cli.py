@@ -448,7 +448,7 @@ def _data(args, overrides) -> int:
 def _check_workdir(workdir: str) -> None:
     from maskjax import storage
 
-    if storage.writable(workdir) is not None:
+    if not storage.writable(workdir):
         raise UsageError(f"--workdir {workdir!r} is not writable")
 
 

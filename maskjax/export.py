@@ -406,13 +406,12 @@ def export(config, params: dict, fmt: str, out: str, arch: str | None = None, st
 
     if storage.isfile(out):
         raise InteropError(f"--out {out!r} exists and is not a directory")
-    storage.makedirs(out)
     hf = hf_config(config, arch, vocab.vocab_size if vocab else 0, vocab.pad_id if vocab else 0)
     hf["maskjax_step"] = step
     storage.write_bytes(storage.join(out, "model.safetensors"), save(tensors, metadata={"format": "pt"}))
     storage.write_text(storage.join(out, "config.json"), json.dumps(hf, indent=2, sort_keys=True))
     if vocab is not None and vocab.path.endswith(".txt"):  # BertTokenizer reads vocab.txt from the same folder
-        storage.write_bytes(storage.join(out, "vocab.txt"), storage.read_bytes(vocab.path))
+        storage.copy_file(vocab.path, storage.join(out, "vocab.txt"))
         storage.write_text(storage.join(out, "tokenizer_config.json"),
                            json.dumps({"tokenizer_class": "BertTokenizer", "do_lower_case": vocab.lowercase,
                                        "model_max_length": config.model.max_len}, indent=2))

@@ -115,6 +115,7 @@ class RunLog:
     def __init__(self, workdir: str, record: dict, flush_secs: float = 30.0):
         self.path = storage.join(workdir, "runs.jsonl")
         self.earlier = metrics.read_jsonl(self.path) if storage.exists(self.path) else []
+        self._earlier_text = "".join(json.dumps(r, default=str) + "\n" for r in self.earlier)  # once, not per log
         self.record = record
         self.flush_secs = flush_secs if storage.remote(workdir) else 0.0
         self._written = float("-inf")
@@ -125,8 +126,7 @@ class RunLog:
             self.record["seconds"] = account
         if not force and time.monotonic() - self._written < self.flush_secs:
             return
-        lines = [json.dumps(r, default=str) + "\n" for r in (*self.earlier, self.record)]
-        storage.write_text(self.path, "".join(lines))
+        storage.write_text(self.path, self._earlier_text + json.dumps(self.record, default=str) + "\n")
         self._written = time.monotonic()
 
     def total(self) -> dict | None:

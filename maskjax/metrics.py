@@ -65,9 +65,9 @@ class Writer:
 
 
 class _ObjectStoreEvents:
-    """A TensorBoard event file on an object store: tensorboardX's record-writer interface over
-    :class:`storage.Appender` (its own gs:// writer needs google-cloud-storage; this one goes through
-    the store maskjax already uses)."""
+    """A TensorBoard event file on an object store: tensorboardX's record-writer interface, the whole
+    file rewritten at each flush (objects are immutable; tensorboardX's own gs:// writer does the same
+    but needs google-cloud-storage; this one goes through :mod:`maskjax.storage`)."""
 
     def __init__(self, path: str):
         self._buffer = bytearray()

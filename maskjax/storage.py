@@ -193,17 +193,23 @@ def read_text(path) -> str:
     return read_bytes(path).decode("utf-8")
 
 
+@contextlib.contextmanager
+def _replacing(local: str):
+    """A binary file that becomes ``local`` when the block ends (written beside it, then ``os.replace``)."""
+    os.makedirs(os.path.dirname(os.path.abspath(local)), exist_ok=True)
+    tmp = f"{local}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        yield f
+    os.replace(tmp, local)
+
+
 @_reported("write")
 def write_bytes(path, data: bytes) -> None:
     """Atomic: readers see the old content or the new, never a part (``os.replace`` locally, one
     object upload remotely)."""
     if not remote(path):
-        local = _local(path)
-        os.makedirs(os.path.dirname(os.path.abspath(local)), exist_ok=True)
-        tmp = f"{local}.tmp-{os.getpid()}"
-        with open(tmp, "wb") as f:
+        with _replacing(_local(path)) as f:
             f.write(data)
-        os.replace(tmp, local)
         return
     fs, inner = _fs(path)
     fs.pipe_file(inner, data)
@@ -252,13 +258,21 @@ def move(src, dst) -> None:
     fs.mv(inner, _fs(dst)[1], recursive=True)
 
 
-def download(src, local: str) -> None:
-    """Copies one file from any store to a local path, streamed, atomically (tmp + rename)."""
-    os.makedirs(os.path.dirname(os.path.abspath(local)), exist_ok=True)
-    tmp = f"{local}.tmp-{os.getpid()}"
-    with open_file(src, "rb") as f, open(tmp, "wb") as out:
-        shutil.copyfileobj(f, out, 1 << 24)
-    os.replace(tmp, local)
+def copy_file(src, dst) -> None:
+    """Copies one file from any store to any store, streamed (shards do not pass through memory whole);
+    a local ``dst`` is replaced atomically, a remote one appears when its upload completes."""
+    with open_file(src, "rb") as f:
+        if remote(dst):
+            with open_file(dst, "wb") as out:
+                shutil.copyfileobj(f, out, 1 << 24)
+        else:
+            with _replacing(_local(dst)) as out:
+                shutil.copyfileobj(f, out, 1 << 24)
+
+
+def relative(path, root) -> str:
+    """``path`` below ``root`` as a relative path (``root`` joined it)."""
+    return os.fspath(path)[len(os.fspath(root).rstrip("/")) + 1:]
 
 
 def cache_dir() -> str:
@@ -280,7 +294,7 @@ def local_copy(path) -> str:
     target = mirror(path)
     size = _size(path)
     if not (os.path.isfile(target) and os.path.getsize(target) == size):
-        download(path, target)
+        copy_file(path, target)
     return target
 
 
@@ -293,22 +307,18 @@ def _size(path) -> int:
 def copy_tree(src, dst) -> None:
     """Copies every file below ``src`` to the same relative path below ``dst`` (any store to any)."""
     for rel in files(src):
-        write_bytes(join(dst, rel), read_bytes(join(src, rel)))
+        copy_file(join(src, rel), join(dst, rel))
 
 
-def writable(path) -> str | None:
-    """None when ``path`` (a directory to be) can be written, else why not: the nearest existing local
-    parent must be a writable directory; an object store is checked on the first write."""
+def writable(path) -> bool:
+    """Whether ``path`` (a directory to be) can be written: its nearest existing local parent is a
+    writable directory; an object store is checked on the first write."""
     if remote(path):
-        return None
+        return True
     parent = os.path.abspath(_local(path))
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        return f"{parent} is a file"
-    if not os.access(parent, os.W_OK):
-        return f"{parent} is not writable"
-    return None
+    return os.path.isdir(parent) and os.access(parent, os.W_OK)
 
 
 def append_text(path, text: str) -> None:

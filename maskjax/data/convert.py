@@ -74,7 +74,7 @@ def convert(name: str, data_dir: str, out: str | None = None, progress=sys.stder
     from array_record.python import array_record_module
 
     source = find(name, data_dir)
-    out_dir = storage.join(out, source[len(data_dir.rstrip("/")) + 1:]) if out else source  # find() joined it
+    out_dir = storage.join(out, storage.relative(source, data_dir)) if out else source
     info = json.loads(storage.read_text(storage.join(source, "dataset_info.json")))
     fmt = info.get("fileFormat", "tfrecord")
     if fmt != "tfrecord":
@@ -103,8 +103,7 @@ def convert(name: str, data_dir: str, out: str | None = None, progress=sys.stder
                 os.remove(local)
                 raise DataError(f"{source}/{shard}: {n} records, dataset_info.json says {lengths[split][index]}")
             if storage.remote(target):
-                with open(local, "rb") as f:
-                    storage.write_bytes(target, f.read())
+                storage.copy_file(local, target)
             else:
                 os.replace(local, target)
         counts[split] = counts.get(split, 0) + n
@@ -114,7 +113,7 @@ def convert(name: str, data_dir: str, out: str | None = None, progress=sys.stder
     if out_dir != source:  # the rest of the prepared directory (features.json, label names, ...) goes along
         for other in names:
             if other != "dataset_info.json" and not _SHARD.match(other) and storage.isfile(storage.join(source, other)):
-                storage.write_bytes(storage.join(out_dir, other), storage.read_bytes(storage.join(source, other)))
+                storage.copy_file(storage.join(source, other), storage.join(out_dir, other))
     info["fileFormat"] = "array_record"
     storage.write_text(storage.join(out_dir, "dataset_info.json"), json.dumps(info, indent=2))
     return counts

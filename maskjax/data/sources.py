@@ -71,7 +71,7 @@ def stage(name: str, remote: str) -> str:
     local = storage.mirror(remote)
     found = prepared_dir(name, remote)
     if found is not None:
-        target = os.path.join(local, found[len(remote.rstrip("/")) + 1:])
+        target = os.path.join(local, storage.relative(found, remote))
         os.makedirs(target, exist_ok=True)
         with open(os.path.join(target, ".maskjax_staging.lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
@@ -81,7 +81,7 @@ def stage(name: str, remote: str) -> str:
             for rel, size in sorted(wanted.items()):
                 path = os.path.join(target, rel)
                 if not (os.path.isfile(path) and os.path.getsize(path) == size):
-                    storage.download(storage.join(found, rel), path)
+                    storage.copy_file(storage.join(found, rel), path)
     elif name not in EMBEDDED:
         raise DataError(f"dataset {name!r} is not prepared in data_dir {remote!r} (no {name}/VERSION/"
                         "dataset_info.json there)")
