@@ -116,7 +116,8 @@ def synthetic_batches(setup, seed: int = 0) -> Iterator[dict]:
 
 
 def attention_kernel(config) -> str:
-    """The attention implementation ('xla' or 'cudnn') the encoder's blocks run with (on this backend)."""
+    """The attention implementation (:data:`layers.ATTENTION` less 'auto') the encoder's blocks run with (on
+    this backend)."""
     m = config.model
     return layers.attention_implementation(m.attention, layers.compute_dtype(m.dtype),
                                            m.width // m.heads)

@@ -45,7 +45,8 @@ def base_config() -> ml_collections.ConfigDict:
         max_len=512, positions="learned", pre_norm=True,
         # every transformer block (encoders, MAE decoder, FLIP text tower): biases on q/k/v, LayerNorm epsilon
         qkv_bias=False, norm_eps=1e-6,
-        # attention kernel: 'auto' (cuDNN flash attention on a CUDA GPU in bf16/fp16, else XLA), 'xla', 'cudnn'
+        # attention kernel: 'auto' (cuDNN flash attention on a CUDA GPU in bf16/fp16, splash on a TPU, else XLA),
+        # 'xla', 'cudnn', 'splash', 'splash_interpret' (the splash kernel in Pallas's interpreter: checks on CPU)
         attention="auto",
     )
     c.decoder = dict(width=64, depth=2, heads=4, embed_bias=True)

@@ -69,7 +69,9 @@ FIELDS = {
     "model.pre_norm": "Text blocks: pre-norm with a final LayerNorm (True) or BERT's post-norm (False).",
     "model.qkv_bias": "Biases on the query/key/value projections of every block (BERT, timm ViT, MAE release).",
     "model.attention": "Attention kernel: auto (cuDNN flash attention on a CUDA GPU in bfloat16/float16 where "
-                       "the head size allows, else XLA), xla, or cudnn (an error where it cannot run).",
+                       "the head size allows, Pallas splash attention on a TPU, else XLA), xla, cudnn or splash "
+                       "(an error where it cannot run), or splash_interpret (the splash kernel in Pallas's "
+                       "interpreter, any backend: slow, for correctness checks).",
     "model.norm_eps": "LayerNorm epsilon of every block (1e-6 MAE/timm, 1e-12 BERT and Hugging Face ViT).",
     "decoder.width": "MAE decoder width.",
     "decoder.depth": "MAE decoder blocks.",

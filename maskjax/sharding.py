@@ -241,11 +241,30 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     """``with_sharding_constraint`` by logical names under :func:`activation_mesh`. Outside any such
     context it raises: a model traced without it would compile unconstrained, which on a sharded
     mesh silently changes the layout XLA picks."""
+    mesh, rules = _activation_context()
+    if mesh is None:
+        return x
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(names, x.shape, mesh, rules)))
+
+
+def _activation_context() -> tuple:
     current = getattr(_CONTEXT, "value", _UNSET)
     if current is _UNSET:
         raise MeshError("a model ran outside sharding.activation_mesh(mesh): wrap the call (Setup.jit_model_call "
                         "does), or pass None to run it unconstrained")
-    mesh, rules = current
+    return current
+
+
+def per_shard(fn, args: Sequence[jax.Array], in_names: Sequence[Sequence[str | None]],
+              out_names: Sequence[str | None]) -> jax.Array:
+    """``fn(*args)`` run on each device's shard (``jax.shard_map``), the shards given by logical names
+    under :func:`activation_mesh`, for kernels XLA cannot partition itself (a Pallas call would
+    otherwise be gathered onto every device); its output is shaped like ``args[0]``. Without a mesh it
+    is ``fn(*args)``."""
+    mesh, rules = _activation_context()
     if mesh is None:
-        return x
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(names, x.shape, mesh, rules)))
+        return fn(*args)
+    specs = tuple(logical_to_spec(n, a.shape, mesh, rules) for n, a in zip(in_names, args))
+    out_spec = logical_to_spec(out_names, args[0].shape, mesh, rules)
+    # check_vma=False: Pallas calls do not track which mesh axes their outputs vary over
+    return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=out_spec, check_vma=False)(*args)

@@ -33,7 +33,7 @@ SLOW_TESTS = {
     "test_span_lengths_follow_spanbert_truncated_geometric", "test_xla_attention_values_and_gradients_match_jax",
     "test_text_encoder_shapes_names_and_tied_output", "test_attention_option_reaches_every_block_and_xla_matches_auto_on_cpu",
     "test_spans_cover_whole_words_except_the_cut_at_the_budget", "test_output_shapes_and_reconstruction",
-    "test_packed_documents_never_see_each_other",
+    "test_packed_documents_never_see_each_other", "test_a_vision_train_step_with_splash_equals_xla",
 }
 
 

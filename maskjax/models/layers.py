@@ -1,15 +1,18 @@
 """Transformer building blocks (Flax NNX) with logical axis names on every parameter.
 
 Parameters are float32; each layer casts them and its input to the compute ``dtype`` at call time.
-Attention is :func:`xla_attention` (heads-major, flash attention's backward pass), or cuDNN's fused
-flash attention through ``jax.nn.dot_product_attention`` on a CUDA GPU in bfloat16/float16
-(``model.attention``, see :func:`attention_implementation`).
+Attention is :func:`xla_attention` (heads-major, flash attention's backward pass), cuDNN's fused
+flash attention through ``jax.nn.dot_product_attention`` on a CUDA GPU in bfloat16/float16, or Pallas's
+splash attention on a TPU (:func:`splash_attention`); ``model.attention``, see
+:func:`attention_implementation`. Who may attend to whom is a :class:`Segments` value (segment ids of
+queries and keys, causal or not), which every kernel reads in its own form.
 Blocks are stacked with ``nnx.vmap`` at construction and run with ``nnx.scan``, so compile time does
 not grow with depth.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Sequence
 
 import jax
@@ -59,7 +62,44 @@ zeros = nnx.initializers.zeros
 ones = nnx.initializers.ones
 
 
-ATTENTION = ("auto", "xla", "cudnn")
+ATTENTION = ("auto", "xla", "cudnn", "splash", "splash_interpret")
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["q", "kv", "mask"], meta_fields=["causal"])
+@dataclasses.dataclass(frozen=True)
+class Segments:
+    """Who may attend to whom: query i of row b attends key j iff ``q[b, i] == kv[b, j]`` (and, when
+    ``causal``, j <= i). Ids are int32 >= 0 ([batch, q_len] and [batch, kv_len]). This one form covers
+    packed text (:meth:`packed`: padding is segment 0 and attends to padding, so no row is empty) and
+    keys hidden from every query (:meth:`keys`: MAE's dual masking), and each kernel takes it its own
+    way: splash attention as segment ids, XLA and cuDNN as the dense mask (:meth:`dense`), built once
+    per stack (:meth:`with_dense`) rather than in every layer of the scan."""
+    q: jax.Array
+    kv: jax.Array
+    causal: bool = False
+    mask: jax.Array | None = None
+
+    @classmethod
+    def packed(cls, segment_ids: jax.Array, causal: bool = False) -> "Segments":
+        ids = segment_ids.astype(jnp.int32)
+        return cls(ids, ids, causal)
+
+    @classmethod
+    def keys(cls, valid: jax.Array, q_len: int) -> "Segments":
+        """Every one of ``q_len`` queries attends exactly the keys where ``valid`` [batch, kv_len] is True."""
+        return cls(jnp.ones((valid.shape[0], q_len), jnp.int32), valid.astype(jnp.int32))
+
+    def dense(self) -> jax.Array:
+        """[batch, 1, q_len, kv_len] bool, True = may attend."""
+        if self.mask is not None:
+            return self.mask
+        mask = self.q[:, None, :, None] == self.kv[:, None, None, :]
+        if self.causal:
+            mask = mask & jnp.tril(jnp.ones((self.q.shape[1], self.kv.shape[1]), bool))
+        return mask
+
+    def with_dense(self) -> "Segments":
+        return dataclasses.replace(self, mask=self.dense())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,14 +163,31 @@ def cudnn_unsupported(dtype, head_dim: int | None = None, length: int | None = N
     return None
 
 
+def splash_unsupported(platform: str | None = None) -> str | None:
+    """Why splash attention cannot run here (None when it can): its kernel is written for TPUs."""
+    platform = platform or jax.default_backend()
+    if platform != "tpu":
+        return (f"needs a TPU (this run is on {platform}); 'splash_interpret' runs the same kernel in Pallas's "
+                "interpreter on any backend, to check it")
+    return None
+
+
 def attention_implementation(mode: str, dtype, head_dim: int, length: int | None = None, masked: bool = False,
                              platform: str | None = None) -> str:
-    """'xla' or 'cudnn' for ``model.attention`` = ``mode``: 'auto' takes cuDNN flash attention wherever it
-    can run (:func:`cudnn_unsupported`) and XLA elsewhere; 'cudnn' insists (a ValueError saying why not)."""
+    """The kernel ``model.attention`` = ``mode`` runs: 'auto' takes cuDNN flash attention on a GPU wherever
+    it can run (:func:`cudnn_unsupported`), splash attention on a TPU, and XLA elsewhere; 'cudnn' and
+    'splash' insist (a ValueError saying why not); 'splash_interpret' is splash attention in Pallas's TPU
+    interpreter, on any backend (slow: for correctness checks on CPU)."""
     if mode not in ATTENTION:
         raise ValueError(f"attention={mode!r} must be one of {ATTENTION}")
-    if mode == "xla":
-        return "xla"
+    if mode in ("xla", "splash_interpret"):
+        return mode
+    platform = platform or jax.default_backend()
+    if mode == "splash" or (mode == "auto" and platform == "tpu"):
+        why = splash_unsupported(platform)
+        if why is not None:
+            raise ValueError(f"attention='splash' {why}")
+        return "splash"
     why = cudnn_unsupported(dtype, head_dim, length, masked, platform)
     if why is None:
         return "cudnn"
@@ -193,6 +250,61 @@ def _xla_attention_bwd(residuals, d_out):
 xla_attention.defvjp(_xla_attention_fwd, _xla_attention_bwd)
 
 
+SPLASH_LANES = 128  # the kernel's key blocks are whole multiples of a TPU vector register's 128 lanes
+
+
+def _splash_block(length: int) -> int:
+    """The largest of 512, 256, 128 dividing ``length`` (a multiple of 128): bigger blocks keep the
+    TPU's matrix unit busier, and 512 is where MaxText's splash defaults stop."""
+    return next(b for b in (512, 256, 128) if length % b == 0)
+
+
+def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: Segments | None = None, *,
+                     interpret: bool = False) -> jax.Array:
+    """:func:`xla_attention`'s values through Pallas's splash attention kernel (TPU; ``interpret`` runs
+    it in Pallas's interpreter on any backend). q, k, v [batch, heads, length, head_dim].
+
+    The kernel takes lengths in whole 128-token blocks, so other lengths (ViT's 197, MAE's visible
+    tokens) are padded, and the padding gets its own segment id (-1): real queries never see it and
+    padded queries see only each other, so no row is empty. Segments become the kernel's segment ids;
+    ``causal`` its causal block mask, whose fully masked blocks it skips. The kernel is one Pallas call
+    that XLA cannot partition, so it runs per device on its shard of batch and heads
+    (:func:`sharding.per_shard`)."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernel
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
+
+    batch, _, length, head_dim = q.shape
+    if k.shape[2] != length:
+        raise ValueError(f"splash_attention is self-attention: {length} queries but {k.shape[2]} keys")
+    padded = -(-length // SPLASH_LANES) * SPLASH_LANES
+    causal = segments is not None and segments.causal
+    ids: tuple = ()
+    if segments is not None or padded != length:
+        q_ids = segments.q if segments is not None else jnp.zeros((batch, length), jnp.int32)
+        kv_ids = segments.kv if segments is not None else q_ids
+        ids = tuple(jnp.pad(a.astype(jnp.int32), ((0, 0), (0, padded - length)), constant_values=-1)
+                    for a in (q_ids, kv_ids))
+    if padded != length:
+        q, k, v = (jnp.pad(a, ((0, 0), (0, 0), (0, padded - length), (0, 0))) for a in (q, k, v))
+    q = q * jnp.asarray(head_dim ** -0.5, q.dtype)  # the kernel does not scale
+
+    def local(q, k, v, *ids):
+        shape = (padded, padded)
+        one = masks.CausalMask(shape) if causal else masks.FullMask(shape)
+        b = _splash_block(padded)
+        sizes = kernel.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b, block_kv_dkv=b,
+                                  block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
+        run = kernel.make_splash_mha(masks.MultiHeadMask([one] * q.shape[1]), block_sizes=sizes, head_shards=1,
+                                     q_seq_shards=1, interpret=interpret)
+        if ids:
+            return jax.vmap(lambda q, k, v, a, b: run(q, k, v, kernel.SegmentIds(a, b)))(q, k, v, *ids)
+        return jax.vmap(run)(q, k, v)
+
+    heads_major, rows = ("batch", "act_heads", None, None), ("batch", None)
+    out = sharding.per_shard(local, (q, k, v, *ids), (heads_major,) * 3 + (rows,) * len(ids), heads_major)
+    return out[:, :, :length]
+
+
 class Dense(nnx.Module):
     """``y = x @ kernel + bias`` over the last axis. axes: logical names of (in, out)."""
 
@@ -230,11 +342,11 @@ class LayerNorm(nnx.Module):
 class Attention(nnx.Module):
     """Multi-head self-attention. x: [batch, length, embed] -> [batch, length, embed].
 
-    ``mask``: optional boolean [batch, 1 or heads, q_len, kv_len], True = may attend (used for
-    packed text segments). ``rope``: optional (sin, cos) from :func:`rotary_tables` for rotary
+    ``segments``: optional :class:`Segments` (packed text, causal text, MAE's dual masking); None = every
+    token attends every token. ``rope``: optional (sin, cos) from :func:`rotary_tables` for rotary
     positions on queries and keys. ``qkv_bias``: biases on the query, key and value projections
-    (BERT, timm's ViT and the MAE release have them; the small recipes do not). ``attention``: 'auto',
-    'xla' or 'cudnn', resolved per call by :func:`attention_implementation`.
+    (BERT, timm's ViT and the MAE release have them; the small recipes do not). ``attention``: one of
+    :data:`ATTENTION`, resolved per call by :func:`attention_implementation`.
     """
 
     def __init__(self, dim: int, heads: int, *, rngs: nnx.Rngs, dtype=jnp.float32, qkv_bias: bool = False,
@@ -258,11 +370,11 @@ class Attention(nnx.Module):
         self.out_bias = param(rngs, zeros, (dim,), ("embed",), "bias")
         self.dtype, self.attention = dtype, attention
 
-    def __call__(self, x: jax.Array, mask: jax.Array | None = None, rope: tuple | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, segments: Segments | None = None, rope: tuple | None = None) -> jax.Array:
         x = x.astype(self.dtype)
         cast = lambda p: p[...].astype(self.dtype)
         implementation = attention_implementation(self.attention, self.dtype, self.query.shape[-1], x.shape[1],
-                                                  mask is not None)
+                                                  segments is not None)
         # cuDNN takes [batch, length, heads, head_dim]; XLA's matmuls run best heads-major (xla_attention)
         layout = "blnh" if implementation == "cudnn" else "bnlh"
         names = {"b": "batch", "l": "act_length", "n": "act_heads", "h": "act_kv"}
@@ -276,8 +388,11 @@ class Attention(nnx.Module):
                    project(self.value, self.value_bias))
         if rope is not None:
             q, k = apply_rotary(q, rope, layout), apply_rotary(k, rope, layout)
+        mask = None if segments is None or implementation.startswith("splash") else segments.dense()
         if implementation == "cudnn":
             y = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
+        elif implementation.startswith("splash"):
+            y = splash_attention(q, k, v, segments, interpret=implementation == "splash_interpret")
         else:
             y = xla_attention(q, k, v, mask)
         return jnp.einsum(f"{layout},nhd->bld", y, cast(self.out)) + cast(self.out_bias)
@@ -320,12 +435,12 @@ class Block(nnx.Module):
         self.mlp = Mlp(t.width, t.mlp_dim, rngs=rngs, dtype=t.dtype)
         self.pre_norm = t.pre_norm
 
-    def __call__(self, x: jax.Array, mask: jax.Array | None = None, rope: tuple | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, segments: Segments | None = None, rope: tuple | None = None) -> jax.Array:
         if self.pre_norm:
-            x = x + self.attn(self.norm1(x), mask, rope)
+            x = x + self.attn(self.norm1(x), segments, rope)
             x = x + self.mlp(self.norm2(x))
         else:
-            x = self.norm1(x + self.attn(x, mask, rope))
+            x = self.norm1(x + self.attn(x, segments, rope))
             x = self.norm2(x + self.mlp(x))
         return sharding.constrain(x, ("batch", "act_length", "act_embed"))
 
@@ -343,10 +458,14 @@ class Stack(nnx.Module):
         self.blocks = make(rngs)
         self.remat = t.remat
 
-    def __call__(self, x: jax.Array, mask: jax.Array | None = None, rope: tuple | None = None) -> jax.Array:
-        """x [batch, length, dim]; mask: see :class:`Attention`; rope: :func:`rotary_tables` output."""
+    def __call__(self, x: jax.Array, segments: Segments | None = None, rope: tuple | None = None) -> jax.Array:
+        """x [batch, length, dim]; segments: see :class:`Attention`; rope: :func:`rotary_tables` output."""
+        # The dense mask (XLA, cuDNN) is built here, outside the scan: inside, each layer would save its
+        # own copy for the backward pass. Splash attention reads the ids and never uses it (XLA drops it).
+        segments = segments.with_dense() if segments is not None else None
+
         def body(x, block):
-            return block(x, mask, rope)
+            return block(x, segments, rope)
 
         if self.remat != "none":
             body = nnx.remat(body, policy=REMAT_POLICIES[self.remat])

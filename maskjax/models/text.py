@@ -21,17 +21,6 @@ from maskjax.models import layers
 POSITIONS = ("learned", "rotary")
 
 
-def segment_mask(segment_ids: jax.Array, causal: bool = False) -> jax.Array:
-    """[batch, length] segment ids -> [batch, 1, length, length] bool: a token attends only to tokens
-    of its own segment (padding, segment 0, attends to padding, so no row is empty) and, when
-    ``causal``, only to itself and the tokens before it."""
-    mask = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
-    if causal:
-        length = segment_ids.shape[-1]
-        mask = mask & jnp.tril(jnp.ones((length, length), bool))
-    return mask
-
-
 @dataclasses.dataclass(frozen=True)
 class TextEmbedding:
     """The token and position tables of a text encoder: ``positions`` 'learned' (a table of
@@ -91,7 +80,7 @@ class TextEncoder(nnx.Module):
                  causal: bool = False) -> jax.Array:
         x = sharding.constrain(self.embed(tokens, positions), ("batch", "act_length", "act_embed"))
         rope = layers.rotary_tables(positions, self.width // self.heads) if self.positions == "rotary" else None
-        x = self.blocks(x, segment_mask(segment_ids, causal), rope)
+        x = self.blocks(x, layers.Segments.packed(segment_ids, causal), rope)
         return self.final_norm(x) if self.final_norm is not None else x
 
     def logits(self, hidden: jax.Array) -> jax.Array:

@@ -212,7 +212,8 @@ def check_evaluators(objective: Objective) -> tuple[str, ...]:
 def check_transformer(model_config, group: str = "model", config=None) -> None:
     """Config checks every transformer shares: heads divide width, known dtype and remat policy
     (where the group has them). ``group`` names the config group in errors. With ``config`` (the whole
-    run's), ``model.attention='cudnn'`` is checked against this group's head dimension."""
+    run's), ``model.attention='cudnn'`` is checked against this group's head dimension and 'splash'
+    against the platform."""
     from maskjax.models import layers
 
     m = model_config
@@ -233,6 +234,8 @@ def check_transformer(model_config, group: str = "model", config=None) -> None:
             why = why and f"{why} in {group}.width / {group}.heads"
         if why:
             raise ConfigError("model.attention", f"'cudnn' {why}")
+    if config is not None and config.model.attention == "splash" and layers.splash_unsupported():
+        raise ConfigError("model.attention", f"'splash' {layers.splash_unsupported()}")
 
 
 def get(config) -> Objective:

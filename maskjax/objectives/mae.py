@@ -100,8 +100,9 @@ class MAEDecoder(nnx.Module):
         visible = visible + jnp.take(pos, keep_idx, axis=0)
         queries = self.mask_token[...].astype(self.dtype) + jnp.take(pos, query_idx, axis=0)
         known = jnp.ones((x.shape[0], x.shape[1]), bool)
-        attend = jnp.concatenate([known, query_valid], axis=1)[:, None, None, :]
-        x = self.norm(self.blocks(jnp.concatenate([prefix, visible, queries], axis=1), attend))
+        tokens = jnp.concatenate([prefix, visible, queries], axis=1)
+        attend = layers.Segments.keys(jnp.concatenate([known, query_valid], axis=1), tokens.shape[1])
+        x = self.norm(self.blocks(tokens, attend))
         return x[:, -query_idx.shape[1]:]
 
 
