@@ -51,6 +51,8 @@ def base_config() -> ml_collections.ConfigDict:
     )
     c.decoder = dict(width=64, depth=2, heads=4, embed_bias=True)
     c.mask = dict(kind="random", ratio=0.75, cell=2, min_patches=16, min_aspect=0.3,
+                  # inverse block (data2vec 2.0): side of the visible squares, extra share of centres drawn
+                  block_length=3, block_adjust=0.07,
                   filter="band", low=0.15, high=0.35,
                   # MLM: ratio schedule over training ('constant', 'linear', 'cosine') ending at final_ratio
                   schedule="constant", final_ratio=0.15,

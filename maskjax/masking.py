@@ -254,6 +254,44 @@ def block_mask(
     return from_bool_mask(mask, keep)
 
 
+def inverse_block_mask(key: jax.Array, batch: int, grid: Sequence[int], ratio: float, length: int = 3,
+                       adjust: float = 0.07) -> Mask:
+    """data2vec 2.0's inverse block masking (fairseq ``compute_block_mask_2d`` with ``inverse_mask``):
+    the *visible* tokens come in blocks. ``int(L * (1 - ratio + adjust) / length**2)`` centres are drawn
+    uniformly with replacement, each keeps the ``length x length`` square around it (offsets from
+    ``-(length // 2)``, indices clamped to the grid, so edge squares pile up on the border), then the
+    count is made exact: ``int(L * (1 - ratio))`` visible tokens, a uniform random subset of the blocks'
+    tokens when they cover more, all of them plus uniform random others when they cover fewer. The
+    rest, about ``ratio`` of the grid, is hidden."""
+    height, width = _check_grid(grid)
+    check_ratio(ratio)
+    if not isinstance(length, int) or length < 2:
+        raise ValueError(f"mask.block_length={length!r} must be an int >= 2 (fairseq asserts mask_length > 1)")
+    if not 0.0 <= adjust < 1.0:
+        raise ValueError(f"mask.block_adjust={adjust!r} must be in [0, 1)")
+    tokens = height * width
+    keep = int(tokens * (1 - ratio))  # fairseq's float arithmetic: int(196 * (1 - 0.8)) = 39
+    if keep < 1:
+        raise ValueError(f"mask_ratio={ratio} leaves no visible token out of {tokens}")
+    centres = int(tokens * ((1 - ratio + adjust) / length**2))
+    offsets = jnp.arange(length) - length // 2
+
+    def one(key):
+        k_centre, k_pick = jax.random.split(key)
+        flat = jax.random.randint(k_centre, (centres,), 0, tokens)
+        rows = jnp.clip(flat[:, None] // width + offsets[None, :], 0, height - 1)  # [centres, length]
+        cols = jnp.clip(flat[:, None] % width + offsets[None, :], 0, width - 1)
+        cells = (rows[:, :, None] * width + cols[:, None, :]).reshape(-1)
+        covered = jnp.zeros((tokens,), bool).at[cells].set(True)
+        # Covered tokens first, each group in uniformly random order: the first `keep` are a uniform subset
+        # of the blocks (too many) or all of them plus a uniform subset of the rest (too few).
+        priority = covered.astype(jnp.float32) + jax.random.uniform(k_pick, (tokens,))
+        return _rank(-priority) >= keep  # hidden
+
+    mask = jax.vmap(one)(jax.random.split(key, batch))
+    return from_bool_mask(mask, keep)
+
+
 FILTERS = ("white", "low", "high", "band")
 
 
@@ -512,14 +550,15 @@ def ratio_schedule(kind: str, start: float, end: float | None = None, total_step
 
 # --------------------------------------------------------------------------- config-driven factory
 
-KINDS = ("random", "block", "grid", "tube", "spatiotemporal", "filtered_noise")
+KINDS = ("random", "block", "inverse_block", "grid", "tube", "spatiotemporal", "filtered_noise")
 
 
 def make_masker(mask_config, frames: int, grid: Sequence[int]) -> Callable[[jax.Array, int], Mask]:
     """Returns ``masker(key, batch) -> Mask`` for a token layout of ``frames x grid``.
 
     mask_config: a ConfigDict/dict with ``kind`` and ``ratio`` (and ``cell`` for grid,
-    ``min_patches``/``min_aspect`` for block, ``filter``/``low``/``high`` for filtered_noise).
+    ``min_patches``/``min_aspect`` for block, ``block_length``/``block_adjust`` for inverse_block,
+    ``filter``/``low``/``high`` for filtered_noise).
     Image tokens have ``frames == 1``; the 2D generators then apply unchanged.
     """
     kind, ratio = mask_config["kind"], mask_config["ratio"]
@@ -540,6 +579,10 @@ def make_masker(mask_config, frames: int, grid: Sequence[int]) -> Callable[[jax.
         elif kind == "block":
             fn = lambda key, batch: block_mask(
                 key, batch, grid, ratio, get("min_patches", 16), get("min_aspect", 0.3)
+            )
+        elif kind == "inverse_block":
+            fn = lambda key, batch: inverse_block_mask(
+                key, batch, grid, ratio, get("block_length", 3), get("block_adjust", 0.07)
             )
         else:
             fn = lambda key, batch: filtered_noise_mask(

@@ -77,12 +77,16 @@ FIELDS = {
     "decoder.depth": "MAE decoder blocks.",
     "decoder.heads": "MAE decoder attention heads.",
     "decoder.embed_bias": "Bias of the MAE decoder's input projection (False: VideoMAE's encoder_to_decoder).",
-    "mask.kind": "Masker: random, block, grid, tube, spatiotemporal, filtered_noise (images, video); token, "
-                 "word, span (text).",
+    "mask.kind": "Masker: random, block, inverse_block, grid, tube, spatiotemporal, filtered_noise (images, "
+                 "video); token, word, span (text).",
     "mask.ratio": "Share of tokens hidden (MLM: selected for prediction).",
     "mask.cell": "Grid masking (SimMIM): cell side in patches.",
     "mask.min_patches": "Block masking (BEiT): smallest block in patches.",
     "mask.min_aspect": "Block masking: smallest aspect ratio (largest is its inverse).",
+    "mask.block_length": "Inverse block masking (data2vec 2.0): side of the square of visible tokens around each "
+                         "centre.",
+    "mask.block_adjust": "Inverse block masking: extra share of the grid drawn as centres (fairseq's "
+                         "mask_prob_adjust; overlaps make up for it).",
     "mask.filter": "Filtered-noise masking (ColorMAE): white, low, high or band.",
     "mask.low": "Filtered-noise masking: lower cut-off frequency in cycles per patch (Nyquist is 0.5).",
     "mask.high": "Filtered-noise masking: upper cut-off frequency in cycles per patch (Nyquist is 0.5).",

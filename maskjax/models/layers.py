@@ -435,14 +435,20 @@ class Block(nnx.Module):
         self.mlp = Mlp(t.width, t.mlp_dim, rngs=rngs, dtype=t.dtype)
         self.pre_norm = t.pre_norm
 
-    def __call__(self, x: jax.Array, segments: Segments | None = None, rope: tuple | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, segments: Segments | None = None, rope: tuple | None = None,
+                 collect: bool = False):
+        """x [batch, length, width] -> the same; with ``collect`` also the MLP's output before the residual
+        sum (data2vec's per-layer targets: ``ffn_targets`` in fairseq's ``AltBlock``)."""
         if self.pre_norm:
             x = x + self.attn(self.norm1(x), segments, rope)
-            x = x + self.mlp(self.norm2(x))
+            ffn = self.mlp(self.norm2(x))
+            x = x + ffn
         else:
             x = self.norm1(x + self.attn(x, segments, rope))
-            x = self.norm2(x + self.mlp(x))
-        return sharding.constrain(x, ("batch", "act_length", "act_embed"))
+            ffn = self.mlp(x)
+            x = self.norm2(x + ffn)
+        x = sharding.constrain(x, ("batch", "act_length", "act_embed"))
+        return (x, ffn) if collect else x
 
 
 class Stack(nnx.Module):
@@ -458,18 +464,21 @@ class Stack(nnx.Module):
         self.blocks = make(rngs)
         self.remat = t.remat
 
-    def __call__(self, x: jax.Array, segments: Segments | None = None, rope: tuple | None = None) -> jax.Array:
-        """x [batch, length, dim]; segments: see :class:`Attention`; rope: :func:`rotary_tables` output."""
+    def __call__(self, x: jax.Array, segments: Segments | None = None, rope: tuple | None = None,
+                 collect: bool = False):
+        """x [batch, length, dim]; segments: see :class:`Attention`; rope: :func:`rotary_tables` output.
+        ``collect``: also return every block's MLP output, stacked [depth, batch, length, dim]."""
         # The dense mask (XLA, cuDNN) is built here, outside the scan: inside, each layer would save its
         # own copy for the backward pass. Splash attention reads the ids and never uses it (XLA drops it).
         segments = segments.with_dense() if segments is not None else None
 
         def body(x, block):
-            return block(x, segments, rope)
+            return block(x, segments, rope, collect)
 
         if self.remat != "none":
             body = nnx.remat(body, policy=REMAT_POLICIES[self.remat])
-        return nnx.scan(body, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)(x, self.blocks)
+        out_axes = (nnx.Carry, 0) if collect else nnx.Carry
+        return nnx.scan(body, in_axes=(nnx.Carry, 0), out_axes=out_axes)(x, self.blocks)
 
 
 def gather_tokens(x: jax.Array, idx: jax.Array, one_hot: bool = False) -> jax.Array:

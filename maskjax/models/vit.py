@@ -5,8 +5,6 @@ Token layout is time-major: token ``t * h * w + y * w + x``. Images are videos o
 """
 from __future__ import annotations
 
-import dataclasses
-
 from typing import Sequence
 
 import jax
@@ -109,7 +107,9 @@ def position_table(kind: str, dim: int, grid: Sequence[int]) -> np.ndarray:
 
 
 class ViTEncoder(nnx.Module):
-    """Patch embedding + fixed positions + optional cls token + scanned pre-norm blocks + norm.
+    """Patch embedding + fixed positions + optional cls token + scanned pre-norm blocks + norm; with
+    ``t.pre_norm`` False, post-norm blocks after a LayerNorm on the tokens and none at the end (BERT's
+    order; data2vec 2.0's image encoder).
 
     Call with patch vectors [B, L, patch_dim] (see :func:`patchify`) and, for MAE, ``keep_idx``
     [B, K]: only those tokens go through the blocks. Returns [B, (1 +) K, width], cls first.
@@ -128,8 +128,9 @@ class ViTEncoder(nnx.Module):
             layers.param(rngs, nnx.initializers.normal(0.02), (1, 1, width), (None, None, "embed"), "token")
             if cls_token else None
         )
-        self.blocks = layers.Stack(dataclasses.replace(t, pre_norm=True), rngs=rngs)
+        self.blocks = layers.Stack(t, rngs=rngs)
         self.norm = layers.LayerNorm(width, rngs=rngs, dtype=self.dtype, eps=t.norm_eps)
+        self.pre_norm = t.pre_norm
         self.one_hot_gather = t.one_hot_gather
 
     @property
@@ -144,13 +145,17 @@ class ViTEncoder(nnx.Module):
         """[B, L, patch_dim] -> [B, L, width] tokens with positions added (no cls)."""
         return self.add_positions(self.patch_embed(patches))
 
-    def run(self, tokens: jax.Array) -> jax.Array:
-        """Prepends cls, runs the blocks and the final norm: [B, K, D] -> [B, (1 +) K, D]."""
+    def run(self, tokens: jax.Array, collect: bool = False):
+        """Prepends cls, runs the blocks and the norm: [B, K, D] -> [B, (1 +) K, D]; with ``collect`` also
+        each block's MLP output [depth, B, (1 +) K, D] (:meth:`layers.Block.__call__`)."""
         if self.cls is not None:
             cls = jnp.broadcast_to(self.cls[...].astype(self.dtype), (tokens.shape[0], 1, self.width))
             tokens = jnp.concatenate([cls, tokens], axis=1)
         tokens = sharding.constrain(tokens, ("batch", "act_length", "act_embed"))
-        return self.norm(self.blocks(tokens))
+        if not self.pre_norm:
+            return self.blocks(self.norm(tokens), collect=collect)
+        out = self.blocks(tokens, collect=collect)
+        return (self.norm(out[0]), out[1]) if collect else self.norm(out)
 
     def __call__(self, patches: jax.Array, keep_idx: jax.Array | None = None) -> jax.Array:
         tokens = self.embed(patches)
