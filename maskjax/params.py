@@ -38,21 +38,27 @@ def _bytes_per_device(abstract: Any, shardings: Any) -> int:
 
 def table(setup: step_lib.Setup) -> dict:
     """Rows (one per parameter, in tree order) and totals of ``setup``'s model."""
-    decays = step_lib.decay_mask(setup.param_roles, setup.config.optim.decay_roles)
-    abstract = setup.abstract_state["params"]
-    flat = jax.tree_util.tree_flatten_with_path(abstract)[0]
     pick = lambda tree: jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, tuple))
-    axes, roles = pick(setup.param_axes), jax.tree.leaves(setup.param_roles)
-    shardings = jax.tree.leaves(setup.state_shardings["params"])
-    decay = jax.tree.leaves(decays)
     rows = []
-    for (keys, leaf), names, role, sharding, decayed in zip(flat, axes, roles, shardings, decay):
-        rows.append({
-            "path": _path(keys), "shape": list(leaf.shape), "dtype": str(np.dtype(leaf.dtype)),
-            "axes": list(names), "sharding": _spec(sharding, len(leaf.shape)),
-            "role": role, "weight_decay": bool(decayed) and setup.config.optim.weight_decay > 0,
-            "trainable": True, "size": int(math.prod(leaf.shape)),
-        })
+
+    def add(part: str, axes, roles, decays, trainable: bool, prefix: str = ""):
+        flat = jax.tree_util.tree_flatten_with_path(setup.abstract_state[part])[0]
+        for (keys, leaf), names, role, sharding, decayed in zip(
+                flat, pick(axes), jax.tree.leaves(roles), jax.tree.leaves(setup.state_shardings[part]),
+                jax.tree.leaves(decays)):
+            rows.append({
+                "path": prefix + _path(keys), "shape": list(leaf.shape), "dtype": str(np.dtype(leaf.dtype)),
+                "axes": list(names), "sharding": _spec(sharding, len(leaf.shape)),
+                "role": role, "weight_decay": bool(decayed) and setup.config.optim.weight_decay > 0,
+                "trainable": trainable, "size": int(math.prod(leaf.shape)),
+            })
+
+    add("params", setup.param_axes, setup.param_roles,
+        step_lib.decay_mask(setup.param_roles, setup.config.optim.decay_roles), True)
+    if setup.teacher is not None:  # in the train state, never seen by the optimizer
+        add("teacher", setup.teacher_axes, setup.teacher_roles,
+            jax.tree.map(lambda _: False, setup.teacher_roles), False, "teacher/")
+    abstract = setup.abstract_state["params"]
     state_shardings = setup.state_shardings
     totals = {
         "parameters": sum(r["size"] for r in rows),
@@ -61,6 +67,8 @@ def table(setup: step_lib.Setup) -> dict:
         "parameter_bytes_per_device": _bytes_per_device(abstract, state_shardings["params"]),
         "optimizer_bytes_per_device": _bytes_per_device(setup.abstract_state["opt_state"],
                                                         state_shardings["opt_state"]),
+        "teacher_bytes_per_device": (_bytes_per_device(setup.abstract_state["teacher"], state_shardings["teacher"])
+                                     if setup.teacher is not None else 0),
         "devices": int(setup.mesh.size), "mesh": {k: int(v) for k, v in setup.mesh.shape.items()},
         "weight_decay": float(setup.config.optim.weight_decay),
         "decay_roles": list(setup.config.optim.decay_roles),
@@ -88,7 +96,8 @@ def format_table(result: dict) -> str:
         f"parameters {t['parameters']:,} (trainable {t['trainable']:,}; weight decay {t['weight_decay']:g} on "
         f"{t['decayed']:,}: roles {', '.join(t['decay_roles'])})",
         f"per device on {t['devices']} devices ({mesh}): parameters {_size(t['parameter_bytes_per_device'])}, "
-        f"optimizer state {_size(t['optimizer_bytes_per_device'])}, together "
-        f"{_size(t['parameter_bytes_per_device'] + t['optimizer_bytes_per_device'])}",
+        f"optimizer state {_size(t['optimizer_bytes_per_device'])}"
+        + (f", teacher {_size(t['teacher_bytes_per_device'])}" if t.get("teacher_bytes_per_device") else "")
+        + f", together {_size(t['parameter_bytes_per_device'] + t['optimizer_bytes_per_device'] + t.get('teacher_bytes_per_device', 0))}",
     ]
     return "\n".join(lines)

@@ -66,7 +66,8 @@ FIELDS = {
                             "length axis is sharded; FLIP's trick).",
     "model.max_len": "Text position table size (must cover data.seq_len).",
     "model.positions": "Text positions: learned (BERT) or rotary.",
-    "model.pre_norm": "Text blocks: pre-norm with a final LayerNorm (True) or BERT's post-norm (False).",
+    "model.pre_norm": "Blocks of text and image encoders: pre-norm with a final LayerNorm (True) or post-norm after "
+                      "a LayerNorm on the embeddings (False: BERT, data2vec 2.0).",
     "model.qkv_bias": "Biases on the query/key/value projections of every block (BERT, timm ViT, MAE release).",
     "model.attention": "Attention kernel: auto (cuDNN flash attention on a CUDA GPU in bfloat16/float16 where "
                        "the head size allows, Pallas splash attention on a TPU, else XLA), xla, cudnn or splash "

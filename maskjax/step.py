@@ -222,6 +222,12 @@ class Setup:
     step_fn: Callable  # (state, batch) -> (state, metrics), jitted, state donated
     batch_shardings: dict
     rules: tuple  # logical name -> mesh axes (sharding.RULES with config.sharding_rules)
+    # The objective's teacher (objectives.base.Teacher; None: none), its module's graph, logical names
+    # and roles: its parameters are ``state['teacher']``.
+    teacher: Any = None
+    teacher_graphdef: Any = None
+    teacher_axes: Any = None
+    teacher_roles: Any = None
 
     def activations(self):
         """The context a model runs in: its activations constrained on this run's mesh and rules."""
@@ -257,11 +263,14 @@ class Setup:
         return sharding.process_rows(self.mesh, batch_size)
 
 
-def loss_and_grads(objective, graphdef, params, batch: dict, key: jax.Array, step: jax.Array):
+def loss_and_grads(objective, graphdef, params, batch: dict, key: jax.Array, step: jax.Array, teacher=None):
     """((loss, metrics), gradients) of the objective's loss at ``params``; the loss is always among the
-    metrics, whatever else the objective logs."""
+    metrics, whatever else the objective logs. ``teacher``: (graphdef, parameters) of the teacher, for
+    objectives that declare one (merged inside the differentiated function, as a constant: no gradient
+    reaches it)."""
     def loss_fn(p):
-        loss, metrics = objective.loss(nnx.merge(graphdef, p), batch, key, step)
+        extra = () if teacher is None else (nnx.merge(*teacher),)
+        loss, metrics = objective.loss(nnx.merge(graphdef, p), batch, key, step, *extra)
         return loss, {**metrics, "loss": loss}
 
     return jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -269,17 +278,20 @@ def loss_and_grads(objective, graphdef, params, batch: dict, key: jax.Array, ste
 
 def train_step(state: dict, batch: dict, *, objective, graphdef, optimizer: optax.GradientTransformation,
                schedule: optax.Schedule, key: jax.Array, accum: int, skip_nonfinite: bool,
-               mesh: jax.sharding.Mesh, rules: tuple) -> tuple[dict, dict]:
+               mesh: jax.sharding.Mesh, rules: tuple, teacher=None, teacher_graphdef=None) -> tuple[dict, dict]:
     """One optimizer step: ``(state, global batch) -> (state, metrics)``, pure (:func:`build` jits it
     with the state donated). ``key``: the run's training key (the step's key is folded from it);
     ``accum``: micro-batches; ``skip_nonfinite``: go on after a non-finite step ('skip') instead of
-    latching the state until the host stops the run ('stop')."""
+    latching the state until the host stops the run ('stop'). ``teacher``: the objective's
+    :class:`objectives.base.Teacher` (its parameters are ``state['teacher']``; an EMA one moves after
+    each applied update, in this step)."""
     with sharding.activation_mesh(mesh, rules):
         step = state["step"]
         key = jax.random.fold_in(key, step)
         params = state["params"]
+        model_teacher = None if teacher is None else (teacher_graphdef, state["teacher"])
         if accum == 1:
-            (_, metrics), grads = loss_and_grads(objective, graphdef, params, batch, key, step)
+            (_, metrics), grads = loss_and_grads(objective, graphdef, params, batch, key, step, model_teacher)
         else:
             # Micro-batch i takes rows i, i + accum, i + 2 accum, ...: each device's contiguous block of
             # the batch contributes to every micro-batch, so no rows move between devices (contiguous
@@ -292,11 +304,12 @@ def train_step(state: dict, batch: dict, *, objective, graphdef, optimizer: opta
             micro[objectives.base.ROW] = jnp.arange(size, dtype=jnp.int32).reshape(-1, accum).T
 
             def body(total, mb):
-                out = loss_and_grads(objective, graphdef, params, mb, key, step)
+                out = loss_and_grads(objective, graphdef, params, mb, key, step, model_teacher)
                 return jax.tree.map(jnp.add, total, out), None
 
             first = jax.tree.map(lambda x: x[0], micro)
-            shapes = jax.eval_shape(lambda: loss_and_grads(objective, graphdef, params, first, key, step))
+            shapes = jax.eval_shape(lambda: loss_and_grads(objective, graphdef, params, first, key, step,
+                                                           model_teacher))
             zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
             total, _ = jax.lax.scan(body, zeros, micro)
             (_, metrics), grads = jax.tree.map(lambda x: x / accum, total)
@@ -310,15 +323,27 @@ def train_step(state: dict, batch: dict, *, objective, graphdef, optimizer: opta
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
         apply = finite if skip_nonfinite else finite & (state["skipped"] == 0)
 
-        def update(params, opt_state):
-            updates, opt_state = optimizer.update(grads, opt_state, params)
-            return optax.apply_updates(params, updates), opt_state
+        ema = teacher is not None and teacher.ema
 
-        new_params, opt_state = jax.lax.cond(apply, update, lambda p, o: (p, o), params, state["opt_state"])
+        def update(params, opt_state, teacher_params):
+            updates, opt_state = optimizer.update(grads, opt_state, params)
+            params = optax.apply_updates(params, updates)
+            if ema:  # float32 teacher += rate * (student - teacher), rate = 1 - decay at update step + 1
+                rate = teacher.rate(step + 1)
+                teacher_params = jax.tree.map(lambda t, s: t + rate * (s - t), teacher_params, teacher.source(params))
+            return params, opt_state, teacher_params
+
+        out = jax.lax.cond(apply, update, lambda *a: a, params, state["opt_state"], state.get("teacher"))
+        new_params, opt_state, new_teacher = out
         metrics.update(grad_norm=grad_norm, param_norm=optax.tree.norm(new_params), learning_rate=schedule(step))
+        if ema:
+            metrics["teacher_decay"] = 1.0 - teacher.rate(step + 1)
         skipped = state["skipped"] + (~apply).astype(jnp.int32)
         metrics.update(nonfinite=(~finite).astype(jnp.int32), skipped_steps=skipped)
-        return {"step": step + 1, "params": new_params, "opt_state": opt_state, "skipped": skipped}, metrics
+        new_state = {"step": step + 1, "params": new_params, "opt_state": opt_state, "skipped": skipped}
+        if teacher is not None:
+            new_state["teacher"] = new_teacher
+        return new_state, metrics
 
 
 def build(config, devices=None) -> Setup:
@@ -342,10 +367,24 @@ def build(config, devices=None) -> Setup:
     def init_params(key):
         return nnx.to_pure_dict(nnx.state(objective.build(nnx.Rngs(params=key))))
 
+    teacher = objective.teacher()
+    teacher_graphdef = teacher_axes = teacher_roles = None
+    if teacher is not None:
+        teacher_graphdef, abstract_teacher = nnx.split(nnx.eval_shape(lambda: teacher.build(nnx.Rngs(params=init_key))))
+        teacher_axes = sharding.logical_axes(abstract_teacher)
+        teacher_roles = layers.param_roles(abstract_teacher)
+        if teacher.ema:
+            _check_same_tree(f"the teacher of {config.objective!r}", nnx.to_pure_dict(abstract_teacher),
+                             teacher.source(nnx.to_pure_dict(abstract_params_state)))
+
     def init_state():
         params = init_params(init_key)
-        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(params),
-                "skipped": jnp.zeros((), jnp.int32)}
+        state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(params),
+                 "skipped": jnp.zeros((), jnp.int32)}
+        if teacher is not None:  # an EMA teacher starts as the student; a frozen one is loaded below
+            state["teacher"] = (jax.tree.map(jnp.copy, teacher.source(params)) if teacher.ema else
+                                nnx.to_pure_dict(nnx.state(teacher.build(nnx.Rngs(params=init_key)))))
+        return state
 
     abstract = jax.eval_shape(init_state)
     state_axes = {
@@ -354,16 +393,22 @@ def build(config, devices=None) -> Setup:
         "params": param_axes,
         "opt_state": _opt_state_axes(abstract["opt_state"], param_axes),
     }
+    if teacher is not None:
+        state_axes["teacher"] = teacher_axes
     rules = sharding.rules_with(config.sharding_rules)
     state_shardings = sharding.tree_shardings(abstract, state_axes, mesh, rules)
     with sharding.activation_mesh(mesh, rules):
         init_fn = jax.jit(init_state, out_shardings=state_shardings)
+    if teacher is not None and not teacher.ema:
+        init_fn = functools.partial(_with_frozen_teacher, init_fn, teacher, abstract["teacher"],
+                                    state_shardings["teacher"], config.objective)
 
     spec = objective.batch_spec()
     batch_shardings = {k: sharding.batch_sharding(mesh, len(shape)) for k, (shape, _) in spec.items()}
     step = functools.partial(train_step, objective=objective, graphdef=graphdef, optimizer=optimizer,
                              schedule=schedule, key=train_key, accum=config.optim.grad_accum,
-                             skip_nonfinite=config.faults.nonfinite == "skip", mesh=mesh, rules=rules)
+                             skip_nonfinite=config.faults.nonfinite == "skip", mesh=mesh, rules=rules,
+                             teacher=teacher, teacher_graphdef=teacher_graphdef)
     step_fn = jax.jit(
         step,
         in_shardings=(state_shardings, batch_shardings),
@@ -375,8 +420,31 @@ def build(config, devices=None) -> Setup:
         state_shardings=state_shardings,
         abstract_state=ckpt_lib.abstract_with_shardings(abstract, state_shardings),
         optimizer=optimizer, schedule=schedule, init_fn=init_fn, step_fn=step_fn, batch_shardings=batch_shardings,
-        rules=rules,
+        rules=rules, teacher=teacher, teacher_graphdef=teacher_graphdef, teacher_axes=teacher_axes,
+        teacher_roles=teacher_roles,
     )
+
+
+def _check_same_tree(what: str, tree: Any, expected: Any) -> None:
+    """Raises TypeError naming the first parameter where ``tree`` and ``expected`` (abstract arrays) differ."""
+    mine = {jax.tree_util.keystr(p): x.shape for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    theirs = {jax.tree_util.keystr(p): x.shape for p, x in jax.tree_util.tree_flatten_with_path(expected)[0]}
+    for name in sorted(mine.keys() | theirs.keys()):
+        if mine.get(name) != theirs.get(name):
+            raise TypeError(f"{what}: parameter {name} is {mine.get(name)} in the teacher, {theirs.get(name)} in "
+                            "the student's subtree it follows")
+
+
+def _with_frozen_teacher(init_fn: Callable, teacher, abstract: Any, shardings: Any, objective: str) -> dict:
+    """``init_fn()`` with ``state['teacher']`` replaced by ``teacher.load()`` (host arrays), each device
+    getting its shard (multi-process safe)."""
+    state = init_fn()
+    host = teacher.load()
+    _check_same_tree(f"the frozen teacher of {objective!r}", host, abstract)
+    state["teacher"] = jax.tree.map(
+        lambda x, a, s: jax.make_array_from_callback(a.shape, s, lambda index: np.asarray(x, a.dtype)[index]),
+        host, abstract, shardings)
+    return state
 
 
 def init_params_fn(setup: Setup, key: jax.Array) -> Any:

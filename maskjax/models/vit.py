@@ -174,5 +174,5 @@ def encoder_from_config(config, rngs: nnx.Rngs) -> ViTEncoder:
     m, d = config.model, config.data
     grid = token_grid(d.image_size, m.patch_size, d.frames, m.tubelet)
     patch_dim = m.patch_size * m.patch_size * d.channels * (m.tubelet if d.frames else 1)
-    return ViTEncoder(layers.Transformer.from_model(m), patch_dim=patch_dim, grid=grid, cls_token=m.cls_token,
-                      positions=m.pos_embed, rngs=rngs)
+    return ViTEncoder(layers.Transformer.from_model(m, pre_norm=m.pre_norm), patch_dim=patch_dim, grid=grid,
+                      cls_token=m.cls_token, positions=m.pos_embed, rngs=rngs)

@@ -42,6 +42,55 @@ class Interop:
     own: dict = dataclasses.field(default_factory=dict)
 
 
+@dataclasses.dataclass(frozen=True)
+class Teacher:
+    """A second network whose parameters live in the train state beside the student's
+    (``state['teacher']``): sharded by its own logical names like every parameter, saved in every
+    checkpoint (so resume is exact), never seen by the optimizer (no gradient, no moments, no weight
+    decay), listed as not trainable by ``maskjax params``. An objective that declares one receives it
+    as ``loss(model, batch, key, step, teacher)``.
+
+    ``build(rngs)``: the teacher's module (parameters only). Then either
+
+    * an **EMA** of the student: ``follows`` is the path of keys of the student's parameter subtree it
+      tracks (the same tree as ``build``'s; ``()`` = all of it); it starts as a copy of that subtree,
+      and after every applied update (inside the jitted step) becomes ``teacher + r * (student -
+      teacher)`` = ``d * teacher + (1 - d) * student`` with ``r = rate(step) = 1 - d``, ``step``
+      counting updates from 1 (fairseq's ``set_num_updates``). The rate, not the decay, is the
+      argument: 1 - 0.99999 is not representable from a float32 decay (0.1% off);
+    * or **frozen**: ``load()`` gives its parameters (host arrays of ``build``'s tree) once, when a run
+      starts fresh."""
+
+    build: Callable
+    follows: tuple[str, ...] | None = None
+    rate: Callable | None = None
+    load: Callable | None = None
+
+    def __post_init__(self):
+        if (self.follows is None) != (self.rate is None) or (self.follows is None) == (self.load is None):
+            raise TypeError("a Teacher is either an EMA (follows= and rate=) or frozen (load=)")
+
+    @property
+    def ema(self) -> bool:
+        return self.follows is not None
+
+    def source(self, params: dict) -> dict:
+        """The student's parameter subtree an EMA teacher tracks."""
+        for key in self.follows:
+            params = params[key]
+        return params
+
+
+def ema_rate(start: float, end: float, steps: int) -> Callable:
+    """``step -> 1 - decay`` for an EMA decay going linearly from ``start`` at step 0 to ``end`` at
+    ``steps`` and staying there (fairseq's ``get_annealed_rate``, data2vec's decay schedule), computed
+    from the complements so that 1 - 0.99999 keeps its digits in float32."""
+    def rate(step):
+        left = 1.0 - jnp.minimum(jnp.asarray(step, jnp.float32) / max(steps, 1), 1.0)
+        return (1.0 - end) + (end - start) * left
+    return rate
+
+
 # What each evaluator (``maskjax.evaluate``) calls on the objective; declaring one without its
 # methods fails at registration, not in the middle of an evaluation.
 EVALUATORS = {
@@ -70,7 +119,8 @@ class Objective:
     dtype)}``), ``synthetic_batch(rng)`` (a local batch of that spec for benchmarks), ``flops()``
     (analytic FLOPs of one training step).
 
-    Declared capabilities: ``evaluators`` (names from :data:`EVALUATORS`, each needing its methods),
+    Declared capabilities: ``teacher()`` (a :class:`Teacher` in the train state; the loss then takes
+    it as a fifth argument), ``evaluators`` (names from :data:`EVALUATORS`, each needing its methods),
     ``sample_kind`` (``sample(model, key, num, steps)`` and how ``maskjax sample`` renders it),
     ``interop`` (export/import), ``summary(results)`` (the sweep's downstream metric),
     ``mask_ratio`` and ``tokens_per_example`` (what sweeps and benchmarks report).
@@ -105,6 +155,10 @@ class Objective:
     @property
     def evaluators(self) -> tuple[str, ...]:
         return ()
+
+    def teacher(self) -> Teacher | None:
+        """The :class:`Teacher` this objective's loss reads, or None."""
+        return None
 
     @property
     def mask_ratio(self) -> float | None:
