@@ -201,16 +201,20 @@ class Checkpointer:
     def restore_params(self, step: int, abstract_state: Any) -> Any:
         """Only ``params`` of checkpoint ``step`` (Orbax partial restore: the optimizer moments, a
         multiple of the parameters' size, are never read), with ``abstract_state``'s shardings."""
-        self.check_compatible(step, abstract_state)
         item = {"params": abstract_state["params"]}
+        self.check_compatible(step, item, part="params")
         args = ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
                                       partial_restore=True)
         return ocp.PyTreeCheckpointer().restore(storage.join(self.directory, str(step), "state"), args=args)["params"]
 
-    def check_compatible(self, step: int, abstract_state: Any, describe: Callable[[], str] = lambda: "") -> None:
-        """Raises :class:`CheckpointError` when checkpoint ``step`` holds other shapes than ``abstract_state``."""
+    def check_compatible(self, step: int, abstract_state: Any, describe: Callable[[], str] = lambda: "",
+                         part: str | None = None) -> None:
+        """Raises :class:`CheckpointError` when checkpoint ``step`` holds other shapes than ``abstract_state``
+        (only its ``part`` of the state, e.g. 'params', when given)."""
         try:
             saved = ocp.StandardCheckpointer().metadata(storage.join(self.directory, str(step), "state")).item_metadata
+            if part is not None:
+                saved = {part: saved[part]}
         except Exception:  # unreadable metadata: the restore itself reports it (and falls back)
             return
         problem = shape_mismatch(saved, abstract_state)

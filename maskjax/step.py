@@ -357,6 +357,7 @@ def build(config, devices=None) -> Setup:
         raise config_lib.ConfigError("mesh_dcn", str(err)) from None
     seed_key = jax.random.key(config.seed)
     init_key, train_key = jax.random.split(seed_key)
+    teacher_key = jax.random.fold_in(init_key, 1)  # a random frozen teacher is not the student's initialisation
 
     abstract_model = nnx.eval_shape(lambda: objective.build(nnx.Rngs(params=init_key)))
     graphdef, abstract_params_state = nnx.split(abstract_model)
@@ -381,9 +382,9 @@ def build(config, devices=None) -> Setup:
         params = init_params(init_key)
         state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(params),
                  "skipped": jnp.zeros((), jnp.int32)}
-        if teacher is not None:  # an EMA teacher starts as the student; a frozen one is loaded below
+        if teacher is not None:  # an EMA teacher starts as the student; a saved one is loaded below
             state["teacher"] = (jax.tree.map(jnp.copy, teacher.source(params)) if teacher.ema else
-                                nnx.to_pure_dict(nnx.state(teacher.build(nnx.Rngs(params=init_key)))))
+                                nnx.to_pure_dict(nnx.state(teacher.build(nnx.Rngs(params=teacher_key)))))
         return state
 
     abstract = jax.eval_shape(init_state)
@@ -399,8 +400,8 @@ def build(config, devices=None) -> Setup:
     state_shardings = sharding.tree_shardings(abstract, state_axes, mesh, rules)
     with sharding.activation_mesh(mesh, rules):
         init_fn = jax.jit(init_state, out_shardings=state_shardings)
-    if teacher is not None and not teacher.ema:
-        init_fn = functools.partial(_with_frozen_teacher, init_fn, teacher, abstract["teacher"],
+    if teacher is not None and teacher.workdir:
+        init_fn = functools.partial(_with_saved_teacher, init_fn, teacher, abstract["teacher"],
                                     state_shardings["teacher"], config.objective)
 
     spec = objective.batch_spec()
@@ -425,22 +426,56 @@ def build(config, devices=None) -> Setup:
     )
 
 
-def _check_same_tree(what: str, tree: Any, expected: Any) -> None:
-    """Raises TypeError naming the first parameter where ``tree`` and ``expected`` (abstract arrays) differ."""
-    mine = {jax.tree_util.keystr(p): x.shape for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
-    theirs = {jax.tree_util.keystr(p): x.shape for p, x in jax.tree_util.tree_flatten_with_path(expected)[0]}
+def _check_same_tree(what: str, tree: Any, expected: Any, labels=("in the teacher", "in the student it follows"),
+                     error=TypeError) -> None:
+    """Raises ``error`` naming the first parameter where ``tree`` and ``expected`` (arrays) differ in shape."""
+    mine = {jax.tree_util.keystr(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    theirs = {jax.tree_util.keystr(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(expected)[0]}
     for name in sorted(mine.keys() | theirs.keys()):
         if mine.get(name) != theirs.get(name):
-            raise TypeError(f"{what}: parameter {name} is {mine.get(name)} in the teacher, {theirs.get(name)} in "
-                            "the student's subtree it follows")
+            raise error(f"{what}: parameter {name} is {mine.get(name)} {labels[0]}, {theirs.get(name)} {labels[1]}")
 
 
-def _with_frozen_teacher(init_fn: Callable, teacher, abstract: Any, shardings: Any, objective: str) -> dict:
-    """``init_fn()`` with ``state['teacher']`` replaced by ``teacher.load()`` (host arrays), each device
+def saved_params(workdir: str, step: int = 0, path: tuple[str, ...] = ()) -> tuple[dict, int]:
+    """(host parameters under ``path`` of the run in ``workdir`` at checkpoint ``step`` (0: the newest),
+    the step): a partial restore of that run's own parameter tree (its ``config.json``), nothing else.
+    Errors name the workdir and what is missing."""
+    import json
+
+    from jax.sharding import SingleDeviceSharding
+
+    saved = storage.join(workdir, "config.json")
+    if not storage.exists(saved):
+        raise ckpt_lib.CheckpointError(f"teacher workdir {workdir!r} has no config.json (not a maskjax run)")
+    source = objectives.from_saved(json.loads(storage.read_text(saved)))
+    ckpt = ckpt_lib.Checkpointer(workdir)
+    try:
+        steps = ckpt.all_steps()
+        chosen = step or (max(steps) if steps else None)
+        if chosen not in steps:
+            raise ckpt_lib.CheckpointError(f"teacher workdir {workdir!r} has no checkpoint"
+                                           + (f" at step {step} (it has {steps})" if step else ""))
+        device = SingleDeviceSharding(jax.local_devices()[0])
+        shapes = nnx.to_pure_dict(nnx.state(nnx.eval_shape(
+            lambda: objectives.get(source).build(nnx.Rngs(params=jax.random.key(0))))))
+        abstract = {"params": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), shapes)}
+        params = ckpt.restore_params(chosen, abstract)
+    finally:
+        ckpt.close()
+    for key in path:
+        if key not in params:
+            raise ckpt_lib.CheckpointError(f"teacher workdir {workdir!r}: its parameters have no {'/'.join(path)!r}")
+        params = params[key]
+    return jax.tree.map(np.asarray, params), chosen
+
+
+def _with_saved_teacher(init_fn: Callable, teacher, abstract: Any, shardings: Any, objective: str) -> dict:
+    """``init_fn()`` with ``state['teacher']`` the saved run's parameters (``teacher.workdir``), each device
     getting its shard (multi-process safe)."""
     state = init_fn()
-    host = teacher.load()
-    _check_same_tree(f"the frozen teacher of {objective!r}", host, abstract)
+    host, _ = saved_params(teacher.workdir, teacher.step, teacher.path)
+    _check_same_tree(f"the teacher of {objective!r} from {teacher.workdir!r}", host, abstract,
+                     ("in that run", "in the teacher this config builds"), ckpt_lib.CheckpointError)
     state["teacher"] = jax.tree.map(
         lambda x, a, s: jax.make_array_from_callback(a.shape, s, lambda index: np.asarray(x, a.dtype)[index]),
         host, abstract, shardings)

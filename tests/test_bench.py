@@ -25,6 +25,7 @@ WIDE = 256  # wide enough that matmuls dominate: norms, GELU, softmax and Adam a
     ("mae_digits.py:tiny", [f"decoder.width={WIDE}", "decoder.depth=1", "hpm.enabled=True"]),
     ("videomae_digits.py:tiny,dual", [f"decoder.width={WIDE}", "decoder.depth=1", "data.image_size=32",
                                       "hpm.enabled=True"]),  # the two MAE parts composed
+    ("mae_digits.py:tiny", [f"decoder.width={WIDE}", "decoder.depth=1", "loss.target=teacher"]),  # + teacher (1x)
     # teacher forward (1x), student and conv decoder (3x), the EMA (3 per teacher parameter)
     ("data2vec_digits.py:tiny", ["data2vec.top_k=1", "data2vec.decoder_layers=2", f"data2vec.decoder_dim={WIDE}"]),
     ("mdlm_text.py:tiny", []),

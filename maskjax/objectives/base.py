@@ -58,17 +58,21 @@ class Teacher:
       teacher)`` = ``d * teacher + (1 - d) * student`` with ``r = rate(step) = 1 - d``, ``step``
       counting updates from 1 (fairseq's ``set_num_updates``). The rate, not the decay, is the
       argument: 1 - 0.99999 is not representable from a float32 decay (0.1% off);
-    * or **frozen**: ``load()`` gives its parameters (host arrays of ``build``'s tree) once, when a run
-      starts fresh."""
+    * or **frozen**: the parameter subtree ``path`` of the run in ``workdir`` at checkpoint ``step`` (0:
+      the newest), loaded once when a run starts fresh (its architecture must be ``build``'s); without
+      a ``workdir``, frozen at a random initialisation (a key of its own, not the student's: dBOT's
+      first stage)."""
 
     build: Callable
     follows: tuple[str, ...] | None = None
     rate: Callable | None = None
-    load: Callable | None = None
+    workdir: str | None = None
+    step: int = 0
+    path: tuple[str, ...] = ("encoder",)
 
     def __post_init__(self):
-        if (self.follows is None) != (self.rate is None) or (self.follows is None) == (self.load is None):
-            raise TypeError("a Teacher is either an EMA (follows= and rate=) or frozen (load=)")
+        if (self.follows is None) != (self.rate is None) or (self.follows is not None and self.workdir):
+            raise TypeError("a Teacher is an EMA (follows= and rate=) or frozen (workdir=, or neither: random)")
 
     @property
     def ema(self) -> bool:

@@ -5,6 +5,10 @@ The same code trains video MAE (VideoMAE / MAE-ST): ``data.frames > 0`` gives 3D
 ``mask.kind`` 'tube' or 'spatiotemporal' picks the video masking. Options:
 
 * ``loss.target='hog'``: MaskFeat's HOG features instead of pixels;
+* ``loss.target='teacher'``: feature distillation (MILAN / dBOT): the decoder regresses a frozen
+  teacher's features at the hidden positions, layer-normalised per token (no affine), MSE. The teacher
+  is the encoder of the run in ``teacher.workdir`` (checkpoint ``teacher.step``), or, without one, an
+  encoder of this run's architecture frozen at a random initialisation (dBOT's first stage);
 * ``mask.decoder_ratio > 0``: VideoMAE V2 dual masking, the decoder sees the visible tokens plus
   mask tokens only where a running-cell decoder mask keeps them, and the loss is on tokens masked
   for the encoder and kept for the decoder;
@@ -19,13 +23,14 @@ variant is one more part.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from maskjax import masking
+from maskjax import masking, storage
 from maskjax.objectives import base
 from maskjax.errors import ConfigError
 from maskjax.models import hf_layout as hf
@@ -163,6 +168,11 @@ VIDEOMAE = base.HFArch(cls="VideoMAEForPreTraining", groups=_videomae_groups, co
 class MAE(VisionObjective):
     name = "mae"
     config_groups = {
+        "teacher": {
+            "workdir": ("", "loss.target=teacher: the run whose encoder is the frozen teacher ('': a random "
+                            "encoder of this run's architecture, dBOT's first stage)."),
+            "step": (0, "Checkpoint of teacher.workdir to load (0: the newest)."),
+        },
         "hpm": {
             "enabled": (False, "Hard-patch mining (MAE): a head predicts patch losses; part of the mask takes "
                                "the hardest."),
@@ -211,6 +221,53 @@ class MAE(VisionObjective):
         base.check_transformer(self.config.decoder, "decoder", config=self.config)
         self.masks.validate()
         self.decoding.validate()
+        t = self.config.teacher
+        if not isinstance(t.step, int) or isinstance(t.step, bool) or t.step < 0:
+            raise ConfigError("teacher.step", f"must be an int >= 0 (0: the newest checkpoint), got {t.step!r}")
+        if self.target == "teacher":
+            saved = self.teacher_config()
+            try:
+                grid = vit.token_grid(saved.data.image_size, saved.model.patch_size, saved.data.get("frames", 0),
+                                      saved.model.tubelet)
+            except (ValueError, AttributeError) as err:
+                raise ConfigError("teacher.workdir", f"{t.workdir!r} is not a run of a ViT encoder: {err}") from None
+            if grid != self.token_grid:
+                raise ConfigError("teacher.workdir", f"{t.workdir!r} encodes a {grid} token grid, this run {self.token_grid}: "
+                                                     "the teacher must see the student's patches")
+
+    target_kinds = vision.TARGETS + ("teacher",)
+
+    def teacher_config(self):
+        """The config the frozen teacher's encoder is built from: the saved run's, or this run's."""
+        workdir = self.config.teacher.workdir
+        if self.target != "teacher" or not workdir:
+            return self.config
+        if getattr(self, "_teacher_config", None) is None:
+            path = storage.join(workdir, "config.json")
+            try:
+                self._teacher_config = base.from_saved(json.loads(storage.read_text(path)))
+            except (OSError, ValueError) as err:
+                raise ConfigError("teacher.workdir", f"{path}: not a readable maskjax run config "
+                                                     f"({type(err).__name__}: {err})") from None
+        return self._teacher_config
+
+    def teacher(self) -> base.Teacher | None:
+        if self.target != "teacher":
+            return None
+        t = self.config.teacher
+        return base.Teacher(build=lambda rngs: vit.encoder_from_config(self.teacher_config(), rngs),
+                            workdir=t.workdir or None, step=t.step, path=("encoder",))
+
+    @property
+    def target_dim(self) -> int:
+        return self.teacher_config().model.width if self.target == "teacher" else super().target_dim
+
+    def teacher_targets(self, teacher: vit.ViTEncoder, patches: jax.Array) -> jax.Array:
+        """[B, L, teacher width]: the frozen teacher's output at every patch token, layer-normalised."""
+        out = teacher(patches)[:, teacher.num_prefix:].astype(jnp.float32)
+        mean = jnp.mean(out, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(out - mean), axis=-1, keepdims=True)
+        return jax.lax.stop_gradient((out - mean) * jax.lax.rsqrt(var + 1e-6))
 
     def build(self, rngs: nnx.Rngs) -> MAEModel:
         m, dec = self.config.model, self.config.decoder
@@ -226,18 +283,22 @@ class MAE(VisionObjective):
         hidden = model.decoder(model.encoder(patches, mask.keep_idx), mask.restore_idx)
         return hidden, model.decoder.pred(hidden).astype(jnp.float32)
 
-    def loss(self, model: MAEModel, batch: dict, key: jax.Array, step: jax.Array):
+    def loss(self, model: MAEModel, batch: dict, key: jax.Array, step: jax.Array, teacher=None):
         mask_keys, decoder_keys = masking.split_rows(base.example_keys(key, batch))
         patches = self.patches(batch)
         mask = self.masks.draw(model, patches, mask_keys, step)
-        return self.masked_loss(model, batch, patches, mask, step, decoder_keys)
+        return self.masked_loss(model, batch, patches, mask, step, decoder_keys, teacher)
 
     def masked_loss(self, model: MAEModel, batch: dict, patches: jax.Array, mask: masking.Mask, step=0,
-                    decoder_keys: jax.Array | None = None):
+                    decoder_keys: jax.Array | None = None, teacher=None):
         """The loss given the encoder's mask: MSE of the predictions where the decoding scores them (the
-        hidden patches, or those the dual decoder also keeps), plus the mask part's own term."""
+        hidden patches, or those the dual decoder also keeps), plus the mask part's own term. ``teacher``:
+        the frozen teacher encoder (``loss.target='teacher'``)."""
         out = self.decoding.decode(model, patches, mask, decoder_keys)
-        target = self.targets(batch, patches, self.config.loss.norm_pix)
+        if self.target == "teacher":
+            target = self.teacher_targets(teacher, patches)
+        else:
+            target = self.targets(batch, patches, self.config.loss.norm_pix)
         if out.positions is not None:
             target = jnp.take_along_axis(target, out.positions[..., None], axis=1)
         loss = masked_mse(out.pred, target, out.scored)
@@ -261,7 +322,13 @@ class MAE(VisionObjective):
         return self.reconstruction_images(batch, patches, mask.mask, pred)
 
     def flops(self) -> int:
-        return 3 * (self.encoder_flops(self.num_kept) + self.decoding.flops()) + self.masks.flops()
+        teacher = 0
+        if self.target == "teacher":  # one forward pass over every token of every image
+            t, b = self.teacher_config().model, self.config.batch_size
+            teacher = (2 * b * self.num_tokens * self.patch_dim * t.width
+                       + layers.transformer_flops(b, self.num_tokens + (1 if t.cls_token else 0), t.width, t.depth,
+                                                  int(t.width * t.mlp_ratio)))
+        return 3 * (self.encoder_flops(self.num_kept) + self.decoding.flops()) + self.masks.flops() + teacher
 
     def decoder_flops(self, visible: int, tokens: int, predicted: int) -> int:
         """Forward FLOPs of the decoder: embedding ``visible`` latents, blocks over ``tokens``, the head on

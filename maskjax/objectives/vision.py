@@ -84,6 +84,7 @@ class VisionObjective(base.Objective):
     """Base for objectives over images [B, H, W, C] or videos [B, T, H, W, C] in ``batch['image']``."""
 
     data_kind = "image"
+    target_kinds: tuple[str, ...] = TARGETS  # the ``loss.target`` values this objective predicts
 
     def __init__(self, config):
         super().__init__(config)
@@ -109,8 +110,8 @@ class VisionObjective(base.Objective):
             raise ConfigError("data.frame_stride", f"must be a positive int, got {stride!r}")
         if self.norm_pix_mode not in NORM_PIX_MODES:
             raise ConfigError("loss.norm_pix_mode", f"must be one of {NORM_PIX_MODES}, got {self.norm_pix_mode!r}")
-        if self.target not in TARGETS:
-            raise ConfigError("loss.target", f"must be one of {TARGETS}, got {self.target!r}")
+        if self.target not in self.target_kinds:
+            raise ConfigError("loss.target", f"must be one of {self.target_kinds} for {self.name}, got {self.target!r}")
         if self.target == "hog":
             cell = self.config.loss.hog_cell
             if not isinstance(cell, int) or cell < 1 or model.patch_size % cell:

@@ -1,8 +1,9 @@
-"""Teachers in the train state and data2vec 2.0: the EMA against a NumPy loop with fairseq's schedule,
-the teacher outside the optimizer, targets against torch's instance/layer norms on the collected block
-outputs, one teacher pass shared by the masks, the inverse block mask against a torch re-derivation of
-fairseq's ``compute_block_mask_2d`` (distributions), the grouped convolution against XLA's, and exact
-resume after SIGKILL with the teacher."""
+"""Teachers in the train state, data2vec 2.0 and frozen-teacher targets: the EMA against a NumPy loop
+with fairseq's schedule, the teacher outside the optimizer, targets against torch's instance/layer norms
+on the collected block outputs, one teacher pass shared by the masks, the inverse block mask against a
+torch re-derivation of fairseq's ``compute_block_mask_2d`` (distributions), the grouped convolution
+against XLA's, exact resume after SIGKILL with the teacher, and a frozen teacher loaded from a finished
+run equal to running that run's encoder."""
 import json
 import os
 import signal
@@ -250,3 +251,68 @@ def test_sigkill_then_resume_is_bit_identical_with_the_teacher(data_dir, tmp_pat
         np.testing.assert_array_equal(a, b)
     assert set(states[0]) >= {"params", "teacher", "opt_state"}
     assert json.loads((killed / "eval.json").read_text())["step"] == 8
+
+
+# --------------------------------------------------------------------------- frozen teachers (MILAN / dBOT)
+
+
+@pytest.fixture(scope="module")
+def finished_mae(data_dir, tmp_path_factory):
+    """A short MAE run whose encoder becomes the frozen teacher."""
+    from maskjax import train
+
+    workdir = str(tmp_path_factory.mktemp("mae_teacher"))
+    config = load_config("mae_digits.py:tiny", "total_steps=4", "checkpoint.every=2", data_dir=data_dir)
+    train.train(config, workdir, evaluate=False, quiet=True)
+    return workdir
+
+
+def test_a_frozen_teacher_from_a_workdir_gives_that_models_features(data_dir, finished_mae):
+    """loss.target=teacher with teacher.workdir: the teacher in the state is that run's encoder at its newest
+    checkpoint, bit for bit; its targets are that encoder run directly (through the saved run's own
+    objective) and layer-normalised; training leaves it untouched."""
+    config = load_config("mae_digits.py:tiny", "loss.target=teacher", f"teacher.workdir={finished_mae}",
+                         "mesh.data=8", "mesh.fsdp=1", "mesh.tensor=1", data_dir=data_dir)
+    setup, states = run_steps(config, 2)
+    saved, step = step_lib.saved_params(finished_mae, 0, ())
+    assert step == 4
+    for a, b in zip(jax.tree.leaves(states[0]["teacher"]), jax.tree.leaves(saved["encoder"])):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(jax.tree.leaves(states[2]["teacher"]), jax.tree.leaves(states[0]["teacher"])):
+        np.testing.assert_array_equal(a, b)
+    source = objectives.from_saved(json.loads(open(os.path.join(finished_mae, "config.json")).read()))
+    model = objectives.get(source).build(nnx.Rngs(5))
+    nnx.update(model, nnx.State(jax.tree.map(jnp.asarray, saved)))
+    images = jax.random.normal(jax.random.key(0), (4, 16, 16, 1))
+    patches = setup.objective.patches({"image": images})
+    direct = np.asarray(model.encoder(patches))[:, 1:]
+    direct = (direct - direct.mean(-1, keepdims=True)) / np.sqrt(direct.var(-1, keepdims=True) + 1e-6)
+    teacher = nnx.merge(setup.teacher_graphdef, jax.tree.map(jnp.asarray, states[0]["teacher"]))
+    np.testing.assert_allclose(setup.objective.teacher_targets(teacher, patches), direct, atol=2e-5)
+    assert setup.objective.target_dim == source.model.width
+
+
+def test_a_random_frozen_teacher_is_not_the_students_initialisation(data_dir):
+    """dBOT's first stage: without teacher.workdir the teacher is a frozen random encoder of this
+    architecture, from a key of its own."""
+    config = load_config("mae_digits.py:tiny", "loss.target=teacher", "mesh.data=8", "mesh.fsdp=1", "mesh.tensor=1")
+    _, states = run_steps(config, 1)
+    assert jax.tree.structure(states[0]["teacher"]) == jax.tree.structure(states[0]["params"]["encoder"])
+    kernel = lambda tree: tree["blocks"]["blocks"]["attn"]["query"]
+    assert np.abs(kernel(states[0]["teacher"]) - kernel(states[0]["params"]["encoder"])).max() > 1e-3
+    np.testing.assert_array_equal(kernel(states[1]["teacher"]), kernel(states[0]["teacher"]))
+
+
+def test_bad_teacher_workdirs_are_named(data_dir, tmp_path, finished_mae):
+    from maskjax.config import ConfigError
+
+    with pytest.raises(ConfigError, match="teacher.workdir"):
+        step_lib.validate(load_config("mae_digits.py:tiny", "loss.target=teacher", f"teacher.workdir={tmp_path}/none"),
+                          num_devices=8)
+    with pytest.raises(ConfigError, match="teacher.workdir.*token grid"):  # another patch size: other tokens
+        step_lib.validate(load_config("mae_digits.py:tiny", "loss.target=teacher", f"teacher.workdir={finished_mae}",
+                                      "model.patch_size=2"), num_devices=8)
+    with pytest.raises(ConfigError, match="loss.target"):
+        step_lib.validate(load_config("simmim_digits.py:tiny", "loss.target=teacher"), num_devices=8)
+    with pytest.raises(checkpoint.CheckpointError, match="no checkpoint at step 3"):
+        step_lib.saved_params(finished_mae, 3, ("encoder",))
