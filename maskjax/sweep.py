@@ -9,7 +9,10 @@ A sweep file is plain Python::
         return grid({"model.depth": [2, 4], "total_steps": [300, 600]})   # 4 points
 
 ``grid`` is the cartesian product of its axes, ``zipped`` pairs them up, ``product(a, b)`` combines two
-lists of points, and a list of dicts can also be written out by hand.
+lists of points, and a list of dicts can also be written out by hand. A value ``"{point:N}"`` is the
+workdir of point N, which must come earlier: chained stages, e.g. dBOT's bootstrap where each stage's
+frozen teacher is the previous stage's student (``{"teacher.workdir": "{point:1}"}``,
+``configs/sweeps/dbot_digits.py``); points run in order, so N has finished (or failed) first.
 
 ``maskjax sweep --sweep FILE --workdir DIR`` trains the points one after another (each a ``maskjax
 train`` subprocess, so a failing point is recorded and the sweep goes on) in ``DIR/points/<name>``;
@@ -100,8 +103,14 @@ def load(path: str, config: str | None = None, extra: list[str] = ()) -> tuple[s
     if not base:
         raise SweepError(f"--sweep {path!r} sets no CONFIG; pass --config")
     for i, point in enumerate(points):
+        for key, value in point.items():
+            ref = _reference(value)
+            if ref is not None and not 0 <= ref < i:
+                raise SweepError(f"--sweep {path!r} point {i}: {key}={value} must name an earlier point (0..{i - 1})")
         try:
-            c = config_lib.override(config_lib.load(base), [*extra, *_override_items(point)])
+            # a workdir that does not exist yet is checked as '' (its own run validates it when it starts)
+            checked = {k: ("" if _reference(v) is not None else v) for k, v in point.items()}
+            c = config_lib.override(config_lib.load(base), [*extra, *_override_items(checked)])
             step_lib.validate(c)
         except config_lib.ConfigError as err:
             raise SweepError(f"--sweep {path!r} point {i} {point}: {err}") from None
@@ -110,6 +119,21 @@ def load(path: str, config: str | None = None, extra: list[str] = ()) -> tuple[s
 
 def _override_items(point: dict) -> list[str]:
     return [f"{k}={_text(v)}" for k, v in point.items()]
+
+
+_REFERENCE = re.compile(r"^\{point:(\d+)\}$")
+
+
+def _reference(value) -> int | None:
+    """N for a ``"{point:N}"`` value, else None."""
+    match = _REFERENCE.match(value) if isinstance(value, str) else None
+    return int(match.group(1)) if match else None
+
+
+def resolved(point: dict, index: dict) -> dict:
+    """``point``'s overrides with every ``"{point:N}"`` replaced by point N's workdir."""
+    return {k: (index["points"][_reference(v)]["workdir"] if _reference(v) is not None else v)
+            for k, v in point["overrides"].items()}
 
 
 def _text(value) -> str:
@@ -174,10 +198,12 @@ def plan(sweep_file: str, workdir: str, config: str | None = None, extra: list[s
     return index
 
 
-def train_command(base: str, point: dict, extra: list[str]) -> list[str]:
-    """``extra`` (overrides for every point) comes first, so a point's own value wins."""
+def train_command(base: str, point: dict, extra: list[str], index: dict | None = None) -> list[str]:
+    """``extra`` (overrides for every point) comes first, so a point's own value wins; ``index`` resolves
+    references to other points' workdirs."""
+    overrides = resolved(point, index) if index is not None else point["overrides"]
     return ["train", "--config", base, "--workdir", point["workdir"], *extra,
-            *[f"--config.{item}" for item in _override_items(point["overrides"])]]
+            *[f"--config.{item}" for item in _override_items(overrides)]]
 
 
 def run(sweep_file: str, workdir: str, config: str | None = None, extra: list[str] = (), stream=None) -> dict:
@@ -190,7 +216,7 @@ def run(sweep_file: str, workdir: str, config: str | None = None, extra: list[st
             point["status"] = "done"
             stream.write(f"sweep: point {n}/{len(points)} {point['name']}: finished earlier\n")
             continue
-        command = [sys.executable, "-m", "maskjax", *train_command(index["config"], point, list(extra))]
+        command = [sys.executable, "-m", "maskjax", *train_command(index["config"], point, list(extra), index)]
         stream.write(f"sweep: point {n}/{len(points)} {point['name']}: training in {point['workdir']}\n")
         stream.flush()
         started = time.monotonic()
@@ -234,7 +260,7 @@ def emit(sweep_file: str, workdir: str, launcher: str, config: str | None = None
     for point in index["points"]:
         if finished(point["workdir"]):
             continue
-        args = train_command(index["config"], point, list(extra))
+        args = train_command(index["config"], point, list(extra), index)
         job = re.sub(r"[^A-Za-z0-9-]", "-", point["name"])[:60]
         if launcher == "local":
             command = ["maskjax", *args]
@@ -290,7 +316,7 @@ def collect(workdir: str) -> list[dict]:
                 config = objectives.from_saved(json.loads(storage.read_text(storage.join(d, "config.json"))))
             else:
                 base = index.get("config_path", index["config"])
-                config = config_lib.override(config_lib.load(base), _override_items(point["overrides"]))
+                config = config_lib.override(config_lib.load(base), _override_items(resolved(point, index)))
         except Exception as err:  # the base config changed since the sweep ran
             row.update(status="failed", error=f"config: {err}")
             rows.append(row)

@@ -39,7 +39,8 @@ def test_grid_zip_product_and_names():
         sweep.zipped({"a": [1, 2], "b": [1]})
 
 
-@pytest.mark.parametrize("name", ["mae_size_length.py", "mae_mask_ratio.py", "mlm_mask_rate.py", "mdlm_vs_ar.py", "electra_vs_mlm.py"])
+@pytest.mark.parametrize("name", ["mae_size_length.py", "mae_mask_ratio.py", "mlm_mask_rate.py", "mdlm_vs_ar.py",
+                                  "electra_vs_mlm.py", "dbot_digits.py"])
 def test_shipped_sweeps_load_and_validate(name):
     base, points = sweep.load(os.path.join(ROOT, "configs", "sweeps", name))
     assert base.startswith("configs/") and len(points) >= 2
@@ -73,6 +74,38 @@ def test_bad_sweep_point_names_it(tmp_path, capsys):
     assert cli.main(["sweep", "--sweep", str(path), "--workdir", str(tmp_path / "s")]) == 2
     err = capsys.readouterr().err
     assert "point 1 {'model.depthh': 3}: config.model.depthh: unknown key" in err
+
+
+def test_chained_points_train_in_order_with_the_previous_student_as_teacher(data_dir, tmp_path, capsys):
+    """dBOT's bootstrap as a sweep: point 1's frozen teacher is point 0's final encoder ("{point:0}"); a
+    reference to a later point is refused with the point named."""
+    import jax
+
+    from maskjax import checkpoint, config as config_lib, step as step_lib
+
+    path = tmp_path / "chain.py"
+    path.write_text("CONFIG = 'configs/mae_digits.py:tiny'\ndef get_sweep():\n    return [{'loss.target': 'teacher'},"
+                    " {'loss.target': 'teacher', 'teacher.workdir': '{point:0}'}]\n")
+    workdir = str(tmp_path / "s")
+    extra = [f"--config.data.data_dir={data_dir}", "--config.total_steps=2", "--config.eval.probe=False"]
+    assert cli.main(["sweep", "--sweep", str(path), "--workdir", workdir, "--emit", "local", *extra]) == 0
+    first, second = capsys.readouterr().out.strip().splitlines()
+    assert f"--config.teacher.workdir={workdir}/points/000" in second
+    index = sweep.run(str(path), workdir, extra=extra)
+    assert [p["status"] for p in index["points"]] == ["done", "done"], index
+    student, _ = step_lib.saved_params(index["points"][0]["workdir"], 0, ("encoder",))
+    config = config_lib.override(config_lib.load("configs/mae_digits.py:tiny"),
+                                 ["loss.target=teacher", f"teacher.workdir={index['points'][0]['workdir']}"])
+    setup = step_lib.build(config)
+    ckpt = checkpoint.Checkpointer(index["points"][1]["workdir"])
+    teacher = ckpt.restore_state(2, setup.abstract_state)["teacher"]
+    ckpt.close()
+    for a, b in zip(jax.tree.leaves(jax.device_get(teacher)), jax.tree.leaves(student)):
+        np.testing.assert_array_equal(a, b)
+    path.write_text("CONFIG = 'configs/mae_digits.py:tiny'\ndef get_sweep():\n    return [{'teacher.workdir': "
+                    "'{point:1}'}, {'loss.target': 'teacher'}]\n")
+    with pytest.raises(sweep.SweepError, match="point 0: teacher.workdir=.point:1. must name an earlier point"):
+        sweep.load(str(path))
 
 
 def test_run_resumes_records_failures_and_reports(data_dir, tmp_path):
