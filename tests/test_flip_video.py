@@ -255,23 +255,61 @@ def test_hard_patch_mask_takes_the_hardest_then_random():
 
 
 def test_hpm_hard_share_follows_its_schedule():
+    """int(masked * final_share * (step + 1) / T) of the hidden patches are the hardest by the EMA model's
+    loss predictor (the teacher passed in), not the student's."""
     config = load_config("mae_digits.py:tiny", "hpm.enabled=true", "hpm.final_share=0.5", "total_steps=100")
     objective = objectives.get(config)
     objective.validate()
     masked = objective.num_tokens - objective.num_kept  # 12 of 16
     hpm = objective.masks
-    counts = [int(hpm.hard_count(s)) for s in (0, 25, 50, 100, 200)]
-    assert counts == [0, round(0.125 * masked), round(0.25 * masked), round(0.5 * masked), round(0.5 * masked)]
-    model = objective.build(nnx.Rngs(0))
+    counts = [int(hpm.hard_count(s)) for s in (0, 25, 50, 99, 200)]
+    assert counts == [0, int(6 * 26 / 100), int(6 * 51 / 100), 6, 6]
+    model, teacher = objective.build(nnx.Rngs(0)), objective.teacher().build(nnx.Rngs(7))
     batch = {"image": jax.random.normal(jax.random.key(1), (4, 16, 16, 1)), "label": jnp.zeros(4, jnp.int32)}
     patches = objective.patches(batch)
-    scores = np.asarray(hpm.predicted_difficulty(model, patches))
-    m = hpm.draw(model, patches, base.example_keys(jax.random.key(2), batch), 100)
+    scores = np.asarray(hpm.predicted_difficulty(teacher, patches))
+    student_scores = np.asarray(hpm.predicted_difficulty(model, patches))
+    assert not np.allclose(scores, student_scores)
+    m = hpm.draw(model, patches, base.example_keys(jax.random.key(2), batch), 100, teacher)
     hardest = np.argsort(-scores, axis=1)[:, :6]
     assert all(np.asarray(m.mask)[b, hardest[b]].all() for b in range(4))
-    loss, metrics = objective.loss(model, batch, jax.random.key(2), jnp.int32(100))
+    loss, metrics = objective.loss(model, batch, jax.random.key(2), jnp.int32(100), teacher)
     assert float(metrics["hard_count"]) == 6 and float(metrics["loss_prediction"]) > 0
     assert float(loss) == pytest.approx(float(metrics["reconstruction_loss"] + metrics["loss_prediction"]), rel=1e-5)
+
+
+def test_hpm_rank_loss_equals_the_official_relative_loss_with_ties_left_out():
+    """``pairwise_rank_loss`` against HPM's ``forward_learning_loss(relative=True)`` written with torch
+    (including its log(sigmoid + 1e-6)), on losses with ties."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    pred = rng.normal(size=(3, 12)).astype(np.float32)
+    actual = rng.integers(0, 4, size=(3, 12)).astype(np.float32)  # many ties
+    p, t = torch.from_numpy(pred), torch.from_numpy(actual)
+    positive = t.unsqueeze(1) > t.unsqueeze(2)
+    negative = t.unsqueeze(1) < t.unsqueeze(2)
+    matrix = p.unsqueeze(1) - p.unsqueeze(2)
+    official = (-(positive.int() * torch.log(torch.sigmoid(matrix) + 1e-6))
+                - negative.int() * torch.log(1 - torch.sigmoid(matrix) + 1e-6)).sum() / (positive | negative).sum()
+    ours = mae.pairwise_rank_loss(jnp.asarray(pred), jnp.asarray(actual), jnp.ones((3, 12), bool))
+    assert float(ours) == pytest.approx(float(official), rel=1e-4)
+
+
+def test_hpm_is_trained_with_its_ema_model_as_the_teacher(data_dir):
+    """The EMA teacher is the whole model (loss predictor included), starts as the student and moves
+    toward it at the EMA rate; the loss-predictor branch has its own blocks."""
+    config = load_config("mae_digits.py:tiny", "hpm.enabled=true", "mesh.data=8", "mesh.fsdp=1", "mesh.tensor=1",
+                         "hpm.ema_decay=0.5", "hpm.ema_end_decay=0.5")
+    setup = step_lib.build(config)
+    state = setup.init_fn()
+    assert jax.tree.structure(state["teacher"]) == jax.tree.structure(state["params"])
+    assert "blocks" in state["params"]["decoder"]["loss_pred"]
+    before = jax.device_get(state["teacher"])
+    batch = setup.global_batch(setup.objective.synthetic_batch(np.random.default_rng(0)))
+    state, _ = setup.step_fn(state, batch)
+    after, student = jax.device_get(state["teacher"]), jax.device_get(state["params"])
+    for t0, t1, s1 in zip(jax.tree.leaves(before), jax.tree.leaves(after), jax.tree.leaves(student)):
+        np.testing.assert_allclose(t1, 0.5 * t0 + 0.5 * s1, rtol=1e-5, atol=1e-6)
 
 
 def test_pairwise_rank_loss_rewards_the_right_order():

@@ -25,6 +25,8 @@ CASES = [
     ("electra_text.py:tiny", ()),
     ("mdlm_text.py:tiny", ()),
     ("mdlm_text.py:tiny", ("diffusion.antithetic=False",)),
+    ("data2vec_digits.py:tiny", ()),
+    ("mae_digits.py:tiny", ("loss.target=teacher",)),
 ]
 
 
@@ -38,11 +40,13 @@ def test_a_row_draws_the_same_wherever_it_sits_in_the_batch(data_dir, name, over
     perm = np.random.default_rng(1).permutation(size)
     shuffled = {k: v[perm] for k, v in batch.items()}
     key, step = jax.random.key(7), jnp.int32(config.total_steps // 2)
-    loss, metrics = objective.loss(model, batch, key, step)
-    moved, moved_metrics = objective.loss(model, dict(shuffled, **{base.ROW: jnp.asarray(perm, jnp.int32)}), key, step)
+    teacher = () if objective.teacher() is None else (objective.teacher().build(nnx.Rngs(params=1)),)
+    loss, metrics = objective.loss(model, batch, key, step, *teacher)
+    moved, moved_metrics = objective.loss(model, dict(shuffled, **{base.ROW: jnp.asarray(perm, jnp.int32)}), key, step,
+                                          *teacher)
     assert float(moved) == pytest.approx(float(loss), rel=2e-5)
     for k in metrics:
         assert float(moved_metrics[k]) == pytest.approx(float(metrics[k]), rel=2e-5, abs=1e-6), k
     # Without the rows each position draws for itself: the shuffled batch gets other masks.
-    other, _ = objective.loss(model, shuffled, key, step)
+    other, _ = objective.loss(model, shuffled, key, step, *teacher)
     assert float(other) != pytest.approx(float(loss), rel=1e-4)

@@ -12,8 +12,11 @@ The same code trains video MAE (VideoMAE / MAE-ST): ``data.frames > 0`` gives 3D
 * ``mask.decoder_ratio > 0``: VideoMAE V2 dual masking, the decoder sees the visible tokens plus
   mask tokens only where a running-cell decoder mask keeps them, and the loss is on tokens masked
   for the encoder and kept for the decoder;
-* ``hpm.enabled``: hard-patch mining (Wang et al. 2023): a head predicts each patch's loss, and a
-  share of the mask growing linearly to ``hpm.final_share`` is taken from the predicted-hardest patches.
+* ``hpm.enabled``: hard-patch mining (Wang et al. 2023) as the official code does it: a loss-predictor
+  branch of its own (decoder blocks, norm and head beside the reconstructor's, on the same decoder
+  input) learns the relative order of the patches' reconstruction losses (pairs with equal losses left
+  out), and an EMA of the whole model ranks every patch of the unmasked image; a share of the mask
+  growing linearly to ``hpm.final_share`` is taken from the patches it ranks hardest.
 
 The two variants are parts, not branches of the loss: a :class:`Masks` (how the encoder's mask is drawn,
 and any loss term that comes with it: :class:`HardPatches`) and a :class:`Decoding` (which positions the
@@ -50,19 +53,35 @@ def masked_mse(pred: jax.Array, target: jax.Array, hidden: jax.Array) -> jax.Arr
 
 
 def pairwise_rank_loss(pred: jax.Array, actual: jax.Array, valid: jax.Array) -> jax.Array:
-    """HPM's relative loss-prediction objective: for every pair (i, j) of valid patches, binary
-    cross-entropy of ``sigmoid(pred_i - pred_j)`` against ``actual_i > actual_j``. [B, L] inputs."""
+    """HPM's relative loss-prediction objective (``forward_learning_loss(relative=True)``): for every pair
+    (i, j) of valid patches whose actual losses differ, binary cross-entropy of ``sigmoid(pred_i -
+    pred_j)`` against ``actual_i > actual_j``, averaged over those pairs. [B, L] inputs."""
     logits = pred[:, :, None] - pred[:, None, :]
     labels = (actual[:, :, None] > actual[:, None, :]).astype(jnp.float32)
-    pairs = (valid[:, :, None] & valid[:, None, :]) & ~jnp.eye(pred.shape[1], dtype=bool)[None]
+    pairs = (valid[:, :, None] & valid[:, None, :]) & (actual[:, :, None] != actual[:, None, :])
     bce = jnp.maximum(logits, 0) - logits * labels + jnp.log1p(jnp.exp(-jnp.abs(logits)))
     weight = pairs.astype(jnp.float32)
     return jnp.sum(bce * weight) / jnp.maximum(jnp.sum(weight), 1.0)
 
 
+class LossPredictor(nnx.Module):
+    """HPM's loss predictor (official ``models_mae_learn_loss.py``): blocks, a norm and a head of its own,
+    as deep as the reconstructor, on the same decoder input; the head is as wide as the targets and its
+    outputs are averaged to one score per token."""
+
+    def __init__(self, t: layers.Transformer, target_dim: int, *, rngs: nnx.Rngs):
+        self.blocks = layers.Stack(t, rngs=rngs)
+        self.norm = layers.LayerNorm(t.width, rngs=rngs, dtype=t.dtype, eps=t.norm_eps)
+        self.head = layers.Dense(t.width, target_dim, ("embed", "patch"), rngs=rngs, dtype=t.dtype)
+
+    def __call__(self, tokens: jax.Array, segments: layers.Segments | None = None) -> jax.Array:
+        """tokens [B, T, width] -> [B, T] float32 predicted losses (relative: only their order is trained)."""
+        return jnp.mean(self.head(self.norm(self.blocks(tokens, segments))).astype(jnp.float32), axis=-1)
+
+
 class MAEDecoder(nnx.Module):
-    """Encoder latents -> hidden states at the decoded positions; ``pred`` maps them to targets and
-    the optional ``loss_pred`` (HPM) to a predicted reconstruction loss."""
+    """Encoder latents -> hidden states at the decoded positions; ``pred`` maps them to targets and the
+    optional ``loss_pred`` branch (HPM, :class:`LossPredictor`) predicts each position's loss."""
 
     def __init__(self, t: layers.Transformer, encoder: vit.ViTEncoder, *, target_dim: int,
                  predict_loss: bool = False, embed_bias: bool = True, rngs: nnx.Rngs):
@@ -78,27 +97,32 @@ class MAEDecoder(nnx.Module):
         self.blocks = layers.Stack(t, rngs=rngs)
         self.norm = layers.LayerNorm(width, rngs=rngs, dtype=self.dtype, eps=t.norm_eps)
         self.pred = layers.Dense(width, target_dim, ("embed", "patch"), rngs=rngs, dtype=self.dtype)
-        self.loss_pred = layers.Dense(width, 1, ("embed", None), rngs=rngs, dtype=self.dtype) if predict_loss else None
+        self.loss_pred = LossPredictor(t, target_dim, rngs=rngs) if predict_loss else None
         self.one_hot_gather = encoder.one_hot_gather
 
     def _positions(self) -> jax.Array:
         return jnp.asarray(vit.position_table(self.positions, self.width, self.grid), self.dtype)
 
-    def __call__(self, latent: jax.Array, restore_idx: jax.Array) -> jax.Array:
-        """latent [B, prefix + K, enc_width], restore_idx [B, L] -> hidden [B, L, width], grid order."""
+    def _run(self, tokens: jax.Array, segments: layers.Segments | None, keep: slice, losses: bool):
+        hidden = self.norm(self.blocks(tokens, segments))[:, keep]
+        return (hidden, self.loss_pred(tokens, segments)[:, keep]) if losses else hidden
+
+    def __call__(self, latent: jax.Array, restore_idx: jax.Array, losses: bool = False):
+        """latent [B, prefix + K, enc_width], restore_idx [B, L] -> hidden [B, L, width], grid order; with
+        ``losses`` also the loss predictor's [B, L] scores."""
         x = self.embed(latent)
         prefix, visible = x[:, : self.num_prefix], x[:, self.num_prefix:]
         batch, length = restore_idx.shape
         fill = jnp.broadcast_to(self.mask_token[...].astype(self.dtype), (batch, length - visible.shape[1], self.width))
         tokens = layers.gather_tokens(jnp.concatenate([visible, fill], axis=1), restore_idx, self.one_hot_gather)
         tokens = tokens + self._positions()[None]
-        x = self.norm(self.blocks(jnp.concatenate([prefix, tokens], axis=1)))
-        return x[:, self.num_prefix:]
+        return self._run(jnp.concatenate([prefix, tokens], axis=1), None, slice(self.num_prefix, None), losses)
 
-    def partial(self, latent: jax.Array, keep_idx: jax.Array, query_idx: jax.Array, query_valid: jax.Array
-                ) -> jax.Array:
+    def partial(self, latent: jax.Array, keep_idx: jax.Array, query_idx: jax.Array, query_valid: jax.Array,
+                losses: bool = False):
         """Dual masking: the visible tokens (at ``keep_idx`` [B, K]) plus mask tokens at ``query_idx``
-        [B, Q] only; invalid queries (``query_valid`` False) are hidden from attention. -> [B, Q, width]."""
+        [B, Q] only; invalid queries (``query_valid`` False) are hidden from attention. -> [B, Q, width]
+        (and [B, Q] predicted losses with ``losses``)."""
         pos = self._positions()
         x = self.embed(latent)
         prefix, visible = x[:, : self.num_prefix], x[:, self.num_prefix:]
@@ -107,8 +131,7 @@ class MAEDecoder(nnx.Module):
         known = jnp.ones((x.shape[0], x.shape[1]), bool)
         tokens = jnp.concatenate([prefix, visible, queries], axis=1)
         attend = layers.Segments.keys(jnp.concatenate([known, query_valid], axis=1), tokens.shape[1])
-        x = self.norm(self.blocks(tokens, attend))
-        return x[:, -query_idx.shape[1]:]
+        return self._run(tokens, attend, slice(tokens.shape[1] - query_idx.shape[1], None), losses)
 
 
 class MAEModel(nnx.Module):
@@ -174,8 +197,12 @@ class MAE(VisionObjective):
             "step": (0, "Checkpoint of teacher.workdir to load (0: the newest)."),
         },
         "hpm": {
-            "enabled": (False, "Hard-patch mining (MAE): a head predicts patch losses; part of the mask takes "
-                               "the hardest."),
+            "enabled": (False, "Hard-patch mining (MAE): a loss-predictor branch learns the order of the patches' "
+                               "losses; an EMA of the model picks the hardest for part of the mask."),
+            "ema_decay": (0.999, "Decay of HPM's EMA model at step 0."),
+            "ema_end_decay": (0.9999, "Decay of HPM's EMA model from hpm.ema_anneal_steps on (linear in between)."),
+            "ema_anneal_steps": (0, "Steps over which the EMA decay rises (0: total_steps / 8, the official 100 of "
+                                    "800 epochs)."),
             "final_share": (0.5, "Share of the mask chosen from the predicted-hardest patches at the end of "
                                  "training (rising from 0)."),
             "weight": (1.0, "Weight of the loss-prediction term."),
@@ -222,6 +249,9 @@ class MAE(VisionObjective):
         self.masks.validate()
         self.decoding.validate()
         t = self.config.teacher
+        if self.config.hpm.enabled and self.target == "teacher":
+            raise ConfigError("hpm.enabled", "HPM's EMA model and loss.target=teacher's frozen encoder cannot both be "
+                                             "the run's teacher")
         if not isinstance(t.step, int) or isinstance(t.step, bool) or t.step < 0:
             raise ConfigError("teacher.step", f"must be an int >= 0 (0: the newest checkpoint), got {t.step!r}")
         if self.target == "teacher":
@@ -252,6 +282,10 @@ class MAE(VisionObjective):
         return self._teacher_config
 
     def teacher(self) -> base.Teacher | None:
+        if self.config.hpm.enabled:  # HPM's EMA of the whole model ranks the patches
+            h = self.config.hpm
+            steps = h.ema_anneal_steps or max(1, self.config.total_steps // 8)
+            return base.Teacher(build=self.build, follows=(), rate=base.ema_rate(h.ema_decay, h.ema_end_decay, steps))
         if self.target != "teacher":
             return None
         t = self.config.teacher
@@ -278,15 +312,18 @@ class MAE(VisionObjective):
         return MAEModel(encoder, decoder)
 
     # ---------------------------------------------------------------- forward and loss
-    def decode(self, model: MAEModel, patches: jax.Array, mask: masking.Mask):
-        """(hidden [B, L, width], predictions [B, L, target_dim] float32) of every position, grid order."""
-        hidden = model.decoder(model.encoder(patches, mask.keep_idx), mask.restore_idx)
-        return hidden, model.decoder.pred(hidden).astype(jnp.float32)
+    def decode(self, model: MAEModel, patches: jax.Array, mask: masking.Mask, losses: bool = False):
+        """(hidden [B, L, width], predictions [B, L, target_dim] float32) of every position, grid order;
+        with ``losses`` also the loss predictor's [B, L] scores."""
+        out = model.decoder(model.encoder(patches, mask.keep_idx), mask.restore_idx, losses)
+        hidden = out[0] if losses else out
+        pred = model.decoder.pred(hidden).astype(jnp.float32)
+        return (hidden, pred, out[1]) if losses else (hidden, pred)
 
     def loss(self, model: MAEModel, batch: dict, key: jax.Array, step: jax.Array, teacher=None):
         mask_keys, decoder_keys = masking.split_rows(base.example_keys(key, batch))
         patches = self.patches(batch)
-        mask = self.masks.draw(model, patches, mask_keys, step)
+        mask = self.masks.draw(model, patches, mask_keys, step, teacher)
         return self.masked_loss(model, batch, patches, mask, step, decoder_keys, teacher)
 
     def masked_loss(self, model: MAEModel, batch: dict, patches: jax.Array, mask: masking.Mask, step=0,
@@ -295,7 +332,7 @@ class MAE(VisionObjective):
         hidden patches, or those the dual decoder also keeps), plus the mask part's own term. ``teacher``:
         the frozen teacher encoder (``loss.target='teacher'``)."""
         out = self.decoding.decode(model, patches, mask, decoder_keys)
-        if self.target == "teacher":
+        if self.target == "teacher":  # (HPM's teacher is the EMA model; the two are exclusive)
             target = self.teacher_targets(teacher, patches)
         else:
             target = self.targets(batch, patches, self.config.loss.norm_pix)
@@ -315,7 +352,7 @@ class MAE(VisionObjective):
         visible patches pasted back. In the normalised pixel space of ``batch['image']``. The decoder
         predicts every position here, also when it was trained with dual masking."""
         patches = self.patches(batch)
-        mask = self.masks.draw(model, patches, base.example_keys(key, batch), self.config.total_steps)
+        mask = self.masks.draw(model, patches, base.example_keys(key, batch), self.config.total_steps, model)
         _, pred = self.decode(model, patches, mask)
         if self.config.loss.norm_pix:  # undo the standardisation with the true statistics
             pred = vision.denorm_pix(pred, patches, self.config.data.channels, self.norm_pix_mode)
@@ -347,19 +384,21 @@ class MAE(VisionObjective):
 class Decoded:
     """What a decoding predicts: ``hidden`` [B, Q, width] and ``pred`` [B, Q, target_dim] (float32) at
     ``positions`` [B, Q] of the token grid (None: every position, in grid order), scored where
-    ``scored`` [B, Q] is True; ``metrics`` it reports."""
+    ``scored`` [B, Q] is True; ``losses`` [B, Q] the loss predictor's scores (None without HPM);
+    ``metrics`` it reports."""
 
     hidden: jax.Array
     pred: jax.Array
     positions: jax.Array | None
     scored: jax.Array
     metrics: dict
+    losses: jax.Array | None = None
 
 
 class Masks:
     """MAE's own masks: the configured mask kind, drawn per example; no loss term of its own."""
 
-    predicts_loss = False  # the decoder needs HPM's loss-prediction head
+    predicts_loss = False  # the decoder needs HPM's loss-predictor branch
 
     def __init__(self, mae: MAE):
         self.mae = mae
@@ -367,8 +406,9 @@ class Masks:
     def validate(self) -> None:
         pass
 
-    def draw(self, model: MAEModel, patches: jax.Array, keys: jax.Array, step) -> masking.Mask:
-        """The encoder's mask of each example from its key (``keys`` [batch])."""
+    def draw(self, model: MAEModel, patches: jax.Array, keys: jax.Array, step, teacher=None) -> masking.Mask:
+        """The encoder's mask of each example from its key (``keys`` [batch]); ``teacher``: the run's
+        teacher model, where the part needs one."""
         return self.mae.draw_mask(keys)
 
     def terms(self, model: MAEModel, out: Decoded, target: jax.Array, step) -> tuple[jax.Array, dict]:
@@ -381,47 +421,69 @@ class Masks:
 
 
 class HardPatches(Masks):
-    """HPM (Wang et al. 2023): the decoder also predicts each patch's reconstruction loss (a pairwise
-    ranking loss against the actual losses), and a share of the mask growing linearly from 0 to
-    ``hpm.final_share`` is taken from the patches it predicts hardest (a no-gradient pass over the
-    whole image); the rest is drawn uniformly."""
+    """HPM (Wang et al. 2023, official ``engine_pretrain.py`` / ``models_mae_learn_loss.py``): the
+    decoder's loss-predictor branch learns the order of the hidden patches' reconstruction losses
+    (pairwise, pairs with equal losses left out); an EMA of the whole model (decay ``hpm.ema_decay`` ->
+    ``hpm.ema_end_decay``) runs on the unmasked image and a share of the mask growing linearly from 0 to
+    ``hpm.final_share`` is taken from the patches its predictor ranks hardest, the rest drawn uniformly."""
 
     predicts_loss = True
 
     def validate(self) -> None:
-        share = self.mae.config.hpm.final_share
-        if not 0.0 <= share <= 1.0:
-            raise ConfigError("hpm.final_share", f"must be in [0, 1], got {share}")
+        h = self.mae.config.hpm
+        if not 0.0 <= h.final_share <= 1.0:
+            raise ConfigError("hpm.final_share", f"must be in [0, 1], got {h.final_share}")
+        for key in ("ema_decay", "ema_end_decay"):
+            if not 0.0 <= h[key] <= 1.0:
+                raise ConfigError(f"hpm.{key}", f"must be in [0, 1], got {h[key]}")
+        if not isinstance(h.ema_anneal_steps, int) or h.ema_anneal_steps < 0:
+            raise ConfigError("hpm.ema_anneal_steps", f"must be an int >= 0, got {h.ema_anneal_steps!r}")
 
     def hard_count(self, step) -> jax.Array:
-        """Hidden patches taken from the predicted-hardest: ``round(share(step) * masked)``."""
+        """Hidden patches taken from the predicted-hardest: ``int(masked * final_share * (step + 1) / T)``,
+        at most ``final_share`` of them (the official ``int((L - len_keep) * keep_ratio)`` with keep_ratio
+        (epoch + 1) / epochs * 0.5, per step instead of per epoch)."""
         mae = self.mae
-        frac = jnp.clip(jnp.asarray(step, jnp.float32) / mae.config.total_steps, 0.0, 1.0)
+        frac = jnp.clip((jnp.asarray(step, jnp.float32) + 1.0) / mae.config.total_steps, 0.0, 1.0)
         masked = mae.num_tokens - mae.num_kept
-        return jnp.round(mae.config.hpm.final_share * frac * masked).astype(jnp.int32)
+        return jnp.floor(mae.config.hpm.final_share * frac * masked + 1e-6).astype(jnp.int32)
 
     def predicted_difficulty(self, model: MAEModel, patches: jax.Array) -> jax.Array:
-        """The loss predictor on the whole image (every patch visible), without gradient: [B, L]."""
+        """``model``'s loss predictor on the whole image (every patch visible), without gradient: [B, L]."""
         batch, length = patches.shape[:2]
         everything = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-        hidden = model.decoder(model.encoder(patches, everything), everything)
-        return jax.lax.stop_gradient(model.decoder.loss_pred(hidden)[..., 0].astype(jnp.float32))
+        _, scores = model.decoder(model.encoder(patches, everything), everything, losses=True)
+        return jax.lax.stop_gradient(scores)
 
-    def draw(self, model: MAEModel, patches: jax.Array, keys: jax.Array, step) -> masking.Mask:
-        scores = self.predicted_difficulty(model, patches)
+    def draw(self, model: MAEModel, patches: jax.Array, keys: jax.Array, step, teacher=None) -> masking.Mask:
+        scores = self.predicted_difficulty(model if teacher is None else teacher, patches)
         masked, hard = self.mae.num_tokens - self.mae.num_kept, self.hard_count(step)
         return masking.per_row(lambda k, s: masking.hard_patch_mask(k, s, masked, hard), keys, scores)
 
     def terms(self, model: MAEModel, out: Decoded, target: jax.Array, step) -> tuple[jax.Array, dict]:
         actual = jax.lax.stop_gradient(jnp.mean(jnp.square(out.pred - target), axis=-1))
-        predicted = model.decoder.loss_pred(out.hidden)[..., 0].astype(jnp.float32)
-        rank_loss = pairwise_rank_loss(predicted, actual, out.scored)
+        rank_loss = pairwise_rank_loss(out.losses, actual, out.scored)
         return self.mae.config.hpm.weight * rank_loss, {
             "loss_prediction": rank_loss, "hard_count": self.hard_count(step).astype(jnp.float32)}
 
+    def branch_flops(self, tokens: int) -> int:
+        """Forward FLOPs of the loss-predictor branch on ``tokens`` decoder tokens (+ prefix)."""
+        mae = self.mae
+        m, dec, b = mae.config.model, mae.config.decoder, mae.config.batch_size
+        total = tokens + (1 if m.cls_token else 0)
+        return (layers.transformer_flops(b, total, dec.width, dec.depth, int(dec.width * m.mlp_ratio))
+                + 2 * b * total * dec.width * mae.target_dim)
+
     def flops(self) -> int:
+        # the student's branch (3x); the EMA model's encoder, decoder embedding and branch over the whole
+        # image (1x: its reconstructor's output is unused, so XLA drops it); the EMA (3 per parameter)
         mae, length = self.mae, self.mae.num_tokens
-        return mae.encoder_flops(length) + mae.decoder_flops(length, length, length)
+        m, dec, b = mae.config.model, mae.config.decoder, mae.config.batch_size
+        embed = 2 * b * (length + (1 if m.cls_token else 0)) * m.width * dec.width
+        teacher = mae.encoder_flops(length) + embed + self.branch_flops(length)
+        params = sum(int(math.prod(x.shape)) for x in jax.tree.leaves(
+            nnx.state(nnx.eval_shape(lambda: mae.build(nnx.Rngs(0))))))
+        return 3 * self.branch_flops(mae.decoding.tokens) + teacher + 3 * params
 
 
 class Decoding:
@@ -434,7 +496,15 @@ class Decoding:
     def validate(self) -> None:
         pass
 
+    @property
+    def tokens(self) -> int:
+        """Decoder tokens per example (without the prefix)."""
+        return self.mae.num_tokens
+
     def decode(self, model: MAEModel, patches: jax.Array, mask: masking.Mask, keys: jax.Array | None) -> Decoded:
+        if self.mae.masks.predicts_loss:
+            hidden, pred, losses = self.mae.decode(model, patches, mask, losses=True)
+            return Decoded(hidden, pred, None, mask.mask, {}, losses)
         hidden, pred = self.mae.decode(model, patches, mask)
         return Decoded(hidden, pred, None, mask.mask, {})
 
@@ -470,10 +540,16 @@ class DualDecoding(Decoding):
         query_idx = masking.per_example(self.masker(), keys).keep_idx
         scored = jnp.take_along_axis(mask.mask, query_idx, axis=1)  # encoder-masked and decoder-kept
         latent = model.encoder(patches, mask.keep_idx)
-        hidden = model.decoder.partial(latent, mask.keep_idx, query_idx, scored)
+        with_losses = self.mae.masks.predicts_loss
+        out = model.decoder.partial(latent, mask.keep_idx, query_idx, scored, with_losses)
+        hidden, losses = out if with_losses else (out, None)
         pred = model.decoder.pred(hidden).astype(jnp.float32)
         decoded = jnp.mean(scored.astype(jnp.float32)) * query_idx.shape[1] / self.mae.num_tokens
-        return Decoded(hidden, pred, query_idx, scored, {"decoded_ratio": decoded})
+        return Decoded(hidden, pred, query_idx, scored, {"decoded_ratio": decoded}, losses)
+
+    @property
+    def tokens(self) -> int:
+        return self.mae.num_kept + self.num_queries
 
     def flops(self) -> int:
         # the decoder runs on the visible tokens + its queries; the head on the queries only
