@@ -303,7 +303,7 @@ def model_size(config) -> dict:
 
 def collect(workdir: str) -> list[dict]:
     """One row per point: size, compute, data, losses, downstream metric, status."""
-    from maskjax import config as config_lib, metrics, objectives
+    from maskjax import config as config_lib, goodput, metrics, objectives
 
     index = _index(workdir)
     rows = []
@@ -333,6 +333,10 @@ def collect(workdir: str) -> list[dict]:
                    tokens_seen=steps * config.batch_size * objective.tokens_per_example)
         records = metrics.read_jsonl(storage.join(d, "metrics.jsonl")) if storage.exists(
             storage.join(d, "metrics.jsonl")) else []
+        runs = metrics.read_jsonl(storage.join(d, "runs.jsonl")) if storage.exists(storage.join(d, "runs.jsonl")) else []
+        account = goodput.summarize(runs)
+        if account:  # what training cost on the machine that ran it: compile, input and steps, no eval
+            row["train_seconds"] = round(account["compile"] + account["data"] + account["steps"], 1)
         losses = [(r["step"], r["loss"]) for r in records if "loss" in r and np.isfinite(r["loss"])]
         row["curve"] = losses
         if losses:

@@ -263,7 +263,7 @@ def test_hpm_hard_share_follows_its_schedule():
     masked = objective.num_tokens - objective.num_kept  # 12 of 16
     hpm = objective.masks
     counts = [int(hpm.hard_count(s)) for s in (0, 25, 50, 99, 200)]
-    assert counts == [0, int(6 * 26 / 100), int(6 * 51 / 100), 6, 6]
+    assert counts == [0, int(masked * 0.5 * 26 / 100), int(masked * 0.5 * 51 / 100), 6, 6]
     model, teacher = objective.build(nnx.Rngs(0)), objective.teacher().build(nnx.Rngs(7))
     batch = {"image": jax.random.normal(jax.random.key(1), (4, 16, 16, 1)), "label": jnp.zeros(4, jnp.int32)}
     patches = objective.patches(batch)

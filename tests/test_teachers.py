@@ -18,7 +18,7 @@ from flax import nnx
 
 from maskjax import checkpoint, masking, metrics, objectives, params as params_lib
 from maskjax import step as step_lib
-from maskjax.models import layers, vit
+from maskjax.models import vit
 from maskjax.objectives import data2vec
 from tests.conftest import ROOT, load_config
 
