@@ -45,10 +45,10 @@ def table(points: list[dict]) -> str:
     for r in points:
         seconds = r.get("cumulative_seconds", r.get("train_seconds", float("nan")))
         note = " (both stages)" if "cumulative_seconds" in r else ""
-        lines.append(f"| {r['method']} | {r['steps']} | {seconds:.0f}{note} | {r.get('metric_value', float('nan')):.3f} "
-                     f"| {r.get('knn', float('nan')):.3f} | {r.get('random_init_linear_probe', float('nan')):.3f} / "
-                     f"{r.get('random_init_knn', float('nan')):.3f} | {r.get('raw_pixels_linear_probe', float('nan')):.3f}"
-                     f" / {r.get('raw_pixels_knn', float('nan')):.3f} |")
+        get = lambda key: r.get(key, float("nan"))
+        lines.append(f"| {r['method']} | {r['steps']} | {seconds:.0f}{note} | {get('metric_value'):.3f} | "
+                     f"{get('knn'):.3f} | {get('random_init_linear_probe'):.3f} / {get('random_init_knn'):.3f} | "
+                     f"{get('raw_pixels_linear_probe'):.3f} / {get('raw_pixels_knn'):.3f} |")
     return "\n".join(lines)
 
 

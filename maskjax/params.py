@@ -91,6 +91,7 @@ def format_table(result: dict) -> str:
     lines = ["  ".join(c[i].ljust(widths[i]) for i in range(len(header))).rstrip() for c in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     mesh = " x ".join(f"{k}={v}" for k, v in t["mesh"].items())
+    together = t["parameter_bytes_per_device"] + t["optimizer_bytes_per_device"] + t.get("teacher_bytes_per_device", 0)
     lines += [
         "",
         f"parameters {t['parameters']:,} (trainable {t['trainable']:,}; weight decay {t['weight_decay']:g} on "
@@ -98,6 +99,6 @@ def format_table(result: dict) -> str:
         f"per device on {t['devices']} devices ({mesh}): parameters {_size(t['parameter_bytes_per_device'])}, "
         f"optimizer state {_size(t['optimizer_bytes_per_device'])}"
         + (f", teacher {_size(t['teacher_bytes_per_device'])}" if t.get("teacher_bytes_per_device") else "")
-        + f", together {_size(t['parameter_bytes_per_device'] + t['optimizer_bytes_per_device'] + t.get('teacher_bytes_per_device', 0))}",
+        + f", together {_size(together)}",
     ]
     return "\n".join(lines)

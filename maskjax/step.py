@@ -400,7 +400,7 @@ def build(config, devices=None) -> Setup:
     state_shardings = sharding.tree_shardings(abstract, state_axes, mesh, rules)
     with sharding.activation_mesh(mesh, rules):
         init_fn = jax.jit(init_state, out_shardings=state_shardings)
-    if teacher is not None and teacher.workdir:
+    if teacher is not None and (teacher.workdir or teacher.hf):
         init_fn = functools.partial(_with_saved_teacher, init_fn, teacher, abstract["teacher"],
                                     state_shardings["teacher"], config.objective)
 
@@ -469,13 +469,29 @@ def saved_params(workdir: str, step: int = 0, path: tuple[str, ...] = ()) -> tup
     return jax.tree.map(np.asarray, params), chosen
 
 
+def imported_params(config, path: str, subtree: tuple[str, ...] = ()) -> dict:
+    """Host parameters under ``subtree`` of a run of ``config`` initialised from the transformers directory
+    (or .npz) ``path`` by maskjax's import (:func:`maskjax.export.import_params`, the ``init_from`` path):
+    every tensor the file has for the run; the rest stays at its seeded initialisation."""
+    from maskjax import export
+
+    fresh = nnx.to_pure_dict(nnx.state(objectives.get(config).build(nnx.Rngs(params=jax.random.key(config.seed)))))
+    params, _ = export.import_params(config, jax.tree.map(np.asarray, fresh), path)
+    for key in subtree:
+        params = params[key]
+    return params
+
+
 def _with_saved_teacher(init_fn: Callable, teacher, abstract: Any, shardings: Any, objective: str) -> dict:
-    """``init_fn()`` with ``state['teacher']`` the saved run's parameters (``teacher.workdir``), each device
-    getting its shard (multi-process safe)."""
+    """``init_fn()`` with ``state['teacher']`` the saved run's parameters (``teacher.workdir``) or the
+    imported transformers model's (``teacher.hf``), each device getting its shard (multi-process safe)."""
     state = init_fn()
-    host, _ = saved_params(teacher.workdir, teacher.step, teacher.path)
-    _check_same_tree(f"the teacher of {objective!r} from {teacher.workdir!r}", host, abstract,
-                     ("in that run", "in the teacher this config builds"), ckpt_lib.CheckpointError)
+    if teacher.hf:
+        host, source = imported_params(teacher.hf_config, teacher.hf, teacher.path), teacher.hf
+    else:
+        (host, _), source = saved_params(teacher.workdir, teacher.step, teacher.path), teacher.workdir
+    _check_same_tree(f"the teacher of {objective!r} from {source!r}", host, abstract,
+                     ("there", "in the teacher this config builds"), ckpt_lib.CheckpointError)
     state["teacher"] = jax.tree.map(
         lambda x, a, s: jax.make_array_from_callback(a.shape, s, lambda index: np.asarray(x, a.dtype)[index]),
         host, abstract, shardings)

@@ -333,7 +333,8 @@ def collect(workdir: str) -> list[dict]:
                    tokens_seen=steps * config.batch_size * objective.tokens_per_example)
         records = metrics.read_jsonl(storage.join(d, "metrics.jsonl")) if storage.exists(
             storage.join(d, "metrics.jsonl")) else []
-        runs = metrics.read_jsonl(storage.join(d, "runs.jsonl")) if storage.exists(storage.join(d, "runs.jsonl")) else []
+        runs_file = storage.join(d, "runs.jsonl")
+        runs = metrics.read_jsonl(runs_file) if storage.exists(runs_file) else []
         account = goodput.summarize(runs)
         if account:  # what training cost on the machine that ran it: compile, input and steps, no eval
             row["train_seconds"] = round(account["compile"] + account["data"] + account["steps"], 1)

@@ -316,3 +316,25 @@ def test_bad_teacher_workdirs_are_named(data_dir, tmp_path, finished_mae):
         step_lib.validate(load_config("simmim_digits.py:tiny", "loss.target=teacher"), num_devices=8)
     with pytest.raises(checkpoint.CheckpointError, match="no checkpoint at step 3"):
         step_lib.saved_params(finished_mae, 3, ("encoder",))
+
+
+def test_a_frozen_teacher_from_a_transformers_directory_is_that_models_encoder(data_dir, finished_mae, tmp_path):
+    """teacher.hf_dir: the finished MAE run exported as transformers' ViTMAE (model.safetensors +
+    config.json) and imported back as the frozen teacher equals the encoder restored from the run itself;
+    the teacher's sizes come from the file's config.json, so a wider teacher than the student works."""
+    from maskjax import cli
+
+    exported = str(tmp_path / "hf")
+    assert cli.main(["export", "--workdir", finished_mae, "--out", exported]) == 0
+    config = load_config("mae_digits.py:tiny", "loss.target=teacher", f"teacher.hf_dir={exported}", "model.width=48",
+                         "mesh.data=8", "mesh.fsdp=1", "mesh.tensor=1", data_dir=data_dir)
+    setup = step_lib.build(config)
+    state = setup.init_fn()
+    saved, _ = step_lib.saved_params(finished_mae, 0, ("encoder",))
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(jax.device_get(state["teacher"]))[0],
+                            jax.tree.leaves(saved)):
+        np.testing.assert_allclose(a, b, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+    assert setup.objective.target_dim == json.load(open(os.path.join(exported, "config.json")))["hidden_size"] != 48
+    with pytest.raises(objectives.base.ConfigError, match="teacher.hf_dir"):
+        step_lib.validate(load_config("mae_digits.py:tiny", "loss.target=teacher", f"teacher.hf_dir={tmp_path}/none"),
+                          num_devices=8)

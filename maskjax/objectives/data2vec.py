@@ -147,7 +147,8 @@ class Data2Vec(VisionObjective):
                        "data.image_size": 224, "data.crop_scale": (0.2, 1.0), "data.flip": True,
                        "model.patch_size": 16, "model.width": 768, "model.depth": 12, "model.heads": 12,
                        "model.qkv_bias": True, "model.pre_norm": False, "model.norm_eps": 1e-6, "model.cls_token": True,
-                       "mask.kind": "inverse_block", "mask.ratio": 0.8, "mask.block_length": 3, "mask.block_adjust": 0.07,
+                       "mask.kind": "inverse_block", "mask.ratio": 0.8, "mask.block_length": 3,
+                       "mask.block_adjust": 0.07,
                        "data2vec.top_k": 10, "data2vec.clone_batch": 16, "data2vec.ema_decay": 0.9998,
                        "data2vec.ema_end_decay": 0.99999, "data2vec.ema_anneal_steps": 100_000,
                        "data2vec.cls_weight": 2.56, "data2vec.decoder_dim": 768, "data2vec.decoder_groups": 16,
@@ -176,7 +177,8 @@ class Data2Vec(VisionObjective):
             raise ConfigError("data2vec.decoder_groups", f"{d.decoder_groups} must divide model.width={m.width} and "
                                                          f"data2vec.decoder_dim={d.decoder_dim}")
         if d.decoder_kernel % 2 == 0:
-            raise ConfigError("data2vec.decoder_kernel", f"must be odd (same-size convolutions), got {d.decoder_kernel}")
+            raise ConfigError("data2vec.decoder_kernel",
+                              f"must be odd (same-size convolutions), got {d.decoder_kernel}")
         if d.cls_weight < 0 or d.mask_noise_std < 0:
             raise ConfigError("data2vec.cls_weight" if d.cls_weight < 0 else "data2vec.mask_noise_std",
                               "must be >= 0")

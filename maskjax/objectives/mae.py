@@ -192,9 +192,11 @@ class MAE(VisionObjective):
     name = "mae"
     config_groups = {
         "teacher": {
-            "workdir": ("", "loss.target=teacher: the run whose encoder is the frozen teacher ('': a random "
-                            "encoder of this run's architecture, dBOT's first stage)."),
+            "workdir": ("", "loss.target=teacher: the run whose encoder is the frozen teacher ('' and no "
+                            "teacher.hf_dir: a random encoder of this run's architecture, dBOT's first stage)."),
             "step": (0, "Checkpoint of teacher.workdir to load (0: the newest)."),
+            "hf_dir": ("", "loss.target=teacher: a transformers ViT / ViTMAE directory (model.safetensors + "
+                           "config.json, fixed sin-cos positions) whose encoder is the frozen teacher."),
         },
         "hpm": {
             "enabled": (False, "Hard-patch mining (MAE): a loss-predictor branch learns the order of the patches' "
@@ -249,6 +251,8 @@ class MAE(VisionObjective):
         self.masks.validate()
         self.decoding.validate()
         t = self.config.teacher
+        if t.workdir and t.hf_dir:
+            raise ConfigError("teacher.hf_dir", "set teacher.workdir or teacher.hf_dir, not both")
         if self.config.hpm.enabled and self.target == "teacher":
             raise ConfigError("hpm.enabled", "HPM's EMA model and loss.target=teacher's frozen encoder cannot both be "
                                              "the run's teacher")
@@ -262,24 +266,44 @@ class MAE(VisionObjective):
             except (ValueError, AttributeError) as err:
                 raise ConfigError("teacher.workdir", f"{t.workdir!r} is not a run of a ViT encoder: {err}") from None
             if grid != self.token_grid:
-                raise ConfigError("teacher.workdir", f"{t.workdir!r} encodes a {grid} token grid, this run {self.token_grid}: "
-                                                     "the teacher must see the student's patches")
+                raise ConfigError("teacher.workdir" if t.workdir else "teacher.hf_dir",
+                                  f"{t.workdir or t.hf_dir!r} encodes a {grid} token grid, this run {self.token_grid}: "
+                                  "the teacher must see the student's patches")
 
     target_kinds = vision.TARGETS + ("teacher",)
 
     def teacher_config(self):
-        """The config the frozen teacher's encoder is built from: the saved run's, or this run's."""
-        workdir = self.config.teacher.workdir
-        if self.target != "teacher" or not workdir:
+        """The config the frozen teacher's encoder is built from: the saved run's, this run's with the
+        transformers model's sizes (``teacher.hf_dir``), or this run's."""
+        t = self.config.teacher
+        if self.target != "teacher" or not (t.workdir or t.hf_dir):
             return self.config
         if getattr(self, "_teacher_config", None) is None:
-            path = storage.join(workdir, "config.json")
+            key = "teacher.workdir" if t.workdir else "teacher.hf_dir"
+            path = storage.join(t.workdir or t.hf_dir, "config.json")
             try:
-                self._teacher_config = base.from_saved(json.loads(storage.read_text(path)))
+                saved = json.loads(storage.read_text(path))
             except (OSError, ValueError) as err:
-                raise ConfigError("teacher.workdir", f"{path}: not a readable maskjax run config "
-                                                     f"({type(err).__name__}: {err})") from None
+                raise ConfigError(key, f"{path}: not a readable config ({type(err).__name__}: {err})") from None
+            self._teacher_config = base.from_saved(saved) if t.workdir else self._hf_teacher_config(saved, path)
         return self._teacher_config
+
+    def _hf_teacher_config(self, hf: dict, path: str):
+        """This run's config with the encoder of a transformers ViT / ViTMAE ``config.json``."""
+        if hf.get("model_type") not in ("vit", "vit_mae"):
+            raise ConfigError("teacher.hf_dir", f"{path}: model_type {hf.get('model_type')!r} is not vit or vit_mae")
+        config = self.config.copy_and_resolve_references()
+        try:
+            config.model.update(width=hf["hidden_size"], depth=hf["num_hidden_layers"], heads=hf["num_attention_heads"],
+                                mlp_ratio=hf["intermediate_size"] / hf["hidden_size"], patch_size=hf["patch_size"],
+                                qkv_bias=hf.get("qkv_bias", True), norm_eps=hf.get("layer_norm_eps", 1e-12),
+                                cls_token=True, pre_norm=True, pos_embed="sincos")
+            config.data.update(image_size=hf["image_size"], channels=hf.get("num_channels", 3))
+        except KeyError as err:
+            raise ConfigError("teacher.hf_dir", f"{path}: no {err.args[0]!r}") from None
+        config.loss.target = "pixels"  # the teacher's own run: a plain MAE whose encoder the file fills
+        config.teacher.hf_dir = ""
+        return config
 
     def teacher(self) -> base.Teacher | None:
         if self.config.hpm.enabled:  # HPM's EMA of the whole model ranks the patches
@@ -290,7 +314,8 @@ class MAE(VisionObjective):
             return None
         t = self.config.teacher
         return base.Teacher(build=lambda rngs: vit.encoder_from_config(self.teacher_config(), rngs),
-                            workdir=t.workdir or None, step=t.step, path=("encoder",))
+                            workdir=t.workdir or None, step=t.step, path=("encoder",),
+                            hf=t.hf_dir or None, hf_config=self.teacher_config() if t.hf_dir else None)
 
     @property
     def target_dim(self) -> int:
