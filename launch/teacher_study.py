@@ -65,12 +65,18 @@ def plot(points: list[dict], path: str) -> None:
             if x is None or r.get(key) is None:
                 continue
             marker = "o" if r["method"].startswith("MAE") else "s" if r["method"].startswith("dBOT") else "^"
-            ax.scatter([x], [r[key]], marker=marker, s=60, label=r["method"])
+            dots = ax.scatter([x], [r[key]], marker=marker, s=60, label=r["method"])
+            # the same encoder at random initialisation, hollow, joined to the point: the gain pretraining made
+            base = r.get(f"random_init_{'linear_probe' if key == 'metric_value' else 'knn'}")
+            if base is not None:
+                color = dots.get_facecolor()[0]
+                ax.scatter([x], [base], marker=marker, s=40, facecolors="none", edgecolors=[color])
+                ax.plot([x, x], [base, r[key]], color=color, linewidth=0.8, linestyle=":")
             ax.annotate(r["method"], (x, r[key]), fontsize=7, xytext=(4, 4), textcoords="offset points")
         raw = points[0].get(f"raw_pixels_{'linear_probe' if key == 'metric_value' else 'knn'}")
         if raw is not None:
             ax.axhline(raw, color="grey", linestyle="--", linewidth=1, label="raw pixels")
-        ax.set_title(f"{title} accuracy (digits test split)")
+        ax.set_title(f"{title} accuracy (digits test split; hollow: random init)", fontsize=10)
         ax.set_xlabel("training seconds (compile + input + steps; dBOT: both stages)")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("accuracy")
