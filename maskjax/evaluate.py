@@ -345,8 +345,9 @@ VIDEO_CLIPS = 4  # clips shown in a video reconstruction PNG (3 rows of frames e
 
 
 def save_reconstructions(setup, params, workdir: str, step: int, writer=None) -> str:
-    """Rows: input, masked input, reconstruction, for the first ``eval.num_images`` eval images;
-    for video, three rows of frames (input, masked, reconstruction) per clip, for up to 4 clips."""
+    """Rows: the images ``objective.reconstruct`` returns, in its order (input, masked input,
+    reconstruction for masked models; input, reconstruction for a tokenizer), for the first
+    ``eval.num_images`` eval images; for video, a row of frames of each per clip, for up to 4 clips."""
     config = setup.config
     batch_size = _eval_batch_size(setup)
     local, _ = next(pipeline.eval_batches(config, config.data.eval_split, batch_size, setup.rows(batch_size)))
@@ -355,7 +356,7 @@ def save_reconstructions(setup, params, workdir: str, step: int, writer=None) ->
 
     out = setup.jit_model_call(lambda model, batch: setup.objective.reconstruct(model, batch, key))(params, batch)
     n = config.eval.num_images
-    rows = [np.asarray(out[name])[:n] for name in ("input", "masked", "reconstruction")]
+    rows = [np.asarray(images)[:n] for images in out.values()]
     if rows[0].ndim == 5:  # video: a strip per clip, rows input / masked / reconstructed frames
         rows = [kind[i] for i in range(min(n, VIDEO_CLIPS)) for kind in rows]
     grid = metrics_lib.image_grid(rows, config.data.mean, config.data.std)

@@ -338,3 +338,11 @@ def test_a_frozen_teacher_from_a_transformers_directory_is_that_models_encoder(d
     with pytest.raises(objectives.base.ConfigError, match="teacher.hf_dir"):
         step_lib.validate(load_config("mae_digits.py:tiny", "loss.target=teacher", f"teacher.hf_dir={tmp_path}/none"),
                           num_devices=8)
+
+
+def test_collapse_monitors_are_fairseqs_compute_var_on_the_hidden_tokens():
+    rng = np.random.default_rng(0)
+    x, hidden = rng.normal(size=(2, 5, 3)).astype(np.float32), rng.random((2, 5)) < 0.6
+    want = np.sqrt(x[hidden].var(axis=0, ddof=1) + 1e-6).mean()
+    got = data2vec._spread(jnp.asarray(x), jnp.asarray(hidden, jnp.float32))
+    assert float(got) == pytest.approx(float(want), rel=1e-5)

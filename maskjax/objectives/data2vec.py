@@ -248,11 +248,11 @@ class Data2Vec(VisionObjective):
         cls_target = jnp.repeat(jnp.mean(y, axis=1), self.clones, axis=0)
         cls_loss = jnp.mean(jnp.sum(jnp.square(cls - cls_target), axis=-1)) * scale
         loss = regression + d.cls_weight * cls_loss
-        hidden_pred = pred.reshape(-1, pred.shape[-1])
         metrics = {"loss": loss, "regression_loss": regression, "cls_loss": cls_loss,
                    "mask_ratio": jnp.mean(weight),
-                   # fairseq's collapse monitors: the mean over channels of each channel's std over tokens
-                   "target_var": _spread(y.reshape(-1, y.shape[-1])), "pred_var": _spread(hidden_pred)}
+                   # fairseq's collapse monitors: the mean over channels of each channel's std over the
+                   # scored (hidden) tokens
+                   "target_var": _spread(target, weight), "pred_var": _spread(pred, weight)}
         return loss, metrics
 
     # ---------------------------------------------------------------- accounting
@@ -275,7 +275,12 @@ class Data2Vec(VisionObjective):
         return 3 * (student + decoder) + teacher + ema
 
 
-def _spread(x: jax.Array) -> jax.Array:
-    """mean over channels of sqrt(var over rows + 1e-6) (fairseq's ``compute_var``, one process)."""
-    return jnp.mean(jnp.sqrt(jnp.var(x.astype(jnp.float32), axis=0, ddof=1) + 1e-6))
+def _spread(x: jax.Array, weight: jax.Array) -> jax.Array:
+    """mean over channels of sqrt(var + 1e-6), the unbiased variance over the tokens where ``weight``
+    [B, L] is 1 (fairseq's ``compute_var`` on ``x[mask]``). x [B, L, D]."""
+    x, w = x.astype(jnp.float32).reshape(-1, x.shape[-1]), weight.reshape(-1, 1)
+    n = jnp.sum(w)
+    mean = jnp.sum(x * w, axis=0) / jnp.maximum(n, 1.0)
+    var = jnp.sum(jnp.square(x - mean) * w, axis=0) / jnp.maximum(n - 1.0, 1.0)
+    return jnp.mean(jnp.sqrt(var + 1e-6))
 

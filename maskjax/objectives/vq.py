@@ -1,0 +1,157 @@
+"""A vector-quantised image tokenizer (VQ-VAE, van den Oord et al. 2017; the tokenizer role of
+MaskGIT's VQGAN), trained by maskjax itself so that masked generative models have tokens to predict.
+
+A ViT encoder maps the patches to vectors z, each replaced by its nearest codebook entry e (squared
+Euclidean distance); a ViT decoder reconstructs the patches from the codes. Gradients pass the
+quantisation straight through (z + sg(e - z)); the codebook is learned by loss:
+
+    loss = |x - decode(z_q)|^2 + |sg(z) - e|^2 + beta |z - sg(e)|^2
+
+(reconstruction, codebook, commitment; every term a mean over elements; beta 0.25 as in VQ-VAE;
+the codebook initialised as Sonnet's ``VectorQuantizer``: uniform in +-sqrt(3 / code_dim)). The metrics report the codebook's use in the batch: ``code_perplexity`` (exp of the
+entropy of code frequencies; the codebook size at uniform use) and ``code_usage`` (share of codes used).
+
+Its checkpoint is a frozen tokenizer for later objectives (``objectives.base.Teacher`` with a
+``workdir``): :meth:`VQ.tokens` maps images to code indices, :meth:`VQ.detokenize` back to patches.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from maskjax.errors import ConfigError
+from maskjax.models import layers, vit
+from maskjax.objectives import base
+from maskjax.objectives.vision import VisionObjective
+
+
+def nearest_codes(z: jax.Array, codebook: jax.Array) -> jax.Array:
+    """Index of the nearest codebook row (squared Euclidean) for each vector: z [..., d], codebook
+    [K, d] -> [...] int32."""
+    z = z.astype(jnp.float32)
+    e = codebook.astype(jnp.float32)
+    distances = (jnp.sum(jnp.square(z), -1, keepdims=True) - 2.0 * jnp.einsum("...d,kd->...k", z, e)
+                 + jnp.sum(jnp.square(e), -1))
+    return jnp.argmin(distances, axis=-1).astype(jnp.int32)
+
+
+def code_statistics(indices: jax.Array, size: int) -> tuple[jax.Array, jax.Array]:
+    """(perplexity, usage) of the codes in ``indices``: exp of the entropy of their frequencies, and the
+    share of the ``size`` codes that occur at all."""
+    freq = jnp.mean(jax.nn.one_hot(indices.reshape(-1), size, dtype=jnp.float32), axis=0)
+    entropy = -jnp.sum(jnp.where(freq > 0, freq * jnp.log(jnp.where(freq > 0, freq, 1.0)), 0.0))
+    return jnp.exp(entropy), jnp.mean((freq > 0).astype(jnp.float32))
+
+
+class VQModel(nnx.Module):
+    """ViT encoder -> codes -> ViT decoder over patch vectors."""
+
+    def __init__(self, encoder: vit.ViTEncoder, decoder: layers.Transformer, *, patch_dim: int, codebook_size: int,
+                 code_dim: int, rngs: nnx.Rngs):
+        self.encoder = encoder
+        width, dtype = decoder.width, decoder.dtype
+        self.to_code = layers.Dense(encoder.width, code_dim, ("embed", None), rngs=rngs, dtype=dtype)
+        # Sonnet's VectorQuantizer: variance scaling over the code dimension, uniform
+        init = nnx.initializers.variance_scaling(1.0, "fan_in", "uniform", in_axis=1, out_axis=0)
+        self.codebook = layers.param(rngs, init, (codebook_size, code_dim), ("vocab", None), "embedding")
+        self.from_code = layers.Dense(code_dim, width, (None, "embed"), rngs=rngs, dtype=dtype)
+        self.blocks = layers.Stack(decoder, rngs=rngs)
+        self.norm = layers.LayerNorm(width, rngs=rngs, dtype=dtype, eps=decoder.norm_eps)
+        self.pred = layers.Dense(width, patch_dim, ("embed", "patch"), rngs=rngs, dtype=dtype)
+        self.grid, self.positions, self.width = encoder.grid, encoder.positions, width
+
+    def encode(self, patches: jax.Array) -> jax.Array:
+        """[B, L, patch_dim] -> z [B, L, code_dim] float32 (before quantisation)."""
+        out = self.encoder(patches)[:, self.encoder.num_prefix:]
+        return self.to_code(out).astype(jnp.float32)
+
+    def decode(self, codes: jax.Array) -> jax.Array:
+        """Code vectors [B, L, code_dim] -> patches [B, L, patch_dim] float32."""
+        x = self.from_code(codes)
+        x = x + jnp.asarray(vit.position_table(self.positions, self.width, self.grid), x.dtype)[None]
+        return self.pred(self.norm(self.blocks(x))).astype(jnp.float32)
+
+
+@base.register
+class VQ(VisionObjective):
+    name = "vq"
+    config_groups = {"vq": {
+        "codebook_size": (512, "Codes in the codebook."),
+        "code_dim": (64, "Width of a code vector."),
+        "beta": (0.25, "Commitment weight: beta * |z - sg(e)|^2."),
+    }}
+    papers = {
+        "vq": {
+            "title": "Neural Discrete Representation Learning (VQ-VAE, van den Oord et al. 2017), the quantiser",
+            "official": "deepmind/sonnet (sonnet/src/nets/vqvae.py, examples/vqvae_example.ipynb)",
+            "values": {"vq.beta": 0.25, "vq.codebook_size": 512, "vq.code_dim": 64},
+        },
+    }
+
+    def validate(self) -> None:
+        super().validate()
+        base.check_transformer(self.config.decoder, "decoder", config=self.config)
+        q = self.config.vq
+        for key in ("codebook_size", "code_dim"):
+            if not isinstance(q[key], int) or isinstance(q[key], bool) or q[key] < 2:
+                raise ConfigError(f"vq.{key}", f"must be an int >= 2, got {q[key]!r}")
+        if q.beta < 0:
+            raise ConfigError("vq.beta", f"must be >= 0, got {q.beta}")
+        if self.target != "pixels":
+            raise ConfigError("loss.target", "a tokenizer reconstructs pixels ('pixels')")
+
+    def build(self, rngs: nnx.Rngs) -> VQModel:
+        m, dec, q = self.config.model, self.config.decoder, self.config.vq
+        blocks = layers.Transformer.from_model(m, width=dec.width, depth=dec.depth, heads=dec.heads)
+        return VQModel(vit.encoder_from_config(self.config, rngs), blocks, patch_dim=self.patch_dim,
+                       codebook_size=q.codebook_size, code_dim=q.code_dim, rngs=rngs)
+
+    @property
+    def evaluators(self) -> tuple[str, ...]:
+        return ("probe", "reconstruction")
+
+    @property
+    def mask_ratio(self) -> float | None:
+        return None
+
+    # ---------------------------------------------------------------- tokenizer
+    def tokens(self, model: VQModel, batch: dict) -> jax.Array:
+        """Images -> code indices [B, L] int32 (token-grid order)."""
+        return nearest_codes(model.encode(self.patches(batch)), model.codebook[...])
+
+    def detokenize(self, model: VQModel, indices: jax.Array) -> jax.Array:
+        """Code indices [B, L] -> patches [B, L, patch_dim] float32."""
+        return model.decode(jnp.take(model.codebook[...], indices, axis=0))
+
+    # ---------------------------------------------------------------- loss
+    def loss(self, model: VQModel, batch: dict, key: jax.Array, step: jax.Array):
+        patches = self.patches(batch)
+        z = model.encode(patches)
+        codebook = model.codebook[...]
+        indices = nearest_codes(z, codebook)
+        e = jnp.take(codebook, indices, axis=0).astype(jnp.float32)
+        quantised = z + jax.lax.stop_gradient(e - z)  # straight-through: d(quantised)/dz = identity
+        recon = model.decode(quantised)
+        reconstruction = jnp.mean(jnp.square(recon - patches))
+        codebook_loss = jnp.mean(jnp.square(jax.lax.stop_gradient(z) - e))
+        commitment = jnp.mean(jnp.square(z - jax.lax.stop_gradient(e)))
+        loss = reconstruction + codebook_loss + self.config.vq.beta * commitment
+        perplexity, usage = code_statistics(indices, self.config.vq.codebook_size)
+        return loss, {"loss": loss, "reconstruction_loss": reconstruction, "codebook_loss": codebook_loss,
+                      "commitment_loss": commitment, "code_perplexity": perplexity, "code_usage": usage}
+
+    def reconstruct(self, model: VQModel, batch: dict, key: jax.Array) -> dict:
+        """Input images and their reconstruction through the codes."""
+        recon = self.detokenize(model, self.tokens(model, batch))
+        to_image = lambda x: vit.unpatchify(x, self.image_shape(), self.config.model.patch_size, self.tubelet)
+        return {"input": batch["image"], "reconstruction": to_image(recon)}
+
+    def flops(self) -> int:
+        m, dec, q, b = self.config.model, self.config.decoder, self.config.vq, self.config.batch_size
+        tokens = self.num_tokens
+        trained = (self.encoder_flops(tokens) + 2 * b * tokens * (m.width * q.code_dim + q.code_dim * dec.width)
+                   + layers.transformer_flops(b, tokens, dec.width, dec.depth, int(dec.width * m.mlp_ratio))
+                   + 2 * b * tokens * dec.width * self.patch_dim)
+        distances = 2 * b * tokens * q.codebook_size * q.code_dim  # forward only: argmin has no gradient
+        return 3 * trained + distances
