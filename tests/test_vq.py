@@ -31,18 +31,19 @@ def test_code_statistics_match_numpy():
     assert float(usage) == pytest.approx(3 / 8)
 
 
-def model_and_batch():
-    config = load_config("vq_digits.py:tiny")
+def model_and_batch(l2_norm: bool = False):
+    config = load_config("vq_digits.py:tiny", f"vq.l2_norm={l2_norm}")
     objective = objectives.get(config)
     model = objective.build(nnx.Rngs(0))
     batch = {"image": jax.random.normal(jax.random.key(1), (4, 16, 16, 1)), "label": jnp.zeros(4, jnp.int32)}
     return objective, model, batch
 
 
-def test_each_loss_term_reaches_only_its_side():
+@pytest.mark.parametrize("l2_norm", [False, True])
+def test_each_loss_term_reaches_only_its_side(l2_norm):
     """Reconstruction: encoder (straight through) and decoder, never the codebook; codebook loss: only
-    the codebook; commitment: only the encoder."""
-    objective, model, batch = model_and_batch()
+    the codebook; commitment: only the encoder (also with L2-normalised look-up)."""
+    objective, model, batch = model_and_batch(l2_norm)
     graphdef, params = nnx.split(model)
     params = nnx.to_pure_dict(params)
 
@@ -69,12 +70,17 @@ def test_straight_through_passes_the_decoders_gradient_to_the_encoder_unchanged(
     np.testing.assert_allclose(through, jax.grad(f)(e), atol=1e-6)
 
 
-def test_tokenizer_round_trip_is_the_forward_reconstruction():
-    objective, model, batch = model_and_batch()
+@pytest.mark.parametrize("l2_norm", [False, True])
+def test_tokenizer_round_trip_is_the_forward_reconstruction(l2_norm):
+    objective, model, batch = model_and_batch(l2_norm)
     tokens = objective.tokens(model, batch)
     assert tokens.shape == (4, objective.num_tokens) and tokens.dtype == jnp.int32
-    z = model.encode(objective.patches(batch))
-    e = jnp.take(model.codebook[...], tokens, axis=0)
+    z, codebook = objective._vectors(model, objective.patches(batch))
+    if l2_norm:
+        np.testing.assert_allclose(np.linalg.norm(np.asarray(codebook), axis=-1), 1.0, rtol=1e-5)
+        cosine = np.einsum("bld,kd->blk", np.asarray(z), np.asarray(codebook))
+        np.testing.assert_array_equal(np.asarray(tokens), cosine.argmax(-1))  # nearest = most similar
+    e = jnp.take(codebook, tokens, axis=0)
     np.testing.assert_allclose(objective.detokenize(model, tokens), model.decode(z + jax.lax.stop_gradient(e - z)),
                                atol=1e-6)
     images = objective.reconstruct(model, batch, jax.random.key(0))

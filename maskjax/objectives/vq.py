@@ -8,7 +8,10 @@ quantisation straight through (z + sg(e - z)); the codebook is learned by loss:
     loss = |x - decode(z_q)|^2 + |sg(z) - e|^2 + beta |z - sg(e)|^2
 
 (reconstruction, codebook, commitment; every term a mean over elements; beta 0.25 as in VQ-VAE;
-the codebook initialised as Sonnet's ``VectorQuantizer``: uniform in +-sqrt(3 / code_dim)). The metrics report the codebook's use in the batch: ``code_perplexity`` (exp of the
+the codebook initialised as Sonnet's ``VectorQuantizer``: uniform in +-sqrt(3 / code_dim)). With
+``vq.l2_norm`` (ViT-VQGAN, Yu et al. 2021) codes and encoder outputs are L2-normalised before the
+look-up and the losses (nearest code = highest cosine similarity), which keeps far more of a small
+codebook in use; the plain VQ-VAE quantiser collapses to a handful of codes on the digits. The metrics report the codebook's use in the batch: ``code_perplexity`` (exp of the
 entropy of code frequencies; the codebook size at uniform use) and ``code_usage`` (share of codes used).
 
 Its checkpoint is a frozen tokenizer for later objectives (``objectives.base.Teacher`` with a
@@ -80,6 +83,7 @@ class VQ(VisionObjective):
         "codebook_size": (512, "Codes in the codebook."),
         "code_dim": (64, "Width of a code vector."),
         "beta": (0.25, "Commitment weight: beta * |z - sg(e)|^2."),
+        "l2_norm": (False, "L2-normalise codes and encoder outputs before the look-up (ViT-VQGAN)."),
     }}
     papers = {
         "vq": {
@@ -116,19 +120,29 @@ class VQ(VisionObjective):
         return None
 
     # ---------------------------------------------------------------- tokenizer
+    def _unit(self, x: jax.Array) -> jax.Array:
+        """``x`` L2-normalised over its last axis with ``vq.l2_norm``, else unchanged."""
+        if not self.config.vq.l2_norm:
+            return x
+        return x * jax.lax.rsqrt(jnp.sum(jnp.square(x), -1, keepdims=True) + 1e-12)
+
+    def _vectors(self, model: VQModel, patches: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(encoder outputs z [B, L, d], codebook [K, d]) as the look-up compares them."""
+        return self._unit(model.encode(patches)), self._unit(model.codebook[...].astype(jnp.float32))
+
     def tokens(self, model: VQModel, batch: dict) -> jax.Array:
         """Images -> code indices [B, L] int32 (token-grid order)."""
-        return nearest_codes(model.encode(self.patches(batch)), model.codebook[...])
+        return nearest_codes(*self._vectors(model, self.patches(batch)))
 
     def detokenize(self, model: VQModel, indices: jax.Array) -> jax.Array:
         """Code indices [B, L] -> patches [B, L, patch_dim] float32."""
-        return model.decode(jnp.take(model.codebook[...], indices, axis=0))
+        codebook = self._unit(model.codebook[...].astype(jnp.float32))
+        return model.decode(jnp.take(codebook, indices, axis=0))
 
     # ---------------------------------------------------------------- loss
     def loss(self, model: VQModel, batch: dict, key: jax.Array, step: jax.Array):
         patches = self.patches(batch)
-        z = model.encode(patches)
-        codebook = model.codebook[...]
+        z, codebook = self._vectors(model, patches)
         indices = nearest_codes(z, codebook)
         e = jnp.take(codebook, indices, axis=0).astype(jnp.float32)
         quantised = z + jax.lax.stop_gradient(e - z)  # straight-through: d(quantised)/dz = identity
