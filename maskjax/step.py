@@ -492,10 +492,15 @@ def _with_saved_teacher(init_fn: Callable, teacher, abstract: Any, shardings: An
         (host, _), source = saved_params(teacher.workdir, teacher.step, teacher.path), teacher.workdir
     _check_same_tree(f"the teacher of {objective!r} from {source!r}", host, abstract,
                      ("there", "in the teacher this config builds"), ckpt_lib.CheckpointError)
-    state["teacher"] = jax.tree.map(
-        lambda x, a, s: jax.make_array_from_callback(a.shape, s, lambda index: np.asarray(x, a.dtype)[index]),
-        host, abstract, shardings)
+    state["teacher"] = sharded(jax.tree.map(lambda x, a: np.asarray(x, a.dtype), host, abstract), shardings)
     return state
+
+
+def sharded(host: Any, shardings: Any) -> Any:
+    """Host arrays placed as global arrays with ``shardings``; every process holds the whole arrays and
+    each device takes its own shard (multi-process safe)."""
+    return jax.tree.map(lambda x, s: jax.make_array_from_callback(x.shape, s, lambda index: x[index]),
+                        host, shardings)
 
 
 def init_params_fn(setup: Setup, key: jax.Array) -> Any:
@@ -517,7 +522,4 @@ def initialize_from(setup: Setup, state: dict, path: str) -> tuple[dict, str]:
 
     host = host_params(state["params"])
     params, report = export.import_params(setup.config, host, path)
-    shardings = setup.state_shardings["params"]
-    params = jax.tree.map(lambda x, s: jax.make_array_from_callback(x.shape, s, lambda index: x[index]),
-                          params, shardings)
-    return dict(state, params=params), report
+    return dict(state, params=sharded(params, setup.state_shardings["params"])), report
