@@ -436,18 +436,19 @@ def _check_same_tree(what: str, tree: Any, expected: Any, labels=("in the teache
             raise error(f"{what}: parameter {name} is {mine.get(name)} {labels[0]}, {theirs.get(name)} {labels[1]}")
 
 
-def saved_params(workdir: str, step: int = 0, path: tuple[str, ...] = ()) -> tuple[dict, int]:
+def saved_params(workdir: str, step: int = 0, path: tuple[str, ...] = (), source=None) -> tuple[dict, int]:
     """(host parameters under ``path`` of the run in ``workdir`` at checkpoint ``step`` (0: the newest),
-    the step): a partial restore of that run's own parameter tree (its ``config.json``), nothing else.
-    Errors name the workdir and what is missing."""
+    the step): a partial restore of that run's own parameter tree, nothing else. ``source``: that run's
+    config (read from its ``config.json`` when None). Errors name the workdir and what is missing."""
     import json
 
     from jax.sharding import SingleDeviceSharding
 
-    saved = storage.join(workdir, "config.json")
-    if not storage.exists(saved):
-        raise ckpt_lib.CheckpointError(f"teacher workdir {workdir!r} has no config.json (not a maskjax run)")
-    source = objectives.from_saved(json.loads(storage.read_text(saved)))
+    if source is None:
+        saved = storage.join(workdir, "config.json")
+        if not storage.exists(saved):
+            raise ckpt_lib.CheckpointError(f"teacher workdir {workdir!r} has no config.json (not a maskjax run)")
+        source = objectives.from_saved(json.loads(storage.read_text(saved)))
     ckpt = ckpt_lib.Checkpointer(workdir)
     try:
         steps = ckpt.all_steps()
@@ -487,9 +488,10 @@ def _with_saved_teacher(init_fn: Callable, teacher, abstract: Any, shardings: An
     imported transformers model's (``teacher.hf``), each device getting its shard (multi-process safe)."""
     state = init_fn()
     if teacher.hf:
-        host, source = imported_params(teacher.hf_config, teacher.hf, teacher.path), teacher.hf
+        host, source = imported_params(teacher.source_config, teacher.hf, teacher.path), teacher.hf
     else:
-        (host, _), source = saved_params(teacher.workdir, teacher.step, teacher.path), teacher.workdir
+        (host, _), source = (saved_params(teacher.workdir, teacher.step, teacher.path, teacher.source_config),
+                             teacher.workdir)
     _check_same_tree(f"the teacher of {objective!r} from {source!r}", host, abstract,
                      ("there", "in the teacher this config builds"), ckpt_lib.CheckpointError)
     state["teacher"] = sharded(jax.tree.map(lambda x, a: np.asarray(x, a.dtype), host, abstract), shardings)

@@ -59,10 +59,12 @@ class Teacher:
       counting updates from 1 (fairseq's ``set_num_updates``). The rate, not the decay, is the
       argument: 1 - 0.99999 is not representable from a float32 decay (0.1% off);
     * or **frozen**: the parameter subtree ``path`` of the run in ``workdir`` at checkpoint ``step`` (0:
-      the newest), or of a transformers model directory ``hf`` imported as a run of ``hf_config`` would
-      be (``maskjax export``'s mapping: ViT / ViTMAE weights with fixed sin-cos positions), loaded once
-      when a run starts fresh (its architecture must be ``build``'s); with neither, frozen at a random
-      initialisation (a key of its own, not the student's: dBOT's first stage)."""
+      the newest), or of a transformers model directory ``hf`` imported as a run of ``source_config``
+      would be (``maskjax export``'s mapping: ViT / ViTMAE weights with fixed sin-cos positions), loaded
+      once when a run starts fresh (its architecture must be ``build``'s); with neither, frozen at a
+      random initialisation (a key of its own, not the student's: dBOT's first stage).
+      ``source_config``: the config of the run the parameters come from (required with ``hf``; with
+      ``workdir``, its saved config, read from its config.json when not given)."""
 
     build: Callable
     follows: tuple[str, ...] | None = None
@@ -71,14 +73,14 @@ class Teacher:
     step: int = 0
     path: tuple[str, ...] = ("encoder",)
     hf: str | None = None
-    hf_config: object = None
+    source_config: object = None
 
     def __post_init__(self):
         frozen = bool(self.workdir) + bool(self.hf)
         if (self.follows is None) != (self.rate is None) or (self.follows is not None and frozen) or frozen > 1:
             raise TypeError("a Teacher is an EMA (follows= and rate=) or frozen (workdir= or hf=, or neither: random)")
-        if self.hf and self.hf_config is None:
-            raise TypeError("a Teacher from a transformers directory needs hf_config= (the run it imports as)")
+        if self.hf and self.source_config is None:
+            raise TypeError("a Teacher from a transformers directory needs source_config= (the run it imports as)")
 
     @property
     def ema(self) -> bool:

@@ -315,7 +315,8 @@ class MAE(VisionObjective):
         t = self.config.teacher
         return base.Teacher(build=lambda rngs: vit.encoder_from_config(self.teacher_config(), rngs),
                             workdir=t.workdir or None, step=t.step, path=("encoder",),
-                            hf=t.hf_dir or None, hf_config=self.teacher_config() if t.hf_dir else None)
+                            hf=t.hf_dir or None,
+                            source_config=self.teacher_config() if t.workdir or t.hf_dir else None)
 
     @property
     def target_dim(self) -> int:
