@@ -198,14 +198,15 @@ class Checkpointer:
         restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
         return restored.state
 
-    def restore_params(self, step: int, abstract_state: Any) -> Any:
-        """Only ``params`` of checkpoint ``step`` (Orbax partial restore: the optimizer moments, a
-        multiple of the parameters' size, are never read), with ``abstract_state``'s shardings."""
-        item = {"params": abstract_state["params"]}
-        self.check_compatible(step, item, part="params")
+    def restore_params(self, step: int, abstract_state: Any, part: str = "params") -> Any:
+        """Only ``part`` of checkpoint ``step`` (``params``, or ``teacher``; an Orbax partial restore: the
+        optimizer moments, a multiple of the parameters' size, are never read), with ``abstract_state``'s
+        shardings."""
+        item = {part: abstract_state[part]}
+        self.check_compatible(step, item, part=part)
         args = ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
                                       partial_restore=True)
-        return ocp.PyTreeCheckpointer().restore(storage.join(self.directory, str(step), "state"), args=args)["params"]
+        return ocp.PyTreeCheckpointer().restore(storage.join(self.directory, str(step), "state"), args=args)[part]
 
     def check_compatible(self, step: int, abstract_state: Any, describe: Callable[[], str] = lambda: "",
                          part: str | None = None) -> None:

@@ -3,7 +3,9 @@
     maskjax train  --config configs/mae_digits.py[:variant] --workdir DIR [--config.KEY=VALUE ...]
     maskjax eval   --workdir DIR [--config FILE] [--config.KEY=VALUE ...]
     maskjax sample --workdir DIR [--steps K] [--num N] [--prompt TEXT | --infill TEMPLATE]
-                   [--order ancestral|confidence] [--block N] [--out FILE]   (objectives that sample)
+                   [--order ancestral|confidence] [--block N] [--out FILE]   (text: masked diffusion)
+    maskjax sample --workdir DIR [--num N] [--class K] [--steps T] [--temperature C] [--guidance G]
+                   [--trace] [--out FILE.png]                                 (images: MaskGIT, MAGE)
     maskjax params --config FILE [--mesh data=8,fsdp=4] [--devices N] [--json OUT]
     maskjax compile-check --config FILE [--mesh data=8,fsdp=4] [--devices N] [--device_memory 16GiB]
     maskjax bench  --config FILE [--steps N] [--warmup W] [--sweep mask_ratio=0,0.75] [--json OUT]
@@ -79,12 +81,22 @@ def _parser() -> argparse.ArgumentParser:
                             "(e.g. the end of BERT's sequence-length-128 phase)")
     ev = sub.add_parser("eval", help="linear probe and k-NN of a run's newest checkpoint -> eval.json")
     common(ev, False, step=True)
-    sample = sub.add_parser("sample", help="generate text from a masked diffusion run by iterative unmasking")
+    sample = sub.add_parser("sample", help="generate text (masked diffusion) or images (MaskGIT, MAGE) by iterative "
+                                           "unmasking")
     common(sample, False, step=True)
     sample.add_argument("--steps", type=int, default=None, help="sampling steps (default: the objective's, e.g. diffusion.sample_steps)")
     sample.add_argument("--num", type=int, default=4, help="number of sequences")
     sample.add_argument("--seed", type=int, default=0)
-    sample.add_argument("--out", default=None, help="also write the samples to this text file")
+    sample.add_argument("--out", default=None, help="text: also write the samples to this file; images: the PNG grid "
+                        "(default WORKDIR/samples/sample_step_S.png)")
+    sample.add_argument("--class", dest="label", type=int, default=None, help="images: generate this class only "
+                        "(default: classes 0, 1, ... in turn for a class-conditional model)")
+    sample.add_argument("--temperature", type=float, default=None, help="images: choice temperature, the Gumbel noise "
+                        "on the confidence that picks which draws stay, annealed to 0 (default generate.choice_temperature)")
+    sample.add_argument("--guidance", type=float, default=None, help="images: classifier-free guidance scale "
+                        "(default generate.guidance)")
+    sample.add_argument("--trace", action="store_true", help="images: also write OUT_trace.png, a row per decoding "
+                                                             "step (hidden patches grey)")
     sample.add_argument("--prompt", default=None, help="condition on this text: it starts every sample, the rest is generated")
     sample.add_argument("--infill", default=None, help="fill in a template: [MASK] is one generated token, [MASK:n] n of "
                         "them; every other token of the template is kept")
@@ -231,8 +243,9 @@ def _train(args, overrides) -> int:
     return 0
 
 
-def _restore(args, overrides):
-    """(setup, params, step) of the run in ``--workdir`` at ``--step`` (default: newest checkpoint)."""
+def _restore(args, overrides, teacher: bool = False):
+    """(setup, params, step) of the run in ``--workdir`` at ``--step`` (default: newest checkpoint); with
+    ``teacher``, (setup, params, step, teacher parameters the objective evaluates with, or None)."""
     from maskjax import checkpoint, distributed, step as step_lib
 
     config = load_config(args.config, args.workdir, overrides)
@@ -243,8 +256,11 @@ def _restore(args, overrides):
     if step is None or step not in ckpt.all_steps():
         raise UsageError(f"--workdir {args.workdir!r} has no checkpoint{'' if args.step is None else f' at step {args.step}'}")
     params = ckpt.restore_params(step, setup.abstract_state)
+    frozen = None
+    if teacher and setup.eval_teacher(True) is not None:
+        frozen = ckpt.restore_params(step, setup.abstract_state, part="teacher")
     ckpt.close()
-    return setup, params, step
+    return (setup, params, step, frozen) if teacher else (setup, params, step)
 
 
 def _eval(args, overrides) -> int:
@@ -252,9 +268,9 @@ def _eval(args, overrides) -> int:
 
     from maskjax import evaluate, metrics
 
-    setup, params, step = _restore(args, overrides)
+    setup, params, step, teacher = _restore(args, overrides, teacher=True)
     writer = metrics.Writer(args.workdir, enabled=jax.process_index() == 0)
-    results = evaluate.run(setup, params, args.workdir, step, writer)
+    results = evaluate.run(setup, params, args.workdir, step, writer, teacher=teacher)
     writer.close()
     if jax.process_index() == 0:
         print(evaluate.summary_line(results))
@@ -283,7 +299,7 @@ def _sample(args, overrides) -> int:
         raise UsageError(f"--num {args.num} must be >= 1")
     if args.steps is not None and args.steps < 1:
         raise UsageError(f"--steps {args.steps} must be >= 1")
-    setup, params, step = _restore(args, overrides)
+    setup, params, step, teacher = _restore(args, overrides, teacher=True)
     objective = setup.objective
     if objective.sample_kind is None:
         from maskjax import objectives
@@ -292,6 +308,8 @@ def _sample(args, overrides) -> int:
         raise UsageError(f"--workdir {args.workdir!r} is a {setup.config.objective!r} run, which cannot sample "
                          f"(objectives that can: {', '.join(can)})")
     steps = args.steps or objective.sample_steps
+    if objective.sample_kind == "image":
+        return _sample_images(args, setup, params, teacher, step, steps)
     if args.block < 0:
         raise UsageError(f"--block {args.block} must be >= 0")
     template = objective.template(prompt=args.prompt, infill=args.infill)
@@ -307,6 +325,49 @@ def _sample(args, overrides) -> int:
         from maskjax import storage
 
         storage.write_text(args.out, report + "\n")
+    return 0
+
+
+def _sample_images(args, setup, params, teacher, step: int, steps: int) -> int:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from maskjax import metrics, storage
+
+    objective, config = setup.objective, setup.config
+    classes = objective.num_classes
+    if args.label is not None and not 0 <= args.label < max(classes, 1):
+        raise UsageError(f"--class {args.label} is not a class of this run"
+                         + (f" (0..{classes - 1})" if classes else " (it generates without classes)"))
+    if args.temperature is not None and args.temperature < 0:
+        raise UsageError(f"--temperature {args.temperature} must be >= 0")
+    labels = None
+    if classes:
+        labels = np.full(args.num, args.label) if args.label is not None else np.arange(args.num) % classes
+        labels = labels.astype(np.int32)
+
+    def draw(model, key, labels, *, teacher):
+        out = objective.sample(model, key, args.num, steps, labels, args.temperature, args.guidance, trace=True)
+        final, hidden, draws = out
+        flat = lambda x: x.reshape((-1,) + x.shape[2:])  # [steps, N, L] -> [steps * N, L]: one decoder call
+        pictures = objective.images(flat(draws), hidden=flat(hidden), teacher=teacher)
+        return objective.images(final, teacher=teacher), pictures.reshape(draws.shape[:2] + pictures.shape[1:])
+
+    images, trace = setup.jit_model_call(draw, teacher)(params, jax.random.key(args.seed),
+                                                         None if labels is None else jnp.asarray(labels))
+    images, trace = np.asarray(images), np.asarray(trace)
+    out = args.out or storage.join(args.workdir, "samples", f"sample_step_{step:07d}.png")
+    per_row = classes if classes and args.label is None else min(args.num, 10)
+    rows = [images[i:i + per_row] for i in range(0, len(images) - len(images) % per_row or len(images), per_row)]
+    if jax.process_index() == 0:
+        metrics.save_png(out, metrics.image_grid(rows, config.data.mean, config.data.std, scale=4))
+        print(f"wrote {args.num} samples ({steps} decoding steps, step {step}) to {out}")
+        if args.trace:
+            path = out[:-4] + "_trace.png" if out.endswith(".png") else out + "_trace.png"
+            shown = trace[:, :min(args.num, 16)]
+            metrics.save_png(path, metrics.image_grid(list(shown), config.data.mean, config.data.std, scale=4))
+            print(f"wrote the decoding trace ({steps} rows) to {path}")
     return 0
 
 

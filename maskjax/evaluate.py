@@ -23,9 +23,10 @@ from maskjax.data import pipeline, sources
 from maskjax.objectives import base
 
 
-def features_fn(setup):
-    """Jitted ``(params, batch) -> [B, D]`` frozen encoder features, replicated on every process."""
-    return setup.jit_model_call(setup.objective.features)
+def features_fn(setup, teacher=None):
+    """Jitted ``(params, batch) -> [B, D]`` frozen encoder features, replicated on every process
+    (``teacher``: the frozen module's parameters an ``eval_teacher`` objective reads, e.g. a tokenizer)."""
+    return setup.jit_model_call(setup.objective.features, teacher)
 
 
 def _eval_batch_size(setup) -> int:
@@ -77,8 +78,9 @@ def probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: 
     }
 
 
-def run(setup, params, workdir: str, step: int, writer=None) -> dict:
-    """Probes (pretrained vs random init vs raw pixels) and the reconstruction PNG; writes eval.json."""
+def run(setup, params, workdir: str, step: int, writer=None, teacher=None) -> dict:
+    """Probes (pretrained vs random init vs raw pixels), the reconstruction PNG and, for generative
+    objectives, sample quality; writes eval.json. ``teacher``: ``Setup.eval_teacher``'s parameters."""
     from maskjax import faults
 
     faults.point("eval")
@@ -91,7 +93,7 @@ def run(setup, params, workdir: str, step: int, writer=None) -> dict:
 
         k = config.eval.knn_k
         encoders = {"pretrained": params, "random_init": init_params_fn(setup, jax.random.key(config.seed + 1))}
-        fn = features_fn(setup)
+        fn = features_fn(setup, teacher)
         train_f, train_y, train_px = extract(setup, fn, encoders, config.data.train_split)
         test_f, test_y, test_px = extract(setup, fn, encoders, config.data.eval_split)
         results.update(num_train=len(train_y), num_test=len(test_y), knn_k=k)
@@ -107,7 +109,11 @@ def run(setup, params, workdir: str, step: int, writer=None) -> dict:
     if "zero_shot" in declared and config.eval.zero_shot:
         results["zero_shot"] = evaluate_zero_shot(setup, params)
     if "reconstruction" in declared and config.eval.num_images:
-        results["reconstruction_png"] = save_reconstructions(setup, params, workdir, step, writer)
+        results["reconstruction_png"] = save_reconstructions(setup, params, workdir, step, writer, teacher)
+    if "generation" in declared and config.generate.eval_samples:
+        from maskjax import quality
+
+        results["generation"] = quality.evaluate_generation(setup, params, teacher, workdir, step, writer)
     if jax.process_index() == 0:
         storage.write_text(storage.join(workdir, "eval.json"), json.dumps(results, indent=2))
         if writer is not None:
@@ -344,7 +350,7 @@ def evaluate_zero_shot(setup, params) -> dict:
 VIDEO_CLIPS = 4  # clips shown in a video reconstruction PNG (3 rows of frames each)
 
 
-def save_reconstructions(setup, params, workdir: str, step: int, writer=None) -> str:
+def save_reconstructions(setup, params, workdir: str, step: int, writer=None, teacher=None) -> str:
     """Rows: the images ``objective.reconstruct`` returns, in its order (input, masked input,
     reconstruction for masked models; input, reconstruction for a tokenizer), for the first
     ``eval.num_images`` eval images; for video, a row of frames of each per clip, for up to 4 clips."""
@@ -354,7 +360,8 @@ def save_reconstructions(setup, params, workdir: str, step: int, writer=None) ->
     batch = setup.global_batch(local)
     key = jax.random.key(config.seed + 2)
 
-    out = setup.jit_model_call(lambda model, batch: setup.objective.reconstruct(model, batch, key))(params, batch)
+    out = setup.jit_model_call(lambda model, batch, **kw: setup.objective.reconstruct(model, batch, key, **kw),
+                               teacher)(params, batch)
     n = config.eval.num_images
     rows = [np.asarray(images)[:n] for images in out.values()]
     if rows[0].ndim == 5:  # video: a strip per clip, rows input / masked / reconstructed frames

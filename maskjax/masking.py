@@ -591,3 +591,70 @@ def make_masker(mask_config, frames: int, grid: Sequence[int]) -> Callable[[jax.
     # Fail on bad static arguments now, at build time, rather than at the first traced step.
     jax.eval_shape(lambda k: fn(k, 1), jax.random.key(0))
     return fn
+
+
+# --------------------------------------------------------------------------- masked generative models
+#
+# MaskGIT and MAGE hide a *variable* share of the token grid per example; the shapes stay static
+# because the mask is a boolean over all positions (the count is data, not shape).
+
+GENERATIVE_SCHEDULES = ("cosine", "linear", "square", "sqrt")
+
+
+def generative_schedule(kind: str, r: jax.Array) -> jax.Array:
+    """MaskGIT's mask scheduling function gamma(r) for r in [0, 1]: the share of tokens hidden when a
+    share r of the decoding is done (gamma(0) = 1, gamma(1) = 0). 'cosine' (the paper's choice) is
+    cos(pi/2 r); 'linear' 1 - r; 'square' 1 - r^2; 'sqrt' 1 - sqrt(r). Clipped to [1e-6, 1] as the
+    official ``mask_schedule.schedule`` does."""
+    r = jnp.asarray(r, jnp.float32)
+    if kind == "cosine":
+        out = jnp.cos(0.5 * math.pi * r)
+    elif kind == "linear":
+        out = 1.0 - r
+    elif kind == "square":
+        out = 1.0 - r**2
+    elif kind == "sqrt":
+        out = 1.0 - jnp.sqrt(r)
+    else:
+        raise ValueError(f"schedule={kind!r} must be one of {GENERATIVE_SCHEDULES}")
+    return jnp.clip(out, 1e-6, 1.0)
+
+
+def truncated_normal_ratio(key: jax.Array, shape: Sequence[int], low: float, high: float, mean: float,
+                           std: float) -> jax.Array:
+    """Mask ratios from a normal(mean, std) truncated to [low, high] (MAGE: 0.5, 1.0, 0.55, 0.25, as
+    ``scipy.stats.truncnorm((low - mean) / std, (high - mean) / std, loc=mean, scale=std)``)."""
+    if not 0.0 <= low < high <= 1.0:
+        raise ValueError(f"truncated normal bounds ({low}, {high}) must satisfy 0 <= low < high <= 1")
+    if std <= 0:
+        raise ValueError(f"std={std} must be > 0")
+    z = jax.random.truncated_normal(key, (low - mean) / std, (high - mean) / std, tuple(shape), jnp.float32)
+    return jnp.clip(mean + std * z, low, high)
+
+
+def lowest(noise: jax.Array, count: jax.Array) -> jax.Array:
+    """[batch, length] bool: the ``count`` [batch] positions of each row with the lowest ``noise``
+    (exactly ``count``, ties broken by position; ``count`` may be traced)."""
+    return _rank(noise) < jnp.asarray(count, jnp.int32)[:, None]
+
+
+def generative_mask(key: jax.Array, length: int, ratio: jax.Array) -> jax.Array:
+    """One row's hidden tokens [1, length] for a traced ``ratio`` (shape [1]): ``ceil(ratio * length)``
+    positions, at least one and at most all, uniformly placed (MaskGIT: ceil(gamma(r) N); MAGE: ceil)."""
+    count = jnp.clip(jnp.ceil(ratio * length - 1e-6), 1, length)
+    return lowest(jax.random.uniform(key, (1, length)), count)
+
+
+def reveal_counts(unknown: int, steps: int, schedule: str = "cosine") -> list[int]:
+    """How many of ``unknown`` masked tokens MaskGIT's decoder still hides after each of its ``steps``
+    steps (the official ``parallel_decode.decode``: floor(unknown * gamma((t + 1) / steps)), at least 1
+    and at most one fewer than are hidden before the step; after the last step none)."""
+    hidden, out = unknown, []
+    for t in range(steps):
+        if t == steps - 1:
+            hidden = 0
+        else:
+            target = math.floor(unknown * float(generative_schedule(schedule, (t + 1) / steps)))
+            hidden = max(1, min(hidden - 1, target))
+        out.append(hidden)
+    return out

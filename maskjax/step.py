@@ -233,15 +233,31 @@ class Setup:
         """The context a model runs in: its activations constrained on this run's mesh and rules."""
         return sharding.activation_mesh(self.mesh, self.rules)
 
-    def jit_model_call(self, fn: Callable) -> Callable:
+    def jit_model_call(self, fn: Callable, teacher: Any = None) -> Callable:
         """``fn(model, *args)`` as a jitted ``(params, *args)``: the model merged from ``params``, its
         activations constrained on the run's mesh, the output replicated on every process (evaluation,
-        sampling: anything that reads a result on the host)."""
-        def call(params, *args):
-            with self.activations():
-                return fn(nnx.merge(self.graphdef, params), *args)
+        sampling: anything that reads a result on the host). With ``teacher`` (the parameters
+        ``state['teacher']`` holds; objectives whose ``eval_teacher`` is set: a frozen tokenizer),
+        ``fn(model, *args, teacher=module)``; the parameters are an argument, not a constant XLA folds."""
+        if teacher is None:
+            def call(params, *args):
+                with self.activations():
+                    return fn(nnx.merge(self.graphdef, params), *args)
 
-        return jax.jit(call, out_shardings=sharding.replicated(self.mesh))
+            return jax.jit(call, out_shardings=sharding.replicated(self.mesh))
+
+        def call_with(params, teacher_params, *args):
+            with self.activations():
+                return fn(nnx.merge(self.graphdef, params), *args,
+                          teacher=nnx.merge(self.teacher_graphdef, teacher_params))
+
+        jitted = jax.jit(call_with, out_shardings=sharding.replicated(self.mesh))
+        return lambda params, *args: jitted(params, teacher, *args)
+
+    def eval_teacher(self, state_teacher: Any) -> Any:
+        """The teacher parameters evaluation and sampling pass to the objective (``state['teacher']``
+        where the objective's ``eval_teacher`` asks for them, else None)."""
+        return state_teacher if self.teacher is not None and self.objective.eval_teacher else None
 
     def global_batch(self, local_batch: dict, also: tuple[str, ...] = ()) -> dict:
         """Host-local rows -> global jax.Arrays sharded over data x fsdp (multi-process safe): the keys of

@@ -110,7 +110,7 @@ def train(config, workdir: str, *, stop_at: int | None = None, devices=None, eva
                 raise faults.Preempted(done, checkpointer.directory, preemption.source)
             if todo.evaluate:
                 with clock.timing("eval"):
-                    _evaluate(setup, state["params"], workdir, done, writer, progress)
+                    _evaluate(setup, state, workdir, done, writer, progress)
     except jax.errors.JaxRuntimeError as err:
         if jax.process_count() == 1:
             raise
@@ -137,7 +137,7 @@ def train(config, workdir: str, *, stop_at: int | None = None, devices=None, eva
     summary["end_step"] = end
     if evaluate and end == config.total_steps and (end > start or not _has_eval(workdir, end)):
         with clock.timing("eval"):
-            summary["eval"] = _evaluate(setup, state["params"], workdir, end, writer, progress)
+            summary["eval"] = _evaluate(setup, state, workdir, end, writer, progress)
     writer.close()
     summary["goodput"] = _account(runs, clock, start, end)
     if summary["goodput"] is not None:
@@ -339,11 +339,12 @@ def _diff(a, b, prefix: str = ""):
         yield prefix.rstrip("."), a, b
 
 
-def _evaluate(setup: Setup, params, workdir: str, step: int, writer, progress) -> dict:
+def _evaluate(setup: Setup, state: dict, workdir: str, step: int, writer, progress) -> dict:
     from maskjax import evaluate as eval_lib
 
     started = time.perf_counter()
-    results = eval_lib.run(setup, params, workdir, step, writer)
+    results = eval_lib.run(setup, state["params"], workdir, step, writer,
+                           teacher=setup.eval_teacher(state.get("teacher")))
     progress.message(eval_lib.summary_line(results) + f" ({time.perf_counter() - started:.0f}s)")
     return results
 

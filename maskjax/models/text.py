@@ -83,10 +83,15 @@ class TextEncoder(nnx.Module):
         x = self.blocks(x, layers.Segments.packed(segment_ids, causal), rope)
         return self.final_norm(x) if self.final_norm is not None else x
 
-    def logits(self, hidden: jax.Array) -> jax.Array:
+    def logits(self, hidden: jax.Array, rows: int | None = None) -> jax.Array:
+        """``rows``: only the first ``rows`` entries of the vocabulary (a token model whose extra ids,
+        [MASK] and classes, are inputs it never predicts)."""
         h = self.head_norm(jax.nn.gelu(self.head_dense(hidden), approximate=False))
-        out = jnp.einsum("...d,vd->...v", h, self.token_embed[...].astype(self.dtype))
-        return out.astype(jnp.float32) + self.output_bias[...]
+        table, bias = self.token_embed[...], self.output_bias[...]
+        if rows is not None:
+            table, bias = table[:rows], bias[:rows]
+        out = jnp.einsum("...d,vd->...v", h, table.astype(self.dtype))
+        return out.astype(jnp.float32) + bias
 
 
 def flops(batch: int, length: int, width: int, depth: int, mlp_dim: int, vocab: int, predicted: int) -> int:

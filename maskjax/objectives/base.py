@@ -111,12 +111,15 @@ EVALUATORS = {
     "text": ("eval_step", "summarize"),                  # held-out loss/accuracy next to a unigram baseline
     "text_probe": ("text_features",),                    # frozen text features on a downstream task vs bag of words
     "zero_shot": ("zero_shot_logits", "class_embeddings"),  # class names as captions
+    "generation": ("sample", "images"),                  # samples scored by a classifier's Fréchet distance (maskjax.quality)
 }
 # How ``maskjax sample`` renders the rows ``sample(model, key, num, steps, ...)`` returns, and what that
 # needs besides ``sample`` and ``sample_steps`` (the default number of steps). Text: ``template(prompt,
 # infill)`` gives the fixed tokens ([MASK] = generate), and ``sample`` also takes ``template``, ``order``
-# ('ancestral' or 'confidence') and ``block`` (semi-autoregressive block size, 0 = off).
-SAMPLE_KINDS = {"text": ("tokenizer", "template")}
+# ('ancestral' or 'confidence') and ``block`` (semi-autoregressive block size, 0 = off). Image:
+# ``sample`` also takes ``labels`` ([num] classes or None), ``temperature``, ``guidance`` and ``trace``
+# (return every step's tokens), and ``images(tokens, teacher=)`` turns tokens into images.
+SAMPLE_KINDS = {"text": ("tokenizer", "template"), "image": ("images", "num_classes")}
 REQUIRED = ("validate", "build", "loss", "batch_spec", "synthetic_batch", "flops")
 
 
@@ -146,6 +149,9 @@ class Objective:
     # (``maskjax.export.default_arch``, a key of ``maskjax.peer.PEERS``) beside this objective's step:
     # True only where that step is this objective's (MDLM exports as BERT but does not train as BERT).
     peer: ClassVar[bool] = False
+    # Evaluation and sampling need the teacher too (a frozen tokenizer that maps images to the tokens the
+    # model reads): its methods then take ``teacher=`` (``Setup.jit_model_call``'s ``teacher``).
+    eval_teacher: ClassVar[bool] = False
     # The hyperparameters each paper the objective implements states, as config keys: {key: {"title",
     # "official", "values"}}; a recipe names one with ``PAPER = "key"``, docs/reference/recipes compares.
     papers: ClassVar[dict[str, dict]] = {}
@@ -261,6 +267,27 @@ def from_saved(saved: dict):
     """A run's saved ``config.json`` over the defaults of its objective (:func:`base_config`)."""
     cls = REGISTRY.get(saved.get("objective", ""))
     return config_lib.from_saved(saved, cls.defaults() if cls else None)
+
+
+def saved_json(workdir: str, key: str) -> dict:
+    """The ``config.json`` a run saved in ``workdir``, as a dict; a missing or unreadable one is a
+    :class:`ConfigError` naming ``key`` (the config key that pointed there)."""
+    import json
+
+    from maskjax import storage
+
+    path = storage.join(workdir, "config.json")
+    if not storage.exists(path):
+        raise ConfigError(key, f"{workdir!r} has no config.json (not a maskjax run, or not started yet)")
+    try:
+        return json.loads(storage.read_text(path))
+    except (OSError, ValueError) as err:
+        raise ConfigError(key, f"{path}: not a readable config ({type(err).__name__}: {err})") from None
+
+
+def saved_config(workdir: str, key: str):
+    """The config of the run in ``workdir`` (:func:`from_saved` of :func:`saved_json`)."""
+    return from_saved(saved_json(workdir, key))
 
 
 def check_evaluators(objective: Objective) -> tuple[str, ...]:

@@ -26,7 +26,6 @@ variant is one more part.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 
 import jax
@@ -280,11 +279,8 @@ class MAE(VisionObjective):
             return self.config
         if getattr(self, "_teacher_config", None) is None:
             key = "teacher.workdir" if t.workdir else "teacher.hf_dir"
+            saved = base.saved_json(t.workdir or t.hf_dir, key)
             path = storage.join(t.workdir or t.hf_dir, "config.json")
-            try:
-                saved = json.loads(storage.read_text(path))
-            except (OSError, ValueError) as err:
-                raise ConfigError(key, f"{path}: not a readable config ({type(err).__name__}: {err})") from None
             self._teacher_config = base.from_saved(saved) if t.workdir else self._hf_teacher_config(saved, path)
         return self._teacher_config
 
