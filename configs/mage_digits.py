@@ -11,6 +11,8 @@ tokens dropped from the encoder, label smoothing 0.1, AdamW betas (0.9, 0.95), w
 scaled to the digits: encoder 4 x 128, decoder 2 x 128 (the paper's ViT-B: 12 x 768 and 8 x 768),
 batch 128, 2,000 steps, learning rate 1e-3 (per 256: 2e-3).
 """
+import os
+
 from maskjax import objectives
 
 PAPER = "mage"  # the paper this recipe follows (an objective's papers; docs/reference/recipes)
@@ -37,7 +39,7 @@ def get_config(arg: str = ""):
         c.log_every = 2
         c.model.update(width=32, depth=2, heads=2)
         c.decoder.update(width=32, depth=1, heads=2)
-        c.mage.update(tokenizer="", tokenizer_config="configs/vq_digits.py:tiny")
+        c.mage.update(tokenizer="", tokenizer_config=os.path.join(os.path.dirname(__file__), "vq_digits.py:tiny"))
         c.generate.update(steps=4, eval_samples=40)
         c.optim.warmup_steps = 2
         c.checkpoint.every = 4

@@ -13,6 +13,8 @@ digits: BERT-style post-norm blocks 4 x 128 (the paper: 24 x 768), batch 128, 2,
 warm-up, learning rate 1e-3 (per 256: 2e-3; the paper's 1e-4 at batch 256 is for 1.5M steps).
 No crops or flips: a generator should learn whole, upright digits.
 """
+import os
+
 from maskjax import objectives
 
 PAPER = "maskgit"  # the paper this recipe follows (an objective's papers; docs/reference/recipes)
@@ -38,7 +40,7 @@ def get_config(arg: str = ""):
         c.total_steps = 8
         c.log_every = 2
         c.model.update(width=32, depth=2, heads=2)
-        c.maskgit.update(tokenizer="", tokenizer_config="configs/vq_digits.py:tiny")
+        c.maskgit.update(tokenizer="", tokenizer_config=os.path.join(os.path.dirname(__file__), "vq_digits.py:tiny"))
         c.generate.update(steps=4, eval_samples=40)
         c.optim.warmup_steps = 2
         c.checkpoint.every = 4

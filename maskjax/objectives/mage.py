@@ -23,6 +23,8 @@ models have no dropout), and the conv VQGAN tokenizer (a ViT VQ tokenizer traine
 """
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -40,7 +42,7 @@ class MAGEModel(nnx.Module):
         dtype = dec.dtype
         self.decoder_embed = layers.Dense(enc.width, dec.width, ("embed", "embed"), rngs=rngs, dtype=dtype)
         init = nnx.initializers.normal(0.02)
-        self.mask_token = layers.param(rngs, init, (dec.width,), ("embed",), "mask_token")
+        self.mask_token = layers.param(rngs, init, (dec.width,), ("embed",), "token")
         self.decoder_pos = layers.param(rngs, init, (length, dec.width), (None, "embed"), "position")
         self.decoder = layers.Stack(dec, rngs=rngs)
         self.decoder_norm = layers.LayerNorm(dec.width, rngs=rngs, dtype=dtype, eps=dec.norm_eps)
@@ -108,7 +110,7 @@ class MAGE(TokenObjective):
 
     @property
     def num_dropped(self) -> int:
-        return int(jnp.ceil(self.num_tokens * self.config.mage.ratio_min - 1e-6))
+        return math.ceil(self.num_tokens * self.config.mage.ratio_min - 1e-6)
 
     @property
     def vocab_size(self) -> int:

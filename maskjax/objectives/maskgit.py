@@ -322,20 +322,23 @@ class MaskGIT(TokenObjective):
             tokens = jnp.concatenate([classes[:, None], tokens], axis=1)
         return model(tokens, self.codebook_size)[:, self.prefix:]
 
-    def loss(self, model: MaskGITModel, batch: dict, key: jax.Array, step: jax.Array, teacher):
-        g = self.config.maskgit
-        tokens = self.tokenize(teacher, batch)
-        keys = base.example_keys(key, batch)
-        k_ratio, k_mask, k_drop = masking.split_rows(keys, 3)
+    def draw(self, key: jax.Array, batch: dict) -> tuple[jax.Array, jax.Array | None]:
+        """Per example: (hidden [B, L] bool, ceil(gamma(r) L) positions with r ~ U(0, 1); class-token ids
+        [B] with the null class at a ``label_drop`` share, or None when unconditional)."""
+        k_ratio, k_mask, k_drop = masking.split_rows(base.example_keys(key, batch), 3)
         r = jax.vmap(lambda k: jax.random.uniform(k, ()))(k_ratio)
         ratio = masking.generative_schedule(self.config.generate.schedule, r)
         hidden = masking.per_row(lambda k, x: masking.generative_mask(k, self.num_tokens, x), k_mask, ratio)
-        classes = None
-        if self.prefix:
-            dropped = jax.vmap(lambda k: jax.random.uniform(k, ()))(k_drop) < g.label_drop
-            classes = self.class_ids(jnp.where(dropped, -1, batch["label"]), tokens.shape[0])
+        if not self.prefix:
+            return hidden, None
+        dropped = jax.vmap(lambda k: jax.random.uniform(k, ()))(k_drop) < self.config.maskgit.label_drop
+        return hidden, self.class_ids(jnp.where(dropped, -1, batch["label"]), hidden.shape[0])
+
+    def loss(self, model: MaskGITModel, batch: dict, key: jax.Array, step: jax.Array, teacher):
+        tokens = self.tokenize(teacher, batch)
+        hidden, classes = self.draw(key, batch)
         logits = self.logits(model, jnp.where(hidden, self.mask_id, tokens), classes)
-        ce = smoothed_cross_entropy(logits, tokens, g.label_smoothing)
+        ce = smoothed_cross_entropy(logits, tokens, self.config.maskgit.label_smoothing)
         h = hidden.astype(jnp.float32)
         loss = jnp.sum(ce * h) / jnp.maximum(jnp.sum(h), 1.0)
         correct = (jnp.argmax(logits, -1) == tokens).astype(jnp.float32)
