@@ -9,7 +9,7 @@ Variants: ``:tiny`` (seconds; a random frozen tokenizer of ``configs/vq_digits.p
 
 The method as in ``configs/maskgit_imagenet.py`` (cosine schedule, label smoothing 0.1, class token
 with 10% label drop, Adam betas (0.9, 0.96), decoding with choice temperature 4.5), scaled to the
-digits: BERT-style post-norm blocks 4 x 128 (the paper: 24 x 768), batch 128, 2,000 steps with 100
+digits: BERT-style post-norm blocks 4 x 128 (the paper: 24 x 768), batch 128, 1,000 steps with 50
 warm-up, learning rate 1e-3 (per 256: 2e-3; the paper's 1e-4 at batch 256 is for 1.5M steps).
 No crops or flips: a generator should learn whole, upright digits.
 """
@@ -23,7 +23,7 @@ PAPER = "maskgit"  # the paper this recipe follows (an objective's papers; docs/
 def get_config(arg: str = ""):
     c = objectives.base_config("maskgit")
     c.batch_size = 128
-    c.total_steps = 2000
+    c.total_steps = 1000
     c.log_every = 50
     c.data.crop_scale = (1.0, 1.0)
     c.data.flip = False
@@ -31,7 +31,7 @@ def get_config(arg: str = ""):
     c.maskgit.update(tokenizer="runs/vq_digits", class_conditional=True, num_classes=10, label_drop=0.1,
                      label_smoothing=0.1)
     c.generate.update(schedule="cosine", steps=8, choice_temperature=4.5, guidance=0.0, eval_samples=500)
-    c.optim.update(base_lr=2e-3, base_batch=256, b1=0.9, b2=0.96, weight_decay=0.045, warmup_steps=100,
+    c.optim.update(base_lr=2e-3, base_batch=256, b1=0.9, b2=0.96, weight_decay=0.045, warmup_steps=50,
                    schedule="cosine", decay_roles=("kernel",))
     c.checkpoint.update(every=500, keep=2)
     c.eval.probe = False

@@ -244,17 +244,22 @@ def _train(args, overrides) -> int:
 
 
 def _restore(args, overrides, teacher: bool = False):
-    """(setup, params, step) of the run in ``--workdir`` at ``--step`` (default: newest checkpoint); with
-    ``teacher``, (setup, params, step, teacher parameters the objective evaluates with, or None)."""
+    return restore(args.workdir, args.step, args.config, overrides, teacher)
+
+
+def restore(workdir: str, step: int | None = None, spec: str | None = None, overrides=(), teacher: bool = False):
+    """(setup, params, step) of the run in ``workdir`` at checkpoint ``step`` (default: the newest), its
+    config from ``spec`` or its config.json, with ``overrides``; with ``teacher``, (setup, params, step,
+    the teacher parameters the objective evaluates with, or None). Studies and scripts use this too."""
     from maskjax import checkpoint, distributed, step as step_lib
 
-    config = load_config(args.config, args.workdir, overrides)
+    config = load_config(spec, workdir, list(overrides))
     distributed.check_same(config)
     setup = step_lib.build(config)
-    ckpt = checkpoint.Checkpointer(args.workdir, keep=config.checkpoint.keep)
-    step = args.step if args.step is not None else ckpt.latest_step()
+    ckpt = checkpoint.Checkpointer(workdir, keep=config.checkpoint.keep)
+    asked, step = step, step if step is not None else ckpt.latest_step()
     if step is None or step not in ckpt.all_steps():
-        raise UsageError(f"--workdir {args.workdir!r} has no checkpoint{'' if args.step is None else f' at step {args.step}'}")
+        raise UsageError(f"--workdir {workdir!r} has no checkpoint{'' if asked is None else f' at step {asked}'}")
     params = ckpt.restore_params(step, setup.abstract_state)
     frozen = None
     if teacher and setup.eval_teacher(True) is not None:

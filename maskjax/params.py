@@ -50,7 +50,7 @@ def table(setup: step_lib.Setup) -> dict:
                 "path": prefix + _path(keys), "shape": list(leaf.shape), "dtype": str(np.dtype(leaf.dtype)),
                 "axes": list(names), "sharding": _spec(sharding, len(leaf.shape)),
                 "role": role, "weight_decay": bool(decayed) and setup.config.optim.weight_decay > 0,
-                "trainable": trainable, "size": int(math.prod(leaf.shape)),
+                "trainable": trainable and role != "statistic", "size": int(math.prod(leaf.shape)),
             })
 
     add("params", setup.param_axes, setup.param_roles,

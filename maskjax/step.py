@@ -144,7 +144,7 @@ def decay_mask(roles: Any, decay_roles) -> Any:
     created) is one of ``decay_roles`` (``optim.decay_roles``). Biases, norms, cls/mask tokens, position
     tables and temperatures are never decayed in the published recipes; kernels always are; token
     embedding tables as each recipe's official code does (BERT decays them, and its position tables)."""
-    decay_roles = frozenset(decay_roles)
+    decay_roles = frozenset(decay_roles) - {"statistic"}  # never trained, so never decayed
     return jax.tree.map(lambda role: role in decay_roles, roles)
 
 
@@ -330,6 +330,7 @@ def train_step(state: dict, batch: dict, *, objective, graphdef, optimizer: opta
             total, _ = jax.lax.scan(body, zeros, micro)
             (_, metrics), grads = jax.tree.map(lambda x: x / accum, total)
         metrics = dict(metrics)
+        stats = metrics.pop(objectives.base.STATS, None)
         grad_norm = optax.tree.norm(grads)
         # A non-finite loss or gradient never reaches the state: the update runs under a cond and the
         # step leaves params and optimizer state as they were (finite gradients give finite Adam updates,
@@ -344,6 +345,8 @@ def train_step(state: dict, batch: dict, *, objective, graphdef, optimizer: opta
         def update(params, opt_state, teacher_params):
             updates, opt_state = optimizer.update(grads, opt_state, params)
             params = optax.apply_updates(params, updates)
+            if objective.after_update is not None:
+                params = objective.after_update(params, stats, jax.random.fold_in(key, 1 << 20), step)
             if ema:  # float32 teacher += rate * (student - teacher), rate = 1 - decay at update step + 1
                 rate = teacher.rate(step + 1)
                 teacher_params = jax.tree.map(lambda t, s: t + rate * (s - t), teacher_params, teacher.source(params))

@@ -29,6 +29,8 @@ WIDE = 256  # wide enough that matmuls dominate: norms, GELU, softmax and Adam a
     # teacher forward (1x), student and conv decoder (3x), the EMA (3 per teacher parameter)
     ("data2vec_digits.py:tiny", ["data2vec.top_k=1", "data2vec.decoder_layers=2", f"data2vec.decoder_dim={WIDE}"]),
     ("vq_digits.py:tiny", [f"decoder.width={WIDE}", "decoder.depth=1"]),  # the distances: forward only
+    ("maskgit_digits.py:tiny", []),  # + the frozen tokenizer's encoder and look-up (forward only)
+    ("mage_digits.py:tiny", [f"decoder.width={WIDE}", "decoder.depth=1"]),
     ("mdlm_text.py:tiny", []),
     ("electra_text.py:tiny", ["electra.embed_dim=128"]),
     ("ar_text.py:tiny", []),

@@ -98,3 +98,81 @@ def test_a_short_run_trains_and_evaluates(data_dir, tmp_path):
     results = json.loads((tmp_path / "eval.json").read_text())
     assert {"pretrained", "random_init", "raw_pixels"} <= set(results)
     assert os.path.isfile(results["reconstruction_png"])
+
+
+def ema_setup(*overrides):
+    from maskjax import step as step_lib
+
+    config = load_config("vq_digits.py:tiny", "vq.ema=True", "mesh.data=8", "optim.base_lr=0.01", *overrides)
+    setup = step_lib.build(config)
+    batch = setup.global_batch(setup.objective.synthetic_batch(np.random.default_rng(0)))
+    return setup, setup.init_fn(), batch
+
+
+def assigned_vectors(setup, params, batch):
+    """(encoder outputs z [N, d] as the look-up compares them, their codes [N]) under ``params``."""
+    objective = setup.objective
+    model = nnx.merge(setup.graphdef, jax.tree.map(jnp.asarray, params))
+    z, codebook = objective._vectors(model, objective.patches(batch))
+    codes = vq.nearest_codes(z, codebook)
+    return np.asarray(z, np.float64).reshape(-1, z.shape[-1]), np.asarray(codes).reshape(-1)
+
+
+def test_ema_codebook_follows_the_vq_vae_moving_averages():
+    """``vq.ema``: after each applied step N <- d N + (1 - d) n and m <- d m + (1 - d) sum of the batch's
+    vectors assigned to each code (computed with the parameters before the step), and each code is
+    m / ((N + eps) / (sum N + K eps) sum N): a float64 NumPy loop over 3 steps. The codebook gets no
+    gradient, so Adam's moments for it stay zero and `maskjax params` lists it as not trained."""
+    from maskjax import params as params_lib
+
+    setup, state, batch = ema_setup()
+    q = setup.config.vq
+    host = lambda x: jax.tree.map(np.asarray, jax.device_get(x))
+    before = host(state["params"])
+    counts, sums = before["code_counts"].astype(np.float64), before["code_sums"].astype(np.float64)
+    np.testing.assert_array_equal(before["code_sums"], before["codebook"])
+    for _ in range(3):
+        z, codes = assigned_vectors(setup, host(state["params"]), batch)
+        n = np.bincount(codes, minlength=q.codebook_size)
+        m = np.zeros_like(sums)
+        np.add.at(m, codes, z)
+        counts = q.ema_decay * counts + (1 - q.ema_decay) * n
+        sums = q.ema_decay * sums + (1 - q.ema_decay) * m
+        state, metrics = setup.step_fn(state, batch)
+        after = host(state["params"])
+        smoothed = (counts + q.ema_eps) / (counts.sum() + q.codebook_size * q.ema_eps) * counts.sum()
+        np.testing.assert_allclose(after["code_counts"], counts, rtol=1e-5)
+        np.testing.assert_allclose(after["code_sums"], sums, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(after["codebook"], sums / smoothed[:, None], rtol=1e-4, atol=1e-6)
+    assert "_stats" not in metrics and np.isfinite(float(metrics["loss"]))
+    adam = [s for s in jax.tree.leaves(host(state["opt_state"]), is_leaf=lambda x: hasattr(x, "mu"))
+            if hasattr(s, "mu")][0]
+    assert not np.any(adam.mu["codebook"]) and not np.any(adam.nu["code_sums"])
+    assert np.any(adam.mu["to_code"]["kernel"])
+    rows = {r["path"]: r for r in params_lib.table(setup)["rows"]}
+    assert not rows["codebook"]["trainable"] and not rows["code_sums"]["trainable"]
+    assert rows["to_code/kernel"]["trainable"]
+
+
+def test_dead_codes_restart_at_batch_vectors():
+    """A code whose EMA count falls below ``vq.dead_threshold`` becomes one of the batch's encoder
+    outputs (counted once); with a threshold no code reaches, every code restarts each step."""
+    setup, state, batch = ema_setup("vq.dead_threshold=1e9")
+    host = lambda x: jax.tree.map(np.asarray, jax.device_get(x))
+    z, _ = assigned_vectors(setup, host(state["params"]), batch)
+    state, _ = setup.step_fn(state, batch)
+    after = host(state["params"])
+    distance = ((after["codebook"][:, None, :] - z[None]) ** 2).sum(-1).min(-1)
+    assert distance.max() < 1e-10
+    np.testing.assert_array_equal(after["code_counts"], 1.0)
+    assert len({tuple(row) for row in after["codebook"].round(6)}) > 1  # random picks, not one vector
+
+
+def test_ema_options_are_checked():
+    from maskjax.config import ConfigError
+
+    for overrides, key in [(["vq.dead_threshold=1.0"], "vq.dead_threshold"),
+                           (["vq.ema=True", "vq.ema_decay=1.0"], "vq.ema_decay"),
+                           (["vq.ema=True", "vq.dead_threshold=1.0", "optim.grad_accum=2"], "vq.dead_threshold")]:
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            objectives.get(load_config("vq_digits.py:tiny", *overrides)).validate()

@@ -38,7 +38,10 @@ def compute_dtype(name: str):
 
 # What a parameter is for. The optimizer decides weight decay from this (``optim.decay_roles``), never
 # from the number of axes: q/k/v biases have two axes and projection kernels may have one named axis.
-ROLES = ("kernel", "embedding", "position", "token", "bias", "norm", "temperature")
+# 'statistic': state kept among the parameters but never trained (used under stop_gradient, so its
+# gradient and optimizer update are exactly zero) and rewritten by the objective's ``after_update``
+# (a VQ codebook learned by EMA and the statistics it is computed from).
+ROLES = ("kernel", "embedding", "position", "token", "bias", "norm", "temperature", "statistic")
 
 
 def param(rngs: nnx.Rngs, init: Callable, shape: Sequence[int], axes: Sequence[str | None], role: str) -> nnx.Param:

@@ -178,6 +178,11 @@ class Objective:
         """The :class:`Teacher` this objective's loss reads, or None."""
         return None
 
+    # ``after_update(params, stats, key, step) -> params``: parameters rewritten from the loss's batch
+    # statistics (:data:`STATS`) after each applied update (e.g. an EMA codebook, dead-code restarts);
+    # None: the optimizer alone moves the parameters.
+    after_update: ClassVar[Callable | None] = None
+
     @property
     def mask_ratio(self) -> float | None:
         """The one masking ratio a sweep or benchmark row reports (None: no single ratio)."""
@@ -193,6 +198,12 @@ class Objective:
             return "linear_probe", results["pretrained"].get("linear_probe")
         return "none", None
 
+
+# A loss may return, among its metrics, ``{STATS: {name: array}}``: batch statistics (code counts, sums of
+# vectors) for the objective's ``after_update(params, stats, key, step) -> params``, which the trainer
+# runs inside the jitted step after each applied optimizer update (never logged; averaged over
+# micro-batches like every metric).
+STATS = "_stats"
 
 # The trainer adds ``batch[ROW]`` ([batch] int32, each example's row in the step's full batch) when it
 # splits the batch for gradient accumulation; absent, the rows are 0..batch-1.

@@ -51,13 +51,19 @@ class VQModel(nnx.Module):
     """ViT encoder -> codes -> ViT decoder over patch vectors."""
 
     def __init__(self, encoder: vit.ViTEncoder, decoder: layers.Transformer, *, patch_dim: int, codebook_size: int,
-                 code_dim: int, rngs: nnx.Rngs):
+                 code_dim: int, rngs: nnx.Rngs, ema: bool = False):
         self.encoder = encoder
         width, dtype = decoder.width, decoder.dtype
         self.to_code = layers.Dense(encoder.width, code_dim, ("embed", None), rngs=rngs, dtype=dtype)
         # Sonnet's VectorQuantizer: variance scaling over the code dimension, uniform
         init = nnx.initializers.variance_scaling(1.0, "fan_in", "uniform", in_axis=1, out_axis=0)
-        self.codebook = layers.param(rngs, init, (codebook_size, code_dim), ("vocab", None), "embedding")
+        shape = (codebook_size, code_dim)
+        self.codebook = layers.param(rngs, init, shape, ("vocab", None), "statistic" if ema else "embedding")
+        if ema:  # the EMA's statistics: every code starts as if used once, at its initial value
+            start = self.codebook[...]
+            self.code_counts = layers.param(rngs, lambda *_: jnp.ones(codebook_size), (codebook_size,), ("vocab",),
+                                            "statistic")
+            self.code_sums = layers.param(rngs, lambda *_: start, shape, ("vocab", None), "statistic")
         self.from_code = layers.Dense(code_dim, width, (None, "embed"), rngs=rngs, dtype=dtype)
         self.blocks = layers.Stack(decoder, rngs=rngs)
         self.norm = layers.LayerNorm(width, rngs=rngs, dtype=dtype, eps=decoder.norm_eps)
@@ -84,12 +90,24 @@ class VQ(VisionObjective):
         "code_dim": (64, "Width of a code vector."),
         "beta": (0.25, "Commitment weight: beta * |z - sg(e)|^2."),
         "l2_norm": (False, "L2-normalise codes and encoder outputs before the look-up (ViT-VQGAN)."),
+        "ema": (False, "Learn the codebook by exponential moving averages of the vectors assigned to each code "
+                       "(VQ-VAE appendix, Sonnet's VectorQuantizerEMA) instead of the codebook loss."),
+        "ema_decay": (0.99, "Decay of the codebook EMA (vq.ema)."),
+        "ema_eps": (1e-5, "Laplace smoothing of the EMA's code counts (vq.ema)."),
+        "dead_threshold": (0.0, "vq.ema: a code whose EMA count of assignments per step falls below this is "
+                                "restarted at a random encoder output of the batch; 0 = never."),
     }}
     papers = {
         "vq": {
             "title": "Neural Discrete Representation Learning (VQ-VAE, van den Oord et al. 2017), the quantiser",
             "official": "deepmind/sonnet (sonnet/src/nets/vqvae.py, examples/vqvae_example.ipynb)",
             "values": {"vq.beta": 0.25, "vq.codebook_size": 512, "vq.code_dim": 64},
+        },
+        "maskgit_tokens": {
+            "title": "MaskGIT's token layout (Chang et al. 2022) with ViT-VQGAN's look-up (Yu et al. 2021), ImageNet 256",
+            "official": "google-research/maskgit (configs/vqgan_config.py); ViT-VQGAN paper, Table 1 and Sec. 3.2",
+            "values": {"vq.codebook_size": 1024, "data.image_size": 256, "model.patch_size": 16, "vq.beta": 0.25,
+                       "vq.l2_norm": True, "vq.code_dim": 32, "model.width": 512, "model.depth": 8},
         },
     }
 
@@ -104,12 +122,19 @@ class VQ(VisionObjective):
             raise ConfigError("vq.beta", f"must be >= 0, got {q.beta}")
         if self.target != "pixels":
             raise ConfigError("loss.target", "a tokenizer reconstructs pixels ('pixels')")
+        if not 0.0 < q.ema_decay < 1.0:
+            raise ConfigError("vq.ema_decay", f"must be in (0, 1), got {q.ema_decay}")
+        if q.dead_threshold < 0 or (q.dead_threshold > 0 and not q.ema):
+            raise ConfigError("vq.dead_threshold", f"{q.dead_threshold} must be >= 0, and > 0 only with vq.ema")
+        if q.dead_threshold > 0 and self.config.optim.grad_accum != 1:
+            raise ConfigError("vq.dead_threshold", "restarts draw encoder outputs of the whole batch: optim.grad_accum "
+                                                   "must be 1")
 
     def build(self, rngs: nnx.Rngs) -> VQModel:
         m, dec, q = self.config.model, self.config.decoder, self.config.vq
         blocks = layers.Transformer.from_model(m, width=dec.width, depth=dec.depth, heads=dec.heads)
         return VQModel(vit.encoder_from_config(self.config, rngs), blocks, patch_dim=self.patch_dim,
-                       codebook_size=q.codebook_size, code_dim=q.code_dim, rngs=rngs)
+                       codebook_size=q.codebook_size, code_dim=q.code_dim, rngs=rngs, ema=q.ema)
 
     @property
     def evaluators(self) -> tuple[str, ...]:
@@ -141,8 +166,11 @@ class VQ(VisionObjective):
 
     # ---------------------------------------------------------------- loss
     def loss(self, model: VQModel, batch: dict, key: jax.Array, step: jax.Array):
+        q = self.config.vq
         patches = self.patches(batch)
         z, codebook = self._vectors(model, patches)
+        if q.ema:  # learned by after_update, never by gradient
+            codebook = jax.lax.stop_gradient(codebook)
         indices = nearest_codes(z, codebook)
         e = jnp.take(codebook, indices, axis=0).astype(jnp.float32)
         quantised = z + jax.lax.stop_gradient(e - z)  # straight-through: d(quantised)/dz = identity
@@ -150,10 +178,37 @@ class VQ(VisionObjective):
         reconstruction = jnp.mean(jnp.square(recon - patches))
         codebook_loss = jnp.mean(jnp.square(jax.lax.stop_gradient(z) - e))
         commitment = jnp.mean(jnp.square(z - jax.lax.stop_gradient(e)))
-        loss = reconstruction + codebook_loss + self.config.vq.beta * commitment
-        perplexity, usage = code_statistics(indices, self.config.vq.codebook_size)
-        return loss, {"loss": loss, "reconstruction_loss": reconstruction, "codebook_loss": codebook_loss,
-                      "commitment_loss": commitment, "code_perplexity": perplexity, "code_usage": usage}
+        loss = reconstruction + q.beta * commitment + (0.0 if q.ema else codebook_loss)
+        perplexity, usage = code_statistics(indices, q.codebook_size)
+        metrics = {"loss": loss, "reconstruction_loss": reconstruction, "codebook_loss": codebook_loss,
+                   "commitment_loss": commitment, "code_perplexity": perplexity, "code_usage": usage}
+        if q.ema:
+            flat = jax.lax.stop_gradient(z).reshape(-1, z.shape[-1])
+            assigned = jax.nn.one_hot(indices.reshape(-1), q.codebook_size, dtype=jnp.float32)
+            picks = jax.random.randint(jax.random.fold_in(key, 7), (q.codebook_size,), 0, flat.shape[0])
+            metrics[base.STATS] = {"counts": jnp.sum(assigned, 0), "sums": assigned.T @ flat,
+                                   "samples": jnp.take(flat, picks, axis=0)}
+        return loss, metrics
+
+    def after_update(self, params: dict, stats: dict, key: jax.Array, step: jax.Array) -> dict:
+        """The EMA codebook (``vq.ema``): counts and sums of the vectors assigned to each code decay by
+        ``vq.ema_decay`` toward the batch's; each code is its sum over its Laplace-smoothed count.
+        Codes whose count falls below ``vq.dead_threshold`` restart at a random encoder output of the
+        batch (counted once). Without ``vq.ema`` the parameters are unchanged."""
+        q = self.config.vq
+        if not q.ema:
+            return params
+        d, k = q.ema_decay, q.codebook_size
+        counts = d * params["code_counts"] + (1.0 - d) * stats["counts"]
+        sums = d * params["code_sums"] + (1.0 - d) * stats["sums"]
+        total = jnp.sum(counts)
+        codebook = sums / ((counts + q.ema_eps) / (total + k * q.ema_eps) * total)[:, None]
+        if q.dead_threshold > 0:
+            dead = (counts < q.dead_threshold)[:, None]
+            codebook = jnp.where(dead, stats["samples"], codebook)
+            sums = jnp.where(dead, stats["samples"], sums)
+            counts = jnp.where(dead[:, 0], 1.0, counts)
+        return {**params, "codebook": codebook, "code_counts": counts, "code_sums": sums}
 
     def reconstruct(self, model: VQModel, batch: dict, key: jax.Array) -> dict:
         """Input images and their reconstruction through the codes."""
