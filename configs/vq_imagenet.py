@@ -8,7 +8,8 @@ MaskGIT's own tokenizer is a convolutional VQGAN (google-research/maskgit ``conf
 codebook 1,024 of 256 dimensions, downsampling 16, trained with perceptual and adversarial losses);
 maskjax has no convolutional VQGAN, so this is the same token grid and codebook size from a ViT
 autoencoder (patch 16, ViT-VQGAN's L2-normalised, factorised look-up with 32-dimensional codes, VQ-VAE's
-commitment 0.25), trained on pixel MSE alone: expect blurrier reconstructions than a VQGAN's. Encoder and
+commitment 0.25, the codebook learned by EMA with dead-code restarts as in ``configs/vq_digits.py``, where
+the loss-learned codebook collapsed), trained on pixel MSE alone: expect blurrier reconstructions than a VQGAN's. Encoder and
 decoder 8 blocks x 512 (ViT-VQGAN's "small"), batch 256, 100 epochs, AdamW (0.9, 0.99), lr 1e-4 per 256
 with 5,000 warm-up steps, no weight decay, random resized crop (0.8, 1) + flip.
 """
@@ -29,7 +30,7 @@ def get_config(arg: str = ""):
                   prefetch=8)
     c.model.update(patch_size=16, width=512, depth=8, heads=8, mlp_ratio=4.0, cls_token=False, dtype="bfloat16")
     c.decoder.update(width=512, depth=8, heads=8)
-    c.vq.update(codebook_size=1024, code_dim=32, beta=0.25, l2_norm=True)
+    c.vq.update(codebook_size=1024, code_dim=32, beta=0.25, l2_norm=True, ema=True, ema_decay=0.99, dead_threshold=1.0)
     c.loss.norm_pix = False
     c.optim.update(base_lr=1e-4, base_batch=256, b1=0.9, b2=0.99, weight_decay=0.0, warmup_steps=5000,
                    schedule="cosine")
