@@ -33,7 +33,7 @@ from maskjax import masking
 from maskjax.errors import ConfigError
 from maskjax.models import layers, text
 from maskjax.objectives import base
-from maskjax.objectives.maskgit import GENERATE, TOKENIZER, TokenObjective, parallel_decode, smoothed_cross_entropy
+from maskjax.objectives.maskgit import GENERATE, TOKENIZER, TokenObjective, parallel_decode
 
 
 class MAGEModel(nnx.Module):
@@ -161,13 +161,8 @@ class MAGE(TokenObjective):
     def loss(self, model: MAGEModel, batch: dict, key: jax.Array, step: jax.Array, teacher):
         tokens = self.tokenize(teacher, batch)
         dropped, masked = self.draw(key, batch)
-        logits = self.logits(model, jnp.where(masked, self.mask_id, tokens), dropped, masked)
-        ce = smoothed_cross_entropy(logits, tokens, self.config.mage.label_smoothing)
-        h = masked.astype(jnp.float32)
-        loss = jnp.sum(ce * h) / jnp.maximum(jnp.sum(h), 1.0)
-        correct = (jnp.argmax(logits, -1) == tokens).astype(jnp.float32)
-        return loss, {"loss": loss, "accuracy": jnp.sum(correct * h) / jnp.maximum(jnp.sum(h), 1.0),
-                      "mask_ratio": jnp.mean(h)}
+        return self.masked_loss(self.logits(model, jnp.where(masked, self.mask_id, tokens), dropped, masked), tokens,
+                                masked)
 
     def _nothing_dropped(self, b: int) -> masking.Mask:
         idx = jnp.broadcast_to(jnp.arange(self.num_tokens, dtype=jnp.int32), (b, self.num_tokens))

@@ -208,18 +208,25 @@ class TokenObjective(base.Objective):
             raise ConfigError("data.frames", f"{self.name} generates images, not video")
         base.check_transformer(self.config.model, config=self.config)
 
+    # The batch is the tokenizer's (its data config equals this run's: validate checks it).
     def image_shape(self) -> tuple[int, ...]:
-        d = self.config.data
-        return (d.image_size, d.image_size, d.channels)
+        return self.tokenizer.image_shape()
 
     def batch_spec(self) -> dict:
-        b = self.config.batch_size
-        return {"image": ((b,) + self.image_shape(), jnp.float32), "label": ((b,), jnp.int32)}
+        return self.tokenizer.batch_spec()
 
     def synthetic_batch(self, rng: np.random.Generator) -> dict:
-        b = self.config.batch_size
-        return {"image": rng.standard_normal((b,) + self.image_shape(), np.float32),
-                "label": rng.integers(0, max(self.num_classes, 1), (b,), dtype=np.int32)}
+        return self.tokenizer.synthetic_batch(rng)
+
+    def masked_loss(self, logits: jax.Array, tokens: jax.Array, hidden: jax.Array) -> tuple[jax.Array, dict]:
+        """Label-smoothed cross-entropy of the code logits [B, L, K] on the ``hidden`` [B, L] positions
+        only, with the accuracy there and the hidden share."""
+        ce = smoothed_cross_entropy(logits, tokens, self.config[self.group].label_smoothing)
+        h = hidden.astype(jnp.float32)
+        count = jnp.maximum(jnp.sum(h), 1.0)
+        loss = jnp.sum(ce * h) / count
+        correct = (jnp.argmax(logits, -1) == tokens).astype(jnp.float32)
+        return loss, {"loss": loss, "accuracy": jnp.sum(correct * h) / count, "mask_ratio": jnp.mean(h)}
 
     @property
     def evaluators(self) -> tuple[str, ...]:
@@ -337,13 +344,7 @@ class MaskGIT(TokenObjective):
     def loss(self, model: MaskGITModel, batch: dict, key: jax.Array, step: jax.Array, teacher):
         tokens = self.tokenize(teacher, batch)
         hidden, classes = self.draw(key, batch)
-        logits = self.logits(model, jnp.where(hidden, self.mask_id, tokens), classes)
-        ce = smoothed_cross_entropy(logits, tokens, self.config.maskgit.label_smoothing)
-        h = hidden.astype(jnp.float32)
-        loss = jnp.sum(ce * h) / jnp.maximum(jnp.sum(h), 1.0)
-        correct = (jnp.argmax(logits, -1) == tokens).astype(jnp.float32)
-        return loss, {"loss": loss, "accuracy": jnp.sum(correct * h) / jnp.maximum(jnp.sum(h), 1.0),
-                      "mask_ratio": jnp.mean(h)}
+        return self.masked_loss(self.logits(model, jnp.where(hidden, self.mask_id, tokens), classes), tokens, hidden)
 
     def sample(self, model: MaskGITModel, key: jax.Array, num: int, steps: int, labels: jax.Array | None = None,
                temperature: float | None = None, guidance: float | None = None, trace: bool = False):
