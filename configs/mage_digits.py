@@ -9,7 +9,7 @@ Variants: ``:tiny`` (seconds; a random frozen tokenizer of ``configs/vq_digits.p
 The method as in the paper (mask ratio from a normal(0.55, 0.25) truncated to [0.5, 1], half the
 tokens dropped from the encoder, label smoothing 0.1, AdamW betas (0.9, 0.95), weight decay 0.05),
 scaled to the digits: encoder 4 x 128, decoder 2 x 128 (the paper's ViT-B: 12 x 768 and 8 x 768),
-batch 128, 2,000 steps, learning rate 1e-3 (per 256: 2e-3).
+batch 128, 1,000 steps with 50 warm-up, learning rate 1e-3 (per 256: 2e-3).
 """
 import os
 
@@ -21,7 +21,7 @@ PAPER = "mage"  # the paper this recipe follows (an objective's papers; docs/ref
 def get_config(arg: str = ""):
     c = objectives.base_config("mage")
     c.batch_size = 128
-    c.total_steps = 2000
+    c.total_steps = 1000
     c.log_every = 50
     c.data.crop_scale = (1.0, 1.0)
     c.data.flip = False
@@ -30,7 +30,7 @@ def get_config(arg: str = ""):
     c.mage.update(tokenizer="runs/vq_digits", ratio_min=0.5, ratio_max=1.0, ratio_mean=0.55, ratio_std=0.25,
                   label_smoothing=0.1)
     c.generate.update(schedule="cosine", steps=8, choice_temperature=4.5, eval_samples=500)
-    c.optim.update(base_lr=2e-3, base_batch=256, b1=0.9, b2=0.95, weight_decay=0.05, warmup_steps=100,
+    c.optim.update(base_lr=2e-3, base_batch=256, b1=0.9, b2=0.95, weight_decay=0.05, warmup_steps=50,
                    schedule="cosine")
     c.checkpoint.update(every=500, keep=2)
     if arg == "tiny":

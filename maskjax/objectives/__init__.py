@@ -12,7 +12,9 @@ An objective is constructed from the run's config and provides
 and optionally ``features(model, batch)`` (frozen features for probes),
 ``reconstruct(model, batch, key)`` (images for the eval PNG), ``eval_step(model, batch, key,
 unigram)`` + ``summarize(totals)`` (held-out metrics summed over the eval split, next to a
-context-free baseline) and ``sample(model, key, num, steps)`` (generation). ``data_kind`` says which
+context-free baseline), ``sample(model, key, num, steps)`` (generation), ``teacher()`` (a second
+network in the train state) and ``after_update(params, stats, key, step)`` (parameters rewritten from
+the loss's batch statistics, e.g. an EMA codebook); see ``base.Objective``. ``data_kind`` says which
 input pipeline feeds it ('image', 'image_text' or 'text'). Look-up is by ``config.objective``.
 """
 from __future__ import annotations
