@@ -21,12 +21,12 @@ sys.path.insert(0, ROOT)
 
 
 def study(workdir: str, steps: list[int], num: int | None, temperature: float | None) -> dict:
-    from maskjax import cli, quality
+    from maskjax import cli, evaluate
 
     setup, params, step, teacher = cli.restore(workdir, teacher=True)
     rows = []
     for t in steps:
-        r = quality.evaluate_generation(setup, params, teacher, workdir, step, steps=t, num=num,
+        r = evaluate.evaluate_generation(setup, params, teacher, workdir, step, steps=t, num=num,
                                         temperature=temperature, png=False)
         rows.append(r)
         print(f"steps {t}: Fréchet {r['samples']['frechet_distance']:.2f}, class accuracy "
@@ -57,11 +57,11 @@ def grid(workdir: str, steps: list[int], path: str) -> None:
     """A row of samples per step count: the same keys, one sample per class."""
     import numpy as np
 
-    from maskjax import cli, metrics, quality
+    from maskjax import cli, evaluate, metrics
 
     setup, params, _, teacher = cli.restore(workdir, teacher=True)
     classes = setup.objective.num_classes or 10
-    rows = [quality.generate(setup, params, teacher, classes, t, seed=7)[0] for t in steps]
+    rows = [evaluate.generate(setup, params, teacher, classes, t, seed=7)[0] for t in steps]
     image = metrics.image_grid([np.asarray(r) for r in rows], setup.config.data.mean, setup.config.data.std, scale=4)
     metrics.save_png(path, image)
 

@@ -3,7 +3,9 @@ same encoder at random initialisation and raw pixels, end-to-end fine-tuning whe
 ``eval.finetune_epochs > 0``, plus a PNG of reconstructions. Text: held-out
 masked-token loss and accuracy (MLM) or the ELBO perplexity bound (MDLM), next to the most-frequent
 token and unigram baselines, and a downstream task on frozen features (``text_probe``) next to the
-encoder at random init and a bag-of-words classifier.
+encoder at random init and a bag-of-words classifier. Generative objectives (MaskGIT, MAGE): samples
+scored by :mod:`maskjax.quality` beside held-out real images, the tokenizer's reconstructions and
+random codes, and a PNG grid of samples.
 
 Results go to ``workdir/eval.json`` with the checkpoint step they used.
 """
@@ -13,12 +15,13 @@ import json
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
 from maskjax import metrics as metrics_lib
-from maskjax import sharding, storage
+from maskjax import quality, sharding, storage
 from maskjax.data import pipeline, sources
 from maskjax.objectives import base
 
@@ -111,9 +114,7 @@ def run(setup, params, workdir: str, step: int, writer=None, teacher=None) -> di
     if "reconstruction" in declared and config.eval.num_images:
         results["reconstruction_png"] = save_reconstructions(setup, params, workdir, step, writer, teacher)
     if "generation" in declared and config.generate.eval_samples:
-        from maskjax import quality
-
-        results["generation"] = quality.evaluate_generation(setup, params, teacher, workdir, step, writer)
+        results["generation"] = evaluate_generation(setup, params, teacher, workdir, step, writer)
     if jax.process_index() == 0:
         storage.write_text(storage.join(workdir, "eval.json"), json.dumps(results, indent=2))
         if writer is not None:
@@ -345,6 +346,124 @@ def evaluate_zero_shot(setup, params) -> dict:
         total += real
     return {"accuracy": correct / total, "chance": 1.0 / len(names), "num_classes": len(names),
             "num_prompts": len(templates), "num_examples": total}
+
+
+# --------------------------------------------------------------------------- generation (maskjax.quality)
+
+
+def split_images(setup, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(normalised images [N, H, W, C], labels [N]) of a whole split, on every process."""
+    batch_size = _eval_batch_size(setup)
+    rows = setup.rows(batch_size)
+    images, labels = [], []
+    for local, real in pipeline.eval_batches(setup.config, split, batch_size, rows):
+        whole = gather_rows({"label": local["label"], "image": local["image"]}, rows)
+        images.append(whole["image"][:real])
+        labels.append(whole["label"][:real])
+    return np.concatenate(images).astype(np.float32), np.concatenate(labels).astype(np.int32)
+
+
+def generate(setup, params, teacher, num: int, steps: int, *, seed: int = 0, temperature=None, guidance=None,
+             chunk: int = 250) -> tuple[np.ndarray, np.ndarray | None]:
+    """(images [num, H, W, C], labels [num] or None): ``num`` samples in chunks of ``chunk`` (one
+    compilation), classes cycling 0, 1, ..., C-1 when the model is class-conditional."""
+    objective = setup.objective
+    classes = objective.num_classes
+    chunk = min(chunk, num)
+
+    def draw(model, key, offset, *, teacher):
+        labels = (offset + jnp.arange(chunk)) % classes if classes else None
+        tokens = objective.sample(model, key, chunk, steps, labels, temperature, guidance)
+        return objective.images(tokens, teacher=teacher)
+
+    fn = setup.jit_model_call(draw, teacher)
+    out = [np.asarray(fn(params, jax.random.fold_in(jax.random.key(seed), i), np.int32(i)))
+           for i in range(0, num, chunk)]
+    labels = np.arange(num) % classes if classes else None
+    return np.concatenate(out)[:num], labels
+
+
+def round_trip(setup, params, teacher, images: np.ndarray) -> np.ndarray:
+    """``images`` through the run's tokenizer and back, in eval batches."""
+    batch_size = _eval_batch_size(setup)
+    rows = setup.rows(batch_size)
+    fn = setup.jit_model_call(setup.objective.round_trip, teacher)
+    out = []
+    for start in range(0, len(images), batch_size):
+        part = images[start:start + batch_size]
+        padded = np.concatenate([part, np.zeros((batch_size - len(part),) + part.shape[1:], part.dtype)])
+        labels = np.zeros(batch_size, np.int32)
+        batch = setup.global_batch({"image": padded[rows], "label": labels[rows]})
+        out.append(np.asarray(fn(params, batch))[:len(part)])
+    return np.concatenate(out)
+
+
+def random_token_images(setup, params, teacher, num: int, seed: int = 0) -> np.ndarray:
+    """Images decoded from uniformly random codes: the far reference of the Fréchet distance."""
+    objective = setup.objective
+    tokens = jax.random.randint(jax.random.key(seed), (num, objective.num_tokens), 0, objective.codebook_size)
+    fn = setup.jit_model_call(lambda model, t, *, teacher: objective.images(t, teacher=teacher), teacher)
+    return np.asarray(fn(params, tokens))
+
+
+def sample_grid(images: np.ndarray, labels: np.ndarray | None, classes: int, per_row: int = 10) -> list[np.ndarray]:
+    """Rows for :func:`maskjax.metrics.image_grid`: a row per class (its first ``per_row`` samples) for
+    class-conditional samples, else rows of ``per_row``."""
+    if labels is not None and classes:
+        rows = [images[labels == c][:per_row] for c in range(classes)]
+        n = min(len(r) for r in rows)
+        return [r[:n] for r in rows if n]
+    n = len(images) // per_row * per_row or len(images)
+    width = min(per_row, n)
+    return [images[i:i + width] for i in range(0, n, width)][:10]
+
+
+def evaluate_generation(setup, params, teacher, workdir: str, step: int, writer=None, *, steps: int | None = None,
+                        num: int | None = None, temperature=None, guidance=None, png: bool = True) -> dict:
+    """Samples of the run scored against the eval split in a classifier's feature space, beside held-out
+    real images, the tokenizer's reconstructions and random tokens; the samples' PNG grid."""
+    config, objective = setup.config, setup.objective
+    gen = config.generate
+    steps = steps or gen.steps
+    num = num or gen.eval_samples
+    train_x, train_y = split_images(setup, config.data.train_split)
+    test_x, test_y = split_images(setup, config.data.eval_split)
+    judge = quality.classifier_for(config, train_x, train_y)
+    test_f = judge.features(test_x)
+    samples, labels = generate(setup, params, teacher, num, steps, seed=config.seed + 3, temperature=temperature,
+                               guidance=guidance)
+    real = train_x[:num]
+    recon = round_trip(setup, params, teacher, real)
+    noise = random_token_images(setup, params, teacher, num, seed=config.seed + 4)
+
+    def scored(images, classes=None):
+        out = {"frechet_distance": quality.frechet_distance(judge.features(images), test_f), "num": int(len(images))}
+        if classes is not None:
+            out["class_accuracy"] = float(np.mean(judge.predict(images) == classes))
+        return out
+
+    results = {
+        "feature_space": f"maskjax.quality.Classifier (MLP on pixels, {judge.feature_dim}-d penultimate layer) "
+                         f"trained on {config.data.train_split}; distances to {config.data.eval_split}",
+        "classifier_test_accuracy": float(np.mean(judge.predict(test_x) == test_y)),
+        "steps": int(steps),
+        "choice_temperature": float(gen.choice_temperature if temperature is None else temperature),
+        "guidance": float(gen.guidance if guidance is None else guidance),
+        "samples": scored(samples, labels),
+        "real_train_images": scored(real, train_y[:num]),
+        "tokenizer_reconstructions": scored(recon, train_y[:num]),
+        "random_tokens": scored(noise),
+    }
+    if png:
+        grid = metrics_lib.image_grid(sample_grid(samples, labels, objective.num_classes), config.data.mean,
+                                      config.data.std, scale=4)
+        path = storage.join(workdir, "samples", f"step_{step:07d}.png")
+        if jax.process_index() == 0:
+            metrics_lib.save_png(path, grid)
+            if writer is not None:
+                writer.image(step, "samples", grid)
+        results["png"] = path
+    return results
 
 
 VIDEO_CLIPS = 4  # clips shown in a video reconstruction PNG (3 rows of frames each)
