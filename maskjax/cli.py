@@ -353,24 +353,30 @@ def _sample_images(args, setup, params, teacher, step: int, steps: int) -> int:
         labels = labels.astype(np.int32)
 
     def draw(model, key, labels, *, teacher):
-        out = objective.sample(model, key, args.num, steps, labels, args.temperature, args.guidance, trace=True)
-        final, hidden, draws = out
+        if not args.trace:
+            final = objective.sample(model, key, args.num, steps, labels, args.temperature, args.guidance)
+            return objective.images(final, teacher=teacher), None
+        final, hidden, draws = objective.sample(model, key, args.num, steps, labels, args.temperature, args.guidance,
+                                                trace=True)
         flat = lambda x: x.reshape((-1,) + x.shape[2:])  # [steps, N, L] -> [steps * N, L]: one decoder call
         pictures = objective.images(flat(draws), hidden=flat(hidden), teacher=teacher)
         return objective.images(final, teacher=teacher), pictures.reshape(draws.shape[:2] + pictures.shape[1:])
 
     images, trace = setup.jit_model_call(draw, teacher)(params, jax.random.key(args.seed),
                                                          None if labels is None else jnp.asarray(labels))
-    images, trace = np.asarray(images), np.asarray(trace)
+    images = np.asarray(images)
     out = args.out or storage.join(args.workdir, "samples", f"sample_step_{step:07d}.png")
-    per_row = classes if classes and args.label is None else min(args.num, 10)
-    rows = [images[i:i + per_row] for i in range(0, len(images) - len(images) % per_row or len(images), per_row)]
+    # rows of 10 (classes cycle 0, 1, ...: with 10 classes a column is a class); the last row padded with
+    # blank (mean) images
+    per_row = min(args.num, 10)
+    images = np.concatenate([images, np.zeros(((-len(images)) % per_row,) + images.shape[1:], images.dtype)])
+    rows = [images[i:i + per_row] for i in range(0, len(images), per_row)]
     if jax.process_index() == 0:
         metrics.save_png(out, metrics.image_grid(rows, config.data.mean, config.data.std, scale=4))
         print(f"wrote {args.num} samples ({steps} decoding steps, step {step}) to {out}")
         if args.trace:
             path = out[:-4] + "_trace.png" if out.endswith(".png") else out + "_trace.png"
-            shown = trace[:, :min(args.num, 16)]
+            shown = np.asarray(trace)[:, :min(args.num, 16)]
             metrics.save_png(path, metrics.image_grid(list(shown), config.data.mean, config.data.std, scale=4))
             print(f"wrote the decoding trace ({steps} rows) to {path}")
     return 0

@@ -336,6 +336,10 @@ def test_train_resume_evaluate_and_sample(data_dir, tmp_path, tokenizer_run, cap
     grid, trace = Image.open(out), Image.open(tmp_path / "grid_trace.png")
     assert grid.size[0] > grid.size[1] and trace.size[1] > grid.size[1]  # 2 rows of 10 / 3 rows of 16
     assert "3 decoding steps" in text
+    one_class = tmp_path / "three.png"
+    assert cli.main(["sample", "--workdir", straight, "--num", "13", "--class", "3", "--out", str(one_class)]) == 0
+    assert Image.open(one_class).size == grid.size  # rows of 10, the last one padded
+    assert not (tmp_path / "three_trace.png").exists()
     assert cli.main(["sample", "--workdir", straight, "--class", "10"]) == 2
     assert "--class 10 is not a class of this run (0..9)" in capsys.readouterr().err
 
