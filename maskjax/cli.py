@@ -262,7 +262,7 @@ def restore(workdir: str, step: int | None = None, spec: str | None = None, over
         raise UsageError(f"--workdir {workdir!r} has no checkpoint{'' if asked is None else f' at step {asked}'}")
     params = ckpt.restore_params(step, setup.abstract_state)
     frozen = None
-    if teacher and setup.eval_teacher(True) is not None:
+    if teacher and setup.evaluates_with_teacher:
         frozen = ckpt.restore_params(step, setup.abstract_state, part="teacher")
     ckpt.close()
     return (setup, params, step, frozen) if teacher else (setup, params, step)

@@ -41,13 +41,15 @@ def _eval_batch_size(setup) -> int:
 
 def extract(setup, fn, params_by_name: dict, split: str) -> tuple[dict, np.ndarray, np.ndarray]:
     """One ordered pass over ``split``: ({name: features [N, D]} for each parameter set, labels [N],
-    raw pixels [N, P]). ``fn`` comes from :func:`features_fn`, built once per eval."""
+    raw pixels [N, P]). ``fn`` comes from :func:`features_fn`, built once per eval (with no parameter
+    sets, only labels and pixels are read)."""
     batch_size = _eval_batch_size(setup)
     feats = {name: [] for name in params_by_name}
     labels, pixels = [], []
     rows = setup.rows(batch_size)
     for local, real in pipeline.eval_batches(setup.config, split, batch_size, rows):
-        batch = setup.global_batch(local)
+        if params_by_name:
+            batch = setup.global_batch(local)
         for name, params in params_by_name.items():
             feats[name].append(np.asarray(fn(params, batch))[:real])
         # Every process fits the probes, so it needs the whole batch's labels and pixels.
@@ -353,14 +355,9 @@ def evaluate_zero_shot(setup, params) -> dict:
 
 def split_images(setup, split: str) -> tuple[np.ndarray, np.ndarray]:
     """(normalised images [N, H, W, C], labels [N]) of a whole split, on every process."""
-    batch_size = _eval_batch_size(setup)
-    rows = setup.rows(batch_size)
-    images, labels = [], []
-    for local, real in pipeline.eval_batches(setup.config, split, batch_size, rows):
-        whole = gather_rows({"label": local["label"], "image": local["image"]}, rows)
-        images.append(whole["image"][:real])
-        labels.append(whole["label"][:real])
-    return np.concatenate(images).astype(np.float32), np.concatenate(labels).astype(np.int32)
+    _, labels, pixels = extract(setup, None, {}, split)
+    images = pixels.reshape((len(pixels),) + tuple(setup.objective.image_shape()))
+    return images.astype(np.float32), labels.astype(np.int32)
 
 
 def generate(setup, params, teacher, num: int, steps: int, *, seed: int = 0, temperature=None, guidance=None,

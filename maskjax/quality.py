@@ -13,13 +13,10 @@ perfect token model would reach) and decoded uniformly random tokens (the ceilin
 """
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
@@ -88,15 +85,14 @@ class Classifier:
         return np.asarray(jnp.argmax(jax.jit(self._logits)(self.params, x), -1))
 
 
-@functools.lru_cache(maxsize=4)
-def _classifier(key: tuple, images_bytes: bytes, labels_bytes: bytes, shape: tuple, classes: int) -> Classifier:
-    images = np.frombuffer(images_bytes, np.float32).reshape(shape)
-    return Classifier(images, np.frombuffer(labels_bytes, np.int32), classes)
+_JUDGES: dict[tuple, Classifier] = {}
 
 
 def classifier_for(config, images: np.ndarray, labels: np.ndarray) -> Classifier:
-    """The judge for a run's data (cached per dataset within a process: a study evaluates many runs)."""
-    classes = int(labels.max()) + 1
-    key = (config.data.name, config.data.train_split, config.data.image_size)
-    return _classifier(key, np.ascontiguousarray(images, np.float32).tobytes(),
-                       np.ascontiguousarray(labels, np.int32).tobytes(), images.shape, classes)
+    """The judge for a run's data, trained once per dataset within a process (a study evaluates many
+    runs); ``images``/``labels``: that dataset's training split."""
+    d = config.data
+    key = (d.name, d.data_dir, d.train_split, d.image_size, d.channels)
+    if key not in _JUDGES:
+        _JUDGES[key] = Classifier(images, labels, int(labels.max()) + 1)
+    return _JUDGES[key]

@@ -239,25 +239,23 @@ class Setup:
         sampling: anything that reads a result on the host). With ``teacher`` (the parameters
         ``state['teacher']`` holds; objectives whose ``eval_teacher`` is set: a frozen tokenizer),
         ``fn(model, *args, teacher=module)``; the parameters are an argument, not a constant XLA folds."""
-        if teacher is None:
-            def call(params, *args):
-                with self.activations():
-                    return fn(nnx.merge(self.graphdef, params), *args)
-
-            return jax.jit(call, out_shardings=sharding.replicated(self.mesh))
-
-        def call_with(params, teacher_params, *args):
+        def call(params, teacher_params, *args):
             with self.activations():
-                return fn(nnx.merge(self.graphdef, params), *args,
-                          teacher=nnx.merge(self.teacher_graphdef, teacher_params))
+                extra = {} if teacher_params is None else {"teacher": nnx.merge(self.teacher_graphdef, teacher_params)}
+                return fn(nnx.merge(self.graphdef, params), *args, **extra)
 
-        jitted = jax.jit(call_with, out_shardings=sharding.replicated(self.mesh))
+        jitted = jax.jit(call, out_shardings=sharding.replicated(self.mesh))
         return lambda params, *args: jitted(params, teacher, *args)
+
+    @property
+    def evaluates_with_teacher(self) -> bool:
+        """Whether evaluation and sampling read the teacher (the objective's ``eval_teacher``)."""
+        return self.teacher is not None and self.objective.eval_teacher
 
     def eval_teacher(self, state_teacher: Any) -> Any:
         """The teacher parameters evaluation and sampling pass to the objective (``state['teacher']``
-        where the objective's ``eval_teacher`` asks for them, else None)."""
-        return state_teacher if self.teacher is not None and self.objective.eval_teacher else None
+        where :attr:`evaluates_with_teacher`, else None)."""
+        return state_teacher if self.evaluates_with_teacher else None
 
     def global_batch(self, local_batch: dict, also: tuple[str, ...] = ()) -> dict:
         """Host-local rows -> global jax.Arrays sharded over data x fsdp (multi-process safe): the keys of

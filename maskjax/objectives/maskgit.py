@@ -180,10 +180,9 @@ class TokenObjective(base.Objective):
 
     # ---------------------------------------------------------------- config and data
     def validate(self) -> None:
-        g = self.config[self.group]
-        for k in ("label_smoothing",):
-            if not 0.0 <= g[k] < 1.0:
-                raise ConfigError(f"{self.group}.{k}", f"must be in [0, 1), got {g[k]}")
+        smoothing = self.config[self.group].label_smoothing
+        if not 0.0 <= smoothing < 1.0:
+            raise ConfigError(f"{self.group}.label_smoothing", f"must be in [0, 1), got {smoothing}")
         gen = self.config.generate
         if gen.schedule not in masking.GENERATIVE_SCHEDULES:
             raise ConfigError("generate.schedule", f"must be one of {masking.GENERATIVE_SCHEDULES}, got {gen.schedule!r}")
