@@ -39,6 +39,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model = dict(
         patch_size=4, tubelet=2, width=128, depth=4, heads=4, mlp_ratio=4.0, cls_token=True,
         dtype="float32", remat="none", one_hot_gather=False,
+        # True: one lax.scan over the stacked layers (compile time flat in depth); False: the same layers
+        # unrolled at trace time (same parameters and results; faster steps on CPU, longer compiles)
+        scan_layers=True,
         # image/video encoders (and the MAE decoder): fixed positions, MAE's 'sincos' or VideoMAE's 'sincos_1d'
         pos_embed="sincos",
         # text encoder: position table size, 'learned' or 'rotary' positions, pre- or post-norm blocks

@@ -6,7 +6,8 @@ every parameter is moved off its initial value first, so zero biases and unit no
 Gradients are compared in transformers' layout: the export's tensor mapping is linear (reshape,
 transpose, split), so it maps gradients as it maps weights.
 
-Covered: MAE = ``ViTMAEForPreTraining`` (same ``noise``, norm-pix on and off), SimMIM =
+Covered (the MAE and BERT comparisons also with ``model.scan_layers=False``): MAE = ``ViTMAEForPreTraining``
+(same ``noise``, norm-pix on and off), SimMIM =
 ``ViTForMaskedImageModeling`` (same ``bool_masked_pos``), VideoMAE (below), BERT MLM = ``BertForMaskedLM`` (same
 corrupted inputs and labels), FLIP's contrastive loss and logit-scale gradient = CLIP's loss in
 transformers, and optimizer steps of the MAE recipe (``torch.optim.AdamW`` with the official parameter
@@ -85,12 +86,12 @@ def _assert_grads_match(config, arch, grads, model):
 # --------------------------------------------------------------------------- images
 
 
-@pytest.mark.parametrize("norm_pix", [True, False])
-def test_mae_loss_and_gradients_match_vitmae(tmp_path, norm_pix):
+@pytest.mark.parametrize("norm_pix,scan_layers", [(True, True), (False, True), (True, False)])
+def test_mae_loss_and_gradients_match_vitmae(tmp_path, norm_pix, scan_layers):
     from maskjax import masking
 
     config = load_config("mae_digits.py:tiny", "model.qkv_bias=True", f"loss.norm_pix={norm_pix}",
-                         "data.channels=3")
+                         "data.channels=3", f"model.scan_layers={scan_layers}")
     objective, graphdef, params = _setup(config)
     images = random_images(config)
     batch = {"image": jnp.asarray(images), "label": jnp.zeros(len(images), jnp.int32)}
@@ -166,10 +167,10 @@ def test_simmim_loss_and_gradients_match_vit_for_masked_image_modeling(tmp_path)
 # --------------------------------------------------------------------------- text
 
 
-@pytest.mark.parametrize("kind", ["token", "word"])
-def test_bert_mlm_loss_and_gradients_match_bert_for_masked_lm(tmp_path, data_dir, kind):
+@pytest.mark.parametrize("kind,scan_layers", [("token", True), ("word", True), ("token", False)])
+def test_bert_mlm_loss_and_gradients_match_bert_for_masked_lm(tmp_path, data_dir, kind, scan_layers):
     config = load_config("mlm_text.py:tiny", "model.qkv_bias=True", "model.norm_eps=1e-12", f"mask.kind={kind}",
-                         data_dir=data_dir)
+                         f"model.scan_layers={scan_layers}", data_dir=data_dir)
     objective, graphdef, params = _setup(config, seed=4)
     batch = jax.tree.map(jnp.asarray, _text_batch(objective))
     key = jax.random.key(6)

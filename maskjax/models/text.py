@@ -86,7 +86,7 @@ class TextEncoder(nnx.Module):
     def logits(self, hidden: jax.Array, rows: int | None = None) -> jax.Array:
         """``rows``: only the first ``rows`` entries of the vocabulary (a token model whose extra ids,
         [MASK] and classes, are inputs it never predicts)."""
-        h = self.head_norm(jax.nn.gelu(self.head_dense(hidden), approximate=False))
+        h = self.head_norm(layers.gelu(self.head_dense(hidden)))
         table, bias = self.token_embed[...], self.output_bias[...]
         if rows is not None:
             table, bias = table[:rows], bias[:rows]

@@ -100,7 +100,7 @@ class ConvDecoder(nnx.Module):
 
     def _block(self, x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
         y = grouped_conv(x, kernel.astype(self.dtype), self.groups) + bias.astype(self.dtype)
-        y = jax.nn.gelu(instance_norm(y.astype(jnp.float32), axis=-1), approximate=False).astype(self.dtype)
+        y = layers.gelu(instance_norm(y.astype(jnp.float32), axis=-1)).astype(self.dtype)
         return y + x if y.shape == x.shape else y  # fairseq's add_residual: only where the shapes agree
 
     def __call__(self, tokens: jax.Array) -> jax.Array:

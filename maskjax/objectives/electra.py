@@ -45,7 +45,7 @@ class ElectraModel(nnx.Module):
 
     def disc_logits(self, hidden: jax.Array) -> jax.Array:
         """[..., width] -> replaced-token logits [...] (float32)."""
-        return self.disc_out(jax.nn.gelu(self.disc_dense(hidden), approximate=False))[..., 0].astype(jnp.float32)
+        return self.disc_out(layers.gelu(self.disc_dense(hidden)))[..., 0].astype(jnp.float32)
 
 
 def sample_tokens(key: jax.Array, logits: jax.Array, temperature: float = 1.0) -> jax.Array:

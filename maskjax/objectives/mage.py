@@ -64,7 +64,7 @@ class MAGEModel(nnx.Module):
         full = jnp.where(masked[..., None], self.mask_token[...].astype(y.dtype), full)
         h = jnp.concatenate([y[:, :1], full], axis=1) + self.decoder_pos[...].astype(y.dtype)[None]
         h = self.decoder_norm(self.decoder(h))[:, 1:]
-        h = self.head_norm(jax.nn.gelu(self.head_dense(h), approximate=False))
+        h = self.head_norm(layers.gelu(self.head_dense(h)))
         table = self.encoder.token_embed[...][:codes].astype(h.dtype)
         return jnp.einsum("bld,vd->blv", h, table).astype(jnp.float32) + self.output_bias[...][:codes]
 
