@@ -61,7 +61,10 @@ FIELDS = {
                        "sin-cos over the grid axes) or sincos_1d (VideoMAE: one sinusoid table over the "
                        "flattened token index).",
     "model.dtype": "Compute dtype: float32, bfloat16 or float16 (parameters stay float32).",
-    "model.remat": "Rematerialisation policy of the scanned blocks: none, full, dots, dots_no_batch.",
+    "model.remat": "Rematerialisation policy of each block: none, full, dots, dots_no_batch.",
+    "model.scan_layers": "True: one lax.scan over the stacked blocks (compile time flat in depth); False: the same "
+                         "blocks and parameters in a loop unrolled at trace time (faster steps on CPU, longer "
+                         "compiles; checkpoints interchangeable).",
     "model.one_hot_gather": "Select kept tokens with a one-hot einsum instead of a gather (better when the "
                             "length axis is sharded; FLIP's trick).",
     "model.max_len": "Text position table size (must cover data.seq_len).",

@@ -161,6 +161,32 @@ def test_gelu_matches_pytorch_values_and_gradients():
     assert yb.dtype == vjpb(jnp.ones_like(xb))[0].dtype == jnp.bfloat16
 
 
+@pytest.mark.parametrize("eps", [1e-6, 1e-12])
+def test_layer_norm_matches_pytorch_values_and_gradients(eps):
+    """maskjax's LayerNorm (one-pass statistics, hand-written backward) against torch's layer_norm and its
+    autograd on the same input, scale, shift and output gradient; a row offset by 4 of its spreads (the
+    one-pass variance loses digits as mean^2 / variance grows, as Flax's does) and a constant row included."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(3, 5, 48)).astype(np.float32)
+    x[0] += 4.0
+    x[1, 2] = 7.0
+    scale, shift = rng.normal(size=48).astype(np.float32), rng.normal(size=48).astype(np.float32)
+    cot = rng.normal(size=x.shape).astype(np.float32)
+    xt, st, bt = (torch.tensor(a, requires_grad=True) for a in (x, scale, shift))
+    yt = torch.nn.functional.layer_norm(xt, (48,), st, bt, eps)
+    yt.backward(torch.tensor(cot))
+    y, vjp = jax.vjp(lambda *a: layers.layer_norm(*a, eps), jnp.asarray(x), jnp.asarray(scale), jnp.asarray(shift))
+    grads = vjp(jnp.asarray(cot))
+    np.testing.assert_allclose(np.asarray(y), yt.detach().numpy(), rtol=1e-4, atol=2e-5)
+    for ours, theirs in zip(grads, (xt.grad, st.grad, bt.grad)):
+        np.testing.assert_allclose(np.asarray(ours), theirs.numpy(), rtol=1e-4, atol=2e-4)
+    norm = layers.LayerNorm(48, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, eps=eps)
+    xb = jnp.asarray(x, jnp.bfloat16)
+    yb, vjpb = jax.vjp(norm, xb)
+    assert yb.dtype == jnp.bfloat16 and vjpb(jnp.ones_like(yb))[0].dtype == jnp.bfloat16
+
+
 def _program_size(depth: int) -> int:
     """Characters of the lowered train-step program (StableHLO) of an encoder of ``depth`` blocks."""
     model = encoder(depth=depth, width=64, heads=4)
