@@ -329,9 +329,22 @@ def report(rows: list[dict], keys: list[str]) -> str:
     return "\n".join(lines)
 
 
+def cpu_model() -> str:
+    """The host CPU's model name as ``lscpu`` prints it (from /proc/cpuinfo; '' where there is none):
+    speed ratios against PyTorch differ between CPU kinds, so every result says which it ran on."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return ""
+
+
 def environment() -> dict[str, Any]:
     import platform
 
     return {"jax": jax.__version__, "backend": jax.default_backend(), "device_count": jax.device_count(),
             "process_count": jax.process_count(), "host": platform.node(), "cpu_count": os.cpu_count(),
-            "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
+            "cpu_model": cpu_model(), "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}

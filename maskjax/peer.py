@@ -213,6 +213,7 @@ def compare(config, steps: int, warmup: int, rounds: int, progress: bool = True)
     return {
         "objective": config.objective, "peer": "hf", "arch": arch, "batch_size": config.batch_size,
         "dtype": "float32", "steps": steps, "warmup": warmup, "rounds": rounds,
+        "cpu": bench.cpu_model(), "scan_layers": bool(config.model.scan_layers),
         "jax_threads": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
         "transformers": transformers.__version__,
         "step_seconds": per_round,
@@ -225,9 +226,10 @@ def compare(config, steps: int, warmup: int, rounds: int, progress: bool = True)
 
 
 def report(row: dict) -> str:
-    lines = [f"{row['objective']} (batch {row['batch_size']}, float32, 1 JAX CPU device; torch {row['torch']} with "
-             f"{row['torch_threads']} threads): {row['rounds']} rounds of {row['steps']} timed steps after "
-             f"{row['warmup']} warm-up",
+    loop = "layer scan" if row["scan_layers"] else "unrolled layers"
+    lines = [f"{row['objective']} (batch {row['batch_size']}, float32, 1 JAX CPU device, {loop}; torch {row['torch']} "
+             f"with {row['torch_threads']} threads; {row['cpu'] or 'CPU model unknown'}): {row['rounds']} rounds of "
+             f"{row['steps']} timed steps after {row['warmup']} warm-up",
              f"  maskjax  {1000 * row['maskjax_step_seconds_median']:8.0f} ms/step"]
     for name, peer in row["peers"].items():
         rounds = ", ".join(f"{x:.2f}" for x in peer["ratio_per_round"])

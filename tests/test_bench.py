@@ -122,22 +122,26 @@ def test_synthetic_batches_match_the_batch_spec(data_dir):
             assert batch["tokens"].max() < objective.tokenizer.vocab_size
 
 
-@pytest.mark.parametrize("name,peers", [
-    ("mae_digits.py:tiny", ["ViTMAEForPreTraining"]),
-    ("videomae_digits.py:tiny", ["VideoMAEForPreTraining"]),
-    ("mlm_text.py:tiny", ["BertForMaskedLM, gathered head", "BertForMaskedLM, dense head"]),
+@pytest.mark.parametrize("name,peers,scan", [
+    ("mae_digits.py:tiny", ["ViTMAEForPreTraining"], True),
+    ("mae_digits.py:tiny", ["ViTMAEForPreTraining"], False),
+    ("videomae_digits.py:tiny", ["VideoMAEForPreTraining"], True),
+    ("mlm_text.py:tiny", ["BertForMaskedLM, gathered head", "BertForMaskedLM, dense head"], True),
 ])
-def test_peer_comparison_times_both_stacks_on_the_same_weights(data_dir, tmp_path, capsys, name, peers):
+def test_peer_comparison_times_both_stacks_on_the_same_weights(data_dir, tmp_path, capsys, name, peers, scan):
     """``--peer hf``: the transformers model gets maskjax's weights, so on the same batch its first loss is
     the same quantity as maskjax's (other masks: MLM's cross-entropy of a random model, MAE's error on other
     patches), and both are timed in alternating rounds."""
     out = tmp_path / "peer.json"
     code = cli.main(["bench", "--config", os.path.join(ROOT, "configs", name), "--peer", "hf", "--steps", "2",
-                     "--warmup", "1", "--rounds", "2", "--json", str(out), f"--config.data.data_dir={data_dir}"])
+                     "--warmup", "1", "--rounds", "2", "--json", str(out), f"--config.data.data_dir={data_dir}",
+                     f"--config.model.scan_layers={scan}"])
     text = capsys.readouterr().out
     assert code == 0, text
     (row,) = json.loads(out.read_text())["results"]
     assert list(row["peers"]) == peers and len(row["step_seconds"]) == 2 and row["dtype"] == "float32"
+    assert row["scan_layers"] is scan and ("layer scan" if scan else "unrolled layers") in text
+    assert row["cpu"] == bench.cpu_model() and row["cpu"] in text
     for peer in peers:
         result = row["peers"][peer]
         assert len(result["ratio_per_round"]) == 2 and result["ratio_median"] > 0 and f"{peer} " in text
