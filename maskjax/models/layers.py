@@ -565,7 +565,6 @@ class Stack(nnx.Module):
         out_axes = (nnx.Carry, 0) if collect else nnx.Carry
         return nnx.scan(body, in_axes=(nnx.Carry, 0), out_axes=out_axes)(x, self.blocks)
 
-
     def _unrolled(self, body, x: jax.Array, collect: bool):
         """The scan's result with one traced copy of the block per layer: nothing is stacked for the
         backward pass (the scan writes every saved activation into a [depth, ...] buffer and reads it
