@@ -1,5 +1,7 @@
 """ViT shapes, dtypes, layout helpers, logical names, remat, and scan compile time."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -122,8 +124,7 @@ def test_unrolled_layers_give_the_scans_values_and_gradients(pre_norm, remat):
 def test_unrolled_layers_collect_every_blocks_mlp_output_like_the_scan():
     t = layers.Transformer(width=32, depth=3, heads=4, mlp_dim=64)
     scanned = layers.Stack(t, rngs=nnx.Rngs(0))
-    unrolled = layers.Stack(layers.Transformer(width=32, depth=3, heads=4, mlp_dim=64, scan_layers=False),
-                            rngs=nnx.Rngs(0))
+    unrolled = layers.Stack(dataclasses.replace(t, scan_layers=False), rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(4), (2, 8, 32))
     (y1, c1), (y2, c2) = scanned(x, collect=True), unrolled(x, collect=True)
     assert c1.shape == c2.shape == (3, 2, 8, 32)
