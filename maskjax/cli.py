@@ -200,18 +200,12 @@ def load_config(spec: str | None, workdir: str, overrides: list[str]):
 
     if spec is None:
         from maskjax import objectives
-
-        from maskjax import storage
-
-        saved = storage.join(workdir, "config.json")
-        if not storage.exists(saved):
-            raise UsageError(f"--workdir {workdir!r} has no config.json; pass --config")
-        import json
+        from maskjax.errors import ConfigError
 
         try:
-            config = objectives.from_saved(json.loads(storage.read_text(saved)))
-        except (ValueError, OSError) as err:
-            raise UsageError(f"{saved}: not a readable config ({type(err).__name__}: {err}); pass --config") from None
+            config = objectives.saved_config(workdir, "workdir")
+        except ConfigError as err:
+            raise UsageError(f"--workdir: {err.message}; pass --config") from None
         config.lock()
     else:
         config = config_lib.load(spec)

@@ -19,7 +19,7 @@ class ConfigError(MaskjaxError, ValueError):
 
     def __init__(self, key: str, message: str):
         super().__init__(f"config.{key}: {message}")
-        self.key = key
+        self.key, self.message = key, message
 
 
 class UsageError(MaskjaxError, ValueError):

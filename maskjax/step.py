@@ -457,15 +457,13 @@ def saved_params(workdir: str, step: int = 0, path: tuple[str, ...] = (), source
     """(host parameters under ``path`` of the run in ``workdir`` at checkpoint ``step`` (0: the newest),
     the step): a partial restore of that run's own parameter tree, nothing else. ``source``: that run's
     config (read from its ``config.json`` when None). Errors name the workdir and what is missing."""
-    import json
-
     from jax.sharding import SingleDeviceSharding
 
     if source is None:
-        saved = storage.join(workdir, "config.json")
-        if not storage.exists(saved):
-            raise ckpt_lib.CheckpointError(f"teacher workdir {workdir!r} has no config.json (not a maskjax run)")
-        source = objectives.from_saved(json.loads(storage.read_text(saved)))
+        try:
+            source = objectives.saved_config(workdir, "teacher")
+        except ConfigError as err:
+            raise ckpt_lib.CheckpointError(f"teacher workdir: {err.message}") from None
     ckpt = ckpt_lib.Checkpointer(workdir)
     try:
         steps = ckpt.all_steps()

@@ -313,7 +313,7 @@ def collect(workdir: str) -> list[dict]:
         row["status"] = "done" if finished(d) else point.get("status", "pending")
         try:
             if storage.exists(storage.join(d, "config.json")):  # what the point ran, extra overrides included
-                config = objectives.from_saved(json.loads(storage.read_text(storage.join(d, "config.json"))))
+                config = objectives.saved_config(d, "sweep")
             else:
                 base = index.get("config_path", index["config"])
                 config = config_lib.override(config_lib.load(base), _override_items(resolved(point, index)))

@@ -50,6 +50,8 @@ def env(data_dir, tmp_path_factory):
     (root / "no_get_config.py").write_text("X = 1\n")
     (root / "run_broken_json").mkdir()
     (root / "run_broken_json" / "config.json").write_text("{not json")
+    (root / "run_list_json").mkdir()
+    (root / "run_list_json" / "config.json").write_text("[1]")
     from maskjax.data import text
 
     vocab = text.tokenizer_path(load_config("mlm_text.py:tiny", data_dir=data_dir).data)
@@ -73,8 +75,11 @@ CASES = [
     ("compile-check bad memory", ["compile-check", "--config", TINY, "--device_memory", "12 parsecs"], "--device_memory"),
     ("sample on an MAE run", ["sample", "--workdir", "{workdir}"], "run, which cannot sample (objectives that can: mage, maskgit, mdlm)"),
     ("eval of a missing step", ["eval", "--workdir", "{workdir}", "--step", "3"], "has no checkpoint at step 3"),
-    ("eval without config", ["eval", "--workdir", "{root}/nowhere"], "has no config.json; pass --config"),
+    ("eval without config", ["eval", "--workdir", "{root}/nowhere"],
+     "--workdir: '{root}/nowhere' has no config.json (not a maskjax run, or not started yet); pass --config"),
     ("eval of broken config.json", ["eval", "--workdir", "{root}/run_broken_json"], "config.json: not a readable config"),
+    ("eval of a config.json that is a list", ["eval", "--workdir", "{root}/run_list_json"],
+     "config.json: not a readable config (a JSON list, not an object)"),
     # config files and values
     ("missing config file", ["train", "--config", "configs/nope.py", "--workdir", "{workdir}"], "'configs/nope.py' does not exist"),
     ("config syntax error", ["train", "--config", "{root}/bad_config.py", "--workdir", "{workdir}"], "failed to load: SyntaxError"),

@@ -264,7 +264,7 @@ def test_the_tokenizer_is_the_vq_runs_and_stays_frozen(data_dir, tokenizer_run, 
     for a, b in zip(jax.tree.leaves(host(state["teacher"])), jax.tree.leaves(before)):
         np.testing.assert_array_equal(a, b)
     assert any(np.abs(a - b).max() > 0 for a, b in zip(jax.tree.leaves(host(state["params"])), jax.tree.leaves(first)))
-    source = objectives.from_saved(json.loads(open(os.path.join(tokenizer_run, "config.json")).read()))
+    source = objectives.saved_config(tokenizer_run, "maskgit.tokenizer")
     vq_objective = objectives.get(source)
     vq_model = vq_objective.build(nnx.Rngs(9))
     nnx.update(vq_model, nnx.State(jax.tree.map(jnp.asarray, saved)))

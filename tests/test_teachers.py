@@ -280,7 +280,7 @@ def test_a_frozen_teacher_from_a_workdir_gives_that_models_features(data_dir, fi
         np.testing.assert_array_equal(a, b)
     for a, b in zip(jax.tree.leaves(states[2]["teacher"]), jax.tree.leaves(states[0]["teacher"])):
         np.testing.assert_array_equal(a, b)
-    source = objectives.from_saved(json.loads(open(os.path.join(finished_mae, "config.json")).read()))
+    source = objectives.saved_config(finished_mae, "teacher")
     model = objectives.get(source).build(nnx.Rngs(5))
     nnx.update(model, nnx.State(jax.tree.map(jnp.asarray, saved)))
     images = jax.random.normal(jax.random.key(0), (4, 16, 16, 1))

@@ -23,7 +23,7 @@ import importlib
 import pkgutil
 
 from maskjax.objectives.base import (  # noqa: F401
-    REGISTRY, Objective, base_config, check_transformer, from_saved, get, register)
+    REGISTRY, Objective, base_config, check_transformer, from_saved, get, register, saved_config)
 
 # Every module of this package registers its objectives on import: a new objective is one new file.
 for _module in pkgutil.iter_modules(__path__):

@@ -291,9 +291,12 @@ def saved_json(workdir: str, key: str) -> dict:
     if not storage.exists(path):
         raise ConfigError(key, f"{workdir!r} has no config.json (not a maskjax run, or not started yet)")
     try:
-        return json.loads(storage.read_text(path))
+        saved = json.loads(storage.read_text(path))
     except (OSError, ValueError) as err:
         raise ConfigError(key, f"{path}: not a readable config ({type(err).__name__}: {err})") from None
+    if not isinstance(saved, dict):
+        raise ConfigError(key, f"{path}: not a readable config (a JSON {type(saved).__name__}, not an object)")
+    return saved
 
 
 def saved_config(workdir: str, key: str):
