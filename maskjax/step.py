@@ -167,13 +167,30 @@ def scale_by_adam_without_bias_correction(b1: float, b2: float, eps: float) -> o
     return optax.GradientTransformation(init, update)
 
 
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArgs:
+    """Scales every gradient by max_norm / max(norm, max_norm), the global norm over all of them: the
+    formula of ``tf.clip_by_global_norm`` (Google's BERT) and ``torch.nn.utils.clip_grad_norm_``, with
+    optax's (empty) state. One scalar factor, because XLA fuses a multiply into each consumer of the
+    clipped gradients (Adam's two moments) but writes out and rereads a per-element division, which is
+    how ``optax.clip_by_global_norm`` clips. ``grad_norm=`` (an extra argument of ``update``, passed on
+    by ``optax.chain``): the norm when the caller has it already, saving a pass over the gradients."""
+
+    def update(updates, state, params=None, *, grad_norm=None, **extra_args):
+        del params, extra_args
+        norm = optax.tree.norm(updates) if grad_norm is None else grad_norm
+        scale = max_norm / jnp.maximum(norm, max_norm)
+        return jax.tree.map(lambda g: g * scale.astype(g.dtype), updates), state
+
+    return optax.GradientTransformationExtraArgs(optax.init_empty_state, update)
+
+
 def make_optimizer(config, roles: Any) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """AdamW (with global-norm clipping when ``optim.clip_norm`` > 0) and its LR schedule. ``roles``:
     the tree of parameter roles (:func:`maskjax.models.layers.param_roles`). ``optim.bias_correction``
     False gives BERT's variant; either way the chain is optax.adamw's, so the state layout is one."""
     o = config.optim
     schedule = learning_rate_schedule(config)
-    parts = [optax.clip_by_global_norm(o.clip_norm)] if o.clip_norm > 0 else []
+    parts = [clip_by_global_norm(o.clip_norm)] if o.clip_norm > 0 else []
     mask = decay_mask(roles, o.decay_roles)
     if o.get("bias_correction", True):
         parts.append(optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, mask=mask))
@@ -341,7 +358,7 @@ def train_step(state: dict, batch: dict, *, objective, graphdef, optimizer: opta
         ema = teacher is not None and teacher.ema
 
         def update(params, opt_state, teacher_params):
-            updates, opt_state = optimizer.update(grads, opt_state, params)
+            updates, opt_state = optimizer.update(grads, opt_state, params, grad_norm=grad_norm)
             params = optax.apply_updates(params, updates)
             if objective.after_update is not None:
                 params = objective.after_update(params, stats, jax.random.fold_in(key, 1 << 20), step)

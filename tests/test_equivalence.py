@@ -27,6 +27,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -262,6 +263,34 @@ def _bert_no_decay(name, param):
     return any(part in name for part in ("LayerNorm", "layer_norm", "bias"))
 
 
+@pytest.mark.parametrize("max_norm", [0.5, 50.0])  # the gradients' norm is ~8: clipped, then not
+def test_global_norm_clipping_matches_torch_and_optax(max_norm):
+    rng = np.random.default_rng(3)
+    grads = {"w": rng.standard_normal((16, 24)).astype(np.float32), "b": rng.standard_normal(24).astype(np.float32)}
+    clip = step_lib.clip_by_global_norm(max_norm)
+    state = clip.init(grads)
+    assert jax.tree.structure(state) == jax.tree.structure(optax.clip_by_global_norm(max_norm).init(grads))
+    ours, _ = clip.update(jax.tree.map(jnp.asarray, grads), state)
+    given, _ = clip.update(jax.tree.map(jnp.asarray, grads), state, grad_norm=optax.tree.norm(grads))
+    reference, _ = optax.clip_by_global_norm(max_norm).update(jax.tree.map(jnp.asarray, grads), state)
+    tensors = {k: torch.from_numpy(v.copy()).requires_grad_() for k, v in grads.items()}
+    for k, t in tensors.items():
+        t.grad = torch.from_numpy(grads[k].copy())
+    torch.nn.utils.clip_grad_norm_(list(tensors.values()), max_norm)
+    for k in grads:
+        np.testing.assert_allclose(ours[k], tensors[k].grad.numpy(), rtol=1e-5, atol=1e-7, err_msg=k)
+        np.testing.assert_allclose(ours[k], reference[k], rtol=1e-6, atol=1e-8, err_msg=k)
+        np.testing.assert_array_equal(given[k], ours[k])
+    if max_norm > 8.0:  # below the threshold the gradients pass unchanged, bit for bit
+        for k in grads:
+            np.testing.assert_array_equal(ours[k], grads[k])
+    else:
+        assert float(optax.tree.norm(ours)) == pytest.approx(max_norm, rel=1e-5)
+        # the norm handed in is the one used (the trainer's, computed once for its metrics)
+        halved, _ = clip.update(jax.tree.map(jnp.asarray, grads), state, grad_norm=2 * optax.tree.norm(grads))
+        np.testing.assert_allclose(halved["w"], ours["w"] / 2, rtol=1e-6)
+
+
 class TorchAdamW:
     """torch.optim.AdamW over transformers' parameters, in the official groups."""
 
@@ -341,7 +370,8 @@ def _adamw_steps(tmp_path, config, arch, cls, no_decay, lr_fn, steps, reference=
     for step in range(steps):
         grads = jax.tree.map(lambda x: rng.standard_normal(x.shape).astype(np.float32) * 0.1, params)
         assert float(schedule(step)) == pytest.approx(lr_fn(step), rel=1e-5, abs=1e-12), step
-        updates, opt_state = optimizer.update(jax.tree.map(jnp.asarray, grads), opt_state, ours)
+        grads_in = jax.tree.map(jnp.asarray, grads)  # the trainer passes the norm it logs to the clipping
+        updates, opt_state = optimizer.update(grads_in, opt_state, ours, grad_norm=optax.tree.norm(grads_in))
         ours = jax.tree.map(lambda p, u: p + u, ours, updates)
         tensors = export.to_tensors(config, grads, arch)
         ref.step({name: tensors[name] for name in _compared_names(config, arch, tensors)}, lr_fn(step))
