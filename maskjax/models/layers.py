@@ -574,9 +574,10 @@ class Stack(nnx.Module):
         collected = []
         for i in range(self.depth):
             out = body(x, nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state)))
-            x, ffn = out if collect else (out, None)
-            x = fence(x)
-            collected.append(ffn)
+            if collect:
+                out, ffn = out
+                collected.append(ffn)
+            x = fence(out)
         return (x, jnp.stack(collected)) if collect else x
 
 
