@@ -113,17 +113,27 @@ def warn(message: str) -> None:
 
 
 class Checkpointer:
-    def __init__(self, workdir: str, keep: int = 3, async_save: bool = True, checksum: bool = True):
+    def __init__(self, workdir: str, keep: int = 3, async_save: bool = True, checksum: bool = True,
+                 read_only: bool = False):
+        """``read_only``: for readers (eval, export, teachers, reports), which must never remove what they
+        take for leftovers: a writer's unfinished step (a temporary directory, or on an object store a step
+        without its commit marker) may be a live run's save in progress. Only the run that writes cleans
+        them up when it starts."""
         self.workdir = storage.absolute(workdir)
         self.directory = storage.join(self.workdir, "checkpoints")
         self.checksum = checksum
         self._saving: int | None = None
         async_options = ocp.AsyncOptions(post_finalization_callback=self._record_checksums) \
-            if async_save and checksum else None
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, enable_async_checkpointing=async_save, create=True, cleanup_tmp_directories=True,
-            async_options=async_options,
-        )
+            if async_save and checksum and not read_only else None
+        if read_only:
+            options = ocp.CheckpointManagerOptions(read_only=True, create=False, cleanup_tmp_directories=False,
+                                                   enable_async_checkpointing=False, save_interval_steps=0)
+        else:
+            options = ocp.CheckpointManagerOptions(
+                max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
+                cleanup_tmp_directories=True, async_options=async_options,
+            )
+        storage.forget_listings(self.directory)  # the manager lists the steps once, now
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
         self._async = async_save
 
@@ -251,6 +261,7 @@ class Checkpointer:
             from jax.experimental import multihost_utils
 
             multihost_utils.sync_global_devices(f"maskjax_quarantine_{step}")
+        storage.forget_listings(self.directory)
         self.manager.reload()
         older = [s for s in self.manager.all_steps() if s < step]
         fallback = f"falling back to step {max(older)}" if older else "no older checkpoint: starting from scratch"

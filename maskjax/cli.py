@@ -250,7 +250,7 @@ def restore(workdir: str, step: int | None = None, spec: str | None = None, over
     config = load_config(spec, workdir, list(overrides))
     distributed.check_same(config)
     setup = step_lib.build(config)
-    ckpt = checkpoint.Checkpointer(workdir, keep=config.checkpoint.keep)
+    ckpt = checkpoint.Checkpointer(workdir, read_only=True)
     asked, step = step, step if step is not None else ckpt.latest_step()
     if step is None or step not in ckpt.all_steps():
         raise UsageError(f"--workdir {workdir!r} has no checkpoint{'' if asked is None else f' at step {asked}'}")

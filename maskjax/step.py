@@ -481,7 +481,7 @@ def saved_params(workdir: str, step: int = 0, path: tuple[str, ...] = (), source
             source = objectives.saved_config(workdir, "teacher")
         except ConfigError as err:
             raise ckpt_lib.CheckpointError(f"teacher workdir: {err.message}") from None
-    ckpt = ckpt_lib.Checkpointer(workdir)
+    ckpt = ckpt_lib.Checkpointer(workdir, read_only=True)
     try:
         steps = ckpt.all_steps()
         chosen = step or (max(steps) if steps else None)

@@ -87,6 +87,18 @@ def _fs(path):
     return fs, inner
 
 
+def forget_listings(path) -> None:
+    """Drops the cached listings of ``path``'s store, also those of the gcsfs instance Orbax lists steps
+    through (etils.epath keeps its own, created with ``finalize_on_close=True``): another process may
+    have written or deleted steps since this one last looked, and Orbax would otherwise trust a stale
+    listing (missing new steps, or taking a deleted one for an unfinished save to remove)."""
+    if not remote(path):
+        return
+    _fs(path)
+    if os.fspath(path).startswith("gs://"):
+        fsspec.filesystem("gcs", finalize_on_close=True).invalidate_cache()
+
+
 def absolute(path) -> str:
     """An absolute local path, or the URL unchanged (without a trailing slash)."""
     return os.fspath(path).rstrip("/") if remote(path) else os.path.abspath(_local(path))

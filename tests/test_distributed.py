@@ -222,7 +222,7 @@ def _params(workdir, config, step):
     from maskjax import checkpoint
 
     setup = step_lib.build(config)
-    ckpt = checkpoint.Checkpointer(str(workdir))
+    ckpt = checkpoint.Checkpointer(str(workdir), read_only=True)
     state = ckpt.restore_state(step, setup.abstract_state)
     ckpt.close()
     return jax.tree.map(np.asarray, jax.device_get(state["params"]))

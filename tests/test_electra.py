@@ -190,7 +190,7 @@ def test_electra_run_resumes_exactly_and_reports_both_networks(data_dir, tmp_pat
     from maskjax import checkpoint, step as step_lib
 
     setup = step_lib.build(config)
-    ckpt = checkpoint.Checkpointer(str(tmp_path / "straight"), keep=2)
+    ckpt = checkpoint.Checkpointer(str(tmp_path / "straight"), read_only=True)
     full = ckpt.restore_state(6, setup.abstract_state)["params"]
     alone = ckpt.restore_params(6, setup.abstract_state)
     ckpt.close()

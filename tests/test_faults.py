@@ -46,7 +46,7 @@ def history(workdir):
 
 def restored_params(config, workdir, step):
     setup = step_lib.build(config)
-    ckpt = checkpoint.Checkpointer(str(workdir))
+    ckpt = checkpoint.Checkpointer(str(workdir), read_only=True)
     state = ckpt.restore_state(step, setup.abstract_state)
     ckpt.close()
     return jax.tree.map(np.asarray, jax.device_get(state))
@@ -128,7 +128,7 @@ def test_sigterm_saves_the_current_step_and_exits_75(data_dir, cache, reference,
     out = run(data_dir, cache, workdir, "--no_eval", fault="term@step:5")
     assert out.returncode == faults.EXIT_PREEMPTED, out.stderr
     assert "preempted (SIGTERM) at step 5: checkpoint step 5 is committed" in out.stderr
-    assert 5 in checkpoint.Checkpointer(str(workdir)).all_steps()  # not a multiple of checkpoint.every
+    assert 5 in checkpoint.Checkpointer(str(workdir), read_only=True).all_steps()  # not a multiple of checkpoint.every
     out = run(data_dir, cache, workdir, "--no_eval")
     assert out.returncode == 0 and "resumed from step 5" in out.stderr, out.stderr
     assert history(workdir) == history(reference)
@@ -251,3 +251,26 @@ def test_corrupt_record_stops_with_its_index_or_is_skipped_in_place(tmp_path, po
         np.testing.assert_array_equal(got["image"][rows], want["image"][rows])  # every other record in place
         assert got["text"].shape == want["text"].shape  # (each folder trains its own caption vocabulary)
     assert broken.bad_records == 1 and broken.get_state()["bad_records"] == 1
+
+
+def test_a_reader_leaves_a_live_runs_unfinished_save_alone(tmp_path):
+    """eval, export, teachers and reports open checkpoints read-only: a step still being written (here
+    Orbax's temporary directory of a save in progress) is not theirs to clean up, or reading a live run
+    would delete its save. The writer removes such leftovers when it starts."""
+    pending = tmp_path / "run" / "checkpoints" / "6.orbax-checkpoint-tmp-1764633600000000"
+    (pending / "state").mkdir(parents=True)
+    (pending / "state" / "part").write_bytes(b"written so far")
+    def gone_within(seconds):  # Orbax removes leftovers on a background thread (~0.1 s here)
+        deadline = time.monotonic() + seconds
+        while pending.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return not pending.exists()
+
+    reader = checkpoint.Checkpointer(str(tmp_path / "run"), read_only=True)
+    assert reader.all_steps() == []
+    assert not gone_within(2.0)
+    reader.close()
+    assert (pending / "state" / "part").read_bytes() == b"written so far"
+    writer = checkpoint.Checkpointer(str(tmp_path / "run"))
+    assert gone_within(60.0)
+    writer.close()

@@ -315,7 +315,7 @@ def test_train_resume_evaluate_and_sample(data_dir, tmp_path, tokenizer_run, cap
     setup = step_lib.build(load_config("maskgit_digits.py:tiny", *overrides, data_dir=data_dir))
     states = []
     for workdir in (straight, resumed):
-        ckpt = checkpoint.Checkpointer(workdir)
+        ckpt = checkpoint.Checkpointer(workdir, read_only=True)
         states.append(host(ckpt.restore_state(8, setup.abstract_state)))
         ckpt.close()
     for a, b in zip(jax.tree.leaves(states[0]), jax.tree.leaves(states[1])):

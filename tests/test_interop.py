@@ -41,7 +41,7 @@ def _params(config, workdir):
     from maskjax import checkpoint
 
     setup = step_lib.build(config)
-    ckpt = checkpoint.Checkpointer(str(workdir))
+    ckpt = checkpoint.Checkpointer(str(workdir), read_only=True)
     state = ckpt.restore_state(ckpt.latest_step(), setup.abstract_state)
     ckpt.close()
     return setup, step_lib.host_params(state["params"])

@@ -91,7 +91,7 @@ def test_gs_workdir_trains_is_killed_and_resumes_bit_identically(data_dir, cache
     assert any(n.startswith("tensorboard/events.out.tfevents") for n in names)
     assert f"reconstructions/step_{STEPS:07d}.png" in names
     # every kept step is committed and carries checksums of the store's digests, which verify
-    for step in checkpoint.Checkpointer(workdir).all_steps():
+    for step in checkpoint.Checkpointer(workdir, read_only=True).all_steps():
         assert f"checkpoints/{step}/commit_success.txt" in names and f"checkpoints/{step}/maskjax_checksums.json" in names
         assert checkpoint.verify(f"{workdir}/checkpoints/{step}") is None
 
@@ -154,7 +154,7 @@ def test_server_stopped_during_a_checkpoint_save_loses_nothing_committed(data_di
     # what fails first (the checkpoint's arrays, or the metrics flushed after the save) names itself
     assert len(lines) == 1 and "could not write" in lines[0] and workdir in lines[0], err[-3000:]
     assert "Traceback" not in err
-    committed = checkpoint.Checkpointer(workdir).all_steps()
+    committed = checkpoint.Checkpointer(workdir, read_only=True).all_steps()
     assert committed in ([2], [2, 4]), committed
     assert all(checkpoint.verify(f"{workdir}/checkpoints/{step}") is None for step in committed)
     out = run(data_dir, cache, workdir)
@@ -250,7 +250,7 @@ def test_two_processes_checkpoint_into_the_bucket_and_one_process_resumes(data_d
     first, _ = launch(tmp_path, "pod", ["train", "--config", MAE, "--workdir", workdir, "--stop_at=3", "--no_eval",
                                         f"--config.data.data_dir={data_dir}", *FEW_STEPS])
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    assert checkpoint.Checkpointer(workdir).all_steps() == [3]
+    assert checkpoint.Checkpointer(workdir, read_only=True).all_steps() == [3]
     assert checkpoint.verify(f"{workdir}/checkpoints/3") is None
     shards = [n for n in storage.files(f"{workdir}/checkpoints/3") if n.startswith("state/ocdbt.process_")]
     assert {n.split("/")[1] for n in shards} == {"ocdbt.process_0", "ocdbt.process_1"}  # both processes wrote

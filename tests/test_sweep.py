@@ -97,7 +97,7 @@ def test_chained_points_train_in_order_with_the_previous_student_as_teacher(data
     config = config_lib.override(config_lib.load("configs/mae_digits.py:tiny"),
                                  ["loss.target=teacher", f"teacher.workdir={index['points'][0]['workdir']}"])
     setup = step_lib.build(config)
-    ckpt = checkpoint.Checkpointer(index["points"][1]["workdir"])
+    ckpt = checkpoint.Checkpointer(index["points"][1]["workdir"], read_only=True)
     teacher = ckpt.restore_state(2, setup.abstract_state)["teacher"]
     ckpt.close()
     for a, b in zip(jax.tree.leaves(jax.device_get(teacher)), jax.tree.leaves(student)):

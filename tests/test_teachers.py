@@ -244,7 +244,7 @@ def test_sigkill_then_resume_is_bit_identical_with_the_teacher(data_dir, tmp_pat
     setup = step_lib.build(config)
     states = []
     for workdir in (straight, killed):
-        ckpt = checkpoint.Checkpointer(str(workdir))
+        ckpt = checkpoint.Checkpointer(str(workdir), read_only=True)
         states.append(jax.device_get(ckpt.restore_state(8, setup.abstract_state)))
         ckpt.close()
     for a, b in zip(jax.tree.leaves(states[0]), jax.tree.leaves(states[1])):
