@@ -3,7 +3,8 @@
 Layout: ``workdir/checkpoints/<step>/{state,data,maskjax_checksums.json}``. Saves are asynchronous (the
 host only waits for the device-to-host copy). Locally Orbax writes into ``<step>.orbax-checkpoint-tmp-*``
 and renames it when complete, so a step directory is never half-written; an interrupted temporary
-directory is removed on the next start. On an object store (``gs://`` workdir), which cannot rename a
+directory is removed when the next run starts in that workdir (readers, such as eval, export and teachers,
+open checkpoints read-only and never remove anything: the "leftover" may be a live run's save). On an object store (``gs://`` workdir), which cannot rename a
 directory, Orbax writes the step in place and commits it with ``commit_success.txt``; a step without
 it is not a checkpoint. Before the commit, process 0 records every file's size and digest in
 ``maskjax_checksums.json`` (SHA-256 locally; the store's own crc32c/md5 on an object store, from one
