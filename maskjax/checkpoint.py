@@ -3,16 +3,16 @@
 Layout: ``workdir/checkpoints/<step>/{state,data,maskjax_checksums.json}``. Saves are asynchronous (the
 host only waits for the device-to-host copy). Locally Orbax writes into ``<step>.orbax-checkpoint-tmp-*``
 and renames it when complete, so a step directory is never half-written; an interrupted temporary
-directory is removed when the next run starts in that workdir (readers, such as eval, export and teachers,
-open checkpoints read-only and never remove anything: the "leftover" may be a live run's save). On an object store (``gs://`` workdir), which cannot rename a
-directory, Orbax writes the step in place and commits it with ``commit_success.txt``; a step without
-it is not a checkpoint. Before the commit, process 0 records every file's size and digest in
-``maskjax_checksums.json`` (SHA-256 locally; the store's own crc32c/md5 on an object store, from one
-listing), so a checkpoint damaged later (truncated, bit-flipped, files lost) is caught before it is
-restored: :meth:`Checkpointer.restore_newest` moves it to
-``workdir/checkpoints_corrupt/`` with a warning that names it and falls back to the previous one.
-A checkpoint whose shapes differ from the config (another model) is a :class:`CheckpointError` naming
-the first mismatched parameter, never a partial restore.
+directory is removed when the next run starts in that workdir (readers, such as eval, export and
+teachers, open checkpoints read-only and never remove anything: the "leftover" may be a live run's save).
+On an object store (``gs://`` workdir), which cannot rename a directory, Orbax writes the step in place
+and commits it with ``commit_success.txt``; a step without it is not a checkpoint. Before the commit,
+process 0 records every file's size and digest in ``maskjax_checksums.json`` (SHA-256 locally; the
+store's own crc32c/md5 on an object store, from one listing), so a checkpoint damaged later (truncated,
+bit-flipped, files lost) is caught before it is restored: :meth:`Checkpointer.restore_newest` moves it to
+``workdir/checkpoints_corrupt/`` with a warning that names it and falls back to the previous one. A
+checkpoint whose shapes differ from the config (another model) is a :class:`CheckpointError` naming the
+first mismatched parameter, never a partial restore.
 """
 from __future__ import annotations
 
@@ -124,12 +124,12 @@ class Checkpointer:
         self.directory = storage.join(self.workdir, "checkpoints")
         self.checksum = checksum
         self._saving: int | None = None
-        async_options = ocp.AsyncOptions(post_finalization_callback=self._record_checksums) \
-            if async_save and checksum and not read_only else None
         if read_only:
             options = ocp.CheckpointManagerOptions(read_only=True, create=False, cleanup_tmp_directories=False,
                                                    enable_async_checkpointing=False, save_interval_steps=0)
         else:
+            async_options = ocp.AsyncOptions(post_finalization_callback=self._record_checksums) \
+                if async_save and checksum else None
             options = ocp.CheckpointManagerOptions(
                 max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
                 cleanup_tmp_directories=True, async_options=async_options,
